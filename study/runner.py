@@ -1,0 +1,303 @@
+"""Run a protocol end to end, resumably: `study run protocols/default.yaml`.
+
+A cell's folder is named after a hash of its resolved training config, so a rerun finds finished work:
+a cell with an adapter is not retrained, a stage whose JSON exists (for the same stage config) is not
+re-measured, a killed training resumes from its last complete checkpoint. The base model's measurements
+are made once per protocol (results/<protocol>/base/<task>/). One failing cell is recorded as failed with
+its reason and the others go on; the run exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from study import io
+from study.paths import REPO, RunPaths
+from study.protocol import Cell, Protocol, load_protocol
+
+log = logging.getLogger("study")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A measurement of one model: `run(model, tokenizer, data, cfg) -> {"rows": [...], ...}`."""
+
+    name: str
+
+    def config(self, proto: Protocol) -> dict:
+        return getattr(proto, self.name).model_dump(mode="json")
+
+    def run(self, model, tokenizer, data, cfg):
+        from study.measure import newtask
+
+        return {"newtask": newtask.run}[self.name](model, tokenizer, data, cfg)
+
+
+STAGES = [Stage("newtask")]
+
+
+def _stage_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _stage_done(path: Path, cfg_hash: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return io.read_json(path).get("config_hash") == cfg_hash
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+def _git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except OSError:
+        return {"commit": None, "dirty": None}
+
+
+def manifest(runtime) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "lm_eval", "scikit-learn"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "git": _git_state(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": runtime.device,
+        "dtype": runtime.dtype,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- status
+
+
+def cell_state(run: RunPaths, cell: Cell) -> dict:
+    """{"state": done|failed|partial|pending, ...} read from the cell's folder alone."""
+    cp = run.cell(cell.name)
+    if cp.status.is_file():
+        st = io.read_json(cp.status)
+        if st.get("state") in ("done", "failed"):
+            return st
+    from study.train import checkpoints  # lightweight: only globbing
+
+    steps = [s for s, _ in checkpoints(cp.train_dir)] if cp.train_dir.is_dir() else []
+    if (cp.adapter / "adapter_model.safetensors").is_file():
+        return {"state": "partial", "detail": "trained, measurements pending"}
+    if steps:
+        return {"state": "partial", "detail": f"checkpoint at step {steps[-1]}/{cell.train.steps}"}
+    return {"state": "pending"}
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"]
+
+
+def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
+    """Rebuild metrics.csv from every stage file of the run (base and cells): one tidy table."""
+    import pandas as pd
+
+    rows = []
+    for task in proto.tasks:
+        for stage in STAGES:
+            path = run.base(task.name) / f"{stage.name}.json"
+            if path.is_file():
+                for r in io.read_json(path)["rows"]:
+                    rows.append({"cell": f"base-{task.name}", "method": "base", "seed": None,
+                                 "checkpoint": 0, "task": task.name, **r})
+    for cell in proto.cells():
+        cp = run.cell(cell.name)
+        for stage in STAGES:
+            path = cp.stage(stage.name)
+            if path.is_file():
+                for r in io.read_json(path)["rows"]:
+                    rows.append({"cell": cell.name, "method": cell.method.value, "seed": cell.seed,
+                                 "checkpoint": cell.train.steps, "task": cell.task.name, **r})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["seed"] = df["seed"].astype("Int64")  # the base has no seed: an empty cell, not NaN-as-float
+    io.write_text(run.metrics, df.to_csv(index=False))
+    return run.metrics
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and log replace the libraries' per-step prints and load bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
+def _setup_logging(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+class Runner:
+    def __init__(self, protocol_path: str | Path, console=None):
+        from rich.console import Console
+
+        self.path = Path(protocol_path)
+        self.proto = load_protocol(self.path)
+        self.run_paths = RunPaths.for_protocol(self.path, self.proto.results_dir)
+        self.console = console or Console()
+        self._host = None
+
+    def host(self):
+        """The base model for measurements: loaded once per process, adapters swapped in."""
+        if self._host is None:
+            from study.models import AdapterHost
+
+            self._host = AdapterHost(self.proto.model.source, self.runtime)
+        return self._host
+
+    def run(self, only: str | None = None) -> int:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
+        from rich.table import Table
+
+        from study.models import resolve_runtime
+
+        rp = self.run_paths
+        _quiet_libraries()
+        _setup_logging(rp.log)
+        self.runtime = resolve_runtime(self.proto.model.device, self.proto.model.dtype)
+        io.write_text(rp.protocol, yaml.safe_dump(self.proto.model_dump(mode="json"), sort_keys=False))
+        io.write_json(rp.manifest, manifest(self.runtime))
+        cells = [c for c in self.proto.cells() if not only or only in c.name]
+        log.info("run %s: %d cells on %s/%s", self.path, len(cells), self.runtime.device, self.runtime.dtype)
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn()]
+        failed: list[tuple[str, str]] = []
+        t0 = time.time()
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            overall = progress.add_task("cells", total=len(cells))
+            for task in self.proto.tasks:
+                self._measure_base(task, progress)
+            for cell in cells:
+                try:
+                    self._run_cell(cell, progress)
+                except Exception as e:  # one failing cell never stops the others
+                    reason = f"{type(e).__name__}: {e}"
+                    failed.append((cell.name, reason))
+                    log.error("cell %s failed: %s\n%s", cell.name, reason, traceback.format_exc())
+                    io.write_json(rp.cell(cell.name).status, {"state": "failed", "error": reason,
+                                                              "traceback": traceback.format_exc()})
+                    progress.console.print(f"[red]failed[/] {cell.name}: {reason}")
+                progress.advance(overall)
+        collect_metrics(rp, self.proto)
+
+        table = Table(title=f"{self.path.name}: {len(cells) - len(failed)}/{len(cells)} cells done "
+                            f"in {time.time() - t0:.0f} s")
+        for col in ("cell", "state", "newtask/success"):
+            table.add_column(col)
+        for cell in cells:
+            st = cell_state(rp, cell)
+            table.add_row(cell.name, st["state"], _fmt_success(rp.cell(cell.name).stage("newtask")))
+        self.console.print(table)
+        self.console.print(f"metrics: {rp.metrics}\nlog: {rp.log}")
+        for name, reason in failed:
+            self.console.print(f"[red]FAILED[/] {name}: {reason}")
+        return 1 if failed else 0
+
+    def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="") -> None:
+        for stage in STAGES:
+            cfg = stage.config(self.proto)
+            h = _stage_hash(cfg)
+            path = out_dir / f"{stage.name}.json"
+            if _stage_done(path, h):
+                continue
+            t = time.time()
+            if progress is not None:
+                progress.console.print(f"  measuring {stage.name} for {label}")
+            result = stage.run(model, tokenizer, data, getattr(self.proto, stage.name))
+            result |= {"config_hash": h, "config": cfg, "seconds": time.time() - t}
+            io.write_json(path, result)
+            log.info("%s %s: %.1f s", label, stage.name, time.time() - t)
+
+    def _measure_base(self, task, progress) -> None:
+        from study.tasks import build
+
+        out = self.run_paths.base(task.name)
+        if all(_stage_done(out / f"{s.name}.json", _stage_hash(s.config(self.proto))) for s in STAGES):
+            return
+        host = self.host()
+        with host.attached(None) as model:
+            self._measure(model, host.tokenizer, build(task), out, progress, f"base/{task.name}")
+
+    def _run_cell(self, cell: Cell, progress) -> None:
+        from study.tasks import build
+        from study.train import train_cell
+
+        cp = self.run_paths.cell(cell.name)
+        if (cp.adapter / "adapter_model.safetensors").is_file() and all(
+            _stage_done(cp.stage(s.name), _stage_hash(s.config(self.proto))) for s in STAGES
+        ):
+            if cell_state(self.run_paths, cell)["state"] != "done":
+                io.write_json(cp.status, {"state": "done"})
+            return
+        io.write_json(cp.config, cell.model_dump(mode="json"))
+        io.write_json(cp.status, {"state": "running"})
+        t = time.time()
+        bar = progress.add_task(f"  {cell.name}", total=cell.train.steps)
+        train_cell(cell, cp, self.runtime, progress=lambda step: progress.update(bar, completed=step))
+        progress.update(bar, completed=cell.train.steps, visible=False)
+        train_s = time.time() - t
+        host = self.host()
+        with host.attached(cp.adapter) as model:
+            self._measure(model, host.tokenizer, build(cell.task), cp.root, progress, cell.name)
+        io.write_json(cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t})
+        log.info("cell %s done in %.0f s", cell.name, time.time() - t)
+
+
+def _fmt_success(path: Path) -> str:
+    if not path.is_file():
+        return "-"
+    for r in io.read_json(path)["rows"]:
+        if r["metric"] == "newtask/success":
+            return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+    return "-"

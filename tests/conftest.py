@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Never wait on the hub in tests: a missing model must fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def write_protocol(tmp_path):
+    """Write a protocol dict as YAML into tmp_path (results go to tmp_path/results) and return its path."""
+
+    def write(body: dict, name: str = "proto") -> Path:
+        body = {"results_dir": str(tmp_path / "results"), **body}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+        return path
+
+    return write
+
+
+TINY_PROTOCOL = {
+    "model": {"source": "tiny-random"},
+    "tasks": [{"name": "snark"}],
+    "train": {"steps": 4, "batch_size": 4, "max_length": 64, "max_completion_length": 8,
+              "learning_rate": 1e-3, "checkpoint_every": 2},
+    "methods": {"sft": {}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1}, "grpo": {"beta": 0.0, "num_generations": 4}},
+    "seeds": [0],
+    "newtask": {"max_new_tokens": 8, "limit": 4},
+}

@@ -1,0 +1,39 @@
+import time
+
+import pytest
+
+from study import models
+
+
+def test_source_kinds():
+    assert models.source_kind("bundled:smollm2-135m-instruct") == "bundled"
+    assert models.source_kind("Qwen/Qwen2.5-3B-Instruct") == "hub"
+    assert models.source_kind("tiny-random") == "tiny"
+    assert models.source_kind("/definitely/not/here") == "local"
+    assert models.source_kind("what is this") == "unknown"
+    assert "bundled:" in models.check_source("bundled:nope")
+    assert models.check_source("/definitely/not/here")
+
+
+def test_offline_hub_model_fails_at_once_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(models.ModelUnavailable) as e:
+        models.load_model("someorg/not-cached-model", models.resolve_runtime("cpu", "float32"))
+    msg = str(e.value)
+    assert "someorg/not-cached-model" in msg and "local directory" in msg
+    assert time.time() - t < 30  # no retries against an unreachable hub
+
+
+def test_runtime_defaults_to_machine():
+    rt = models.resolve_runtime()
+    assert rt.device in ("cpu", "cuda") and rt.dtype in ("float32", "bfloat16")
+
+
+def test_tiny_model_generates_and_scores():
+    tok, model = models.tiny_tokenizer(), models.tiny_model()
+    conv = [[{"role": "user", "content": "How do I boil an egg?"}]] * 3
+    out = models.generate(model, tok, conv, max_new_tokens=5, batch_size=2)
+    assert len(out) == 3 and out[0] == out[2]  # greedy is deterministic across batches
+    lp = models.completion_logprobs(model, tok, conv, ["Boil it.", "Boil it for six minutes.", "Boil it."])
+    assert lp[0][1] < lp[1][1] and abs(lp[0][0] - lp[2][0]) < 1e-4 and all(s < 0 for s, _ in lp)

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+
+import pytest
+
+from study.protocol import Method, ProtocolError, load_protocol
+from tests.conftest import REPO, TINY_PROTOCOL
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "protocols").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_protocols_validate(path):
+    proto = load_protocol(path)
+    assert proto.cells()
+    assert set(proto.methods) == set(Method)  # every shipped protocol compares all four methods
+
+
+def test_cells_cross_methods_sweeps_and_seeds(write_protocol):
+    body = dict(TINY_PROTOCOL, seeds=[0, 1, 2])
+    body["methods"] = {"sft": {"sweep": {"learning_rate": [1e-4, 3e-4]}}, "dpo": {"beta": 0.2}}
+    cells = load_protocol(write_protocol(body)).cells()
+    assert len(cells) == 2 * 3 + 3
+    assert len({c.key for c in cells}) == len(cells)
+    lrs = sorted({c.train.learning_rate for c in cells if c.method is Method.sft})
+    assert lrs == [1e-4, 3e-4]
+    dpo = [c for c in cells if c.method is Method.dpo][0]
+    assert dpo.options == {"beta": 0.2} and dpo.train.learning_rate == TINY_PROTOCOL["train"]["learning_rate"]
+
+
+def test_cell_key_is_stable_and_sensitive(write_protocol):
+    a = load_protocol(write_protocol(TINY_PROTOCOL)).cells()
+    b = load_protocol(write_protocol(TINY_PROTOCOL)).cells()
+    assert [c.key for c in a] == [c.key for c in b]
+    changed = dict(TINY_PROTOCOL, train=dict(TINY_PROTOCOL["train"], steps=5))
+    c = load_protocol(write_protocol(changed)).cells()
+    assert not {x.key for x in a} & {x.key for x in c}
+
+
+BAD = {
+    "methods.ppo": dict(TINY_PROTOCOL, methods={"ppo": {}, "sft": {}}),
+    "methods.dpo.beta": dict(TINY_PROTOCOL, methods={"dpo": {"beta": -0.1}}),
+    "tasks.0.data": dict(TINY_PROTOCOL, tasks=[{"name": "snark", "data": "no/such/folder"}]),
+    "model.source": dict(TINY_PROTOCOL, model={"source": "not a model"}),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD))
+def test_bad_protocol_names_field_and_fix(write_protocol, field):
+    with pytest.raises(ProtocolError) as e:
+        load_protocol(write_protocol(BAD[field]))
+    line = next(line for line in e.value.problems if line.startswith(field))
+    assert len(line) > len(field) + 10  # says what is wrong / what to do, not just the field
+
+
+def test_cli_validate_exit_codes(write_protocol):
+    good = write_protocol(TINY_PROTOCOL, "good")
+    bad = dict(TINY_PROTOCOL, methods={"ppo": {}, "dpo": {"beta": -1}})
+    bad = write_protocol(bad, "bad")
+    run = [sys.executable, "-m", "study.cli", "validate"]
+    assert subprocess.run(run + [str(good)], capture_output=True).returncode == 0
+    out = subprocess.run(run + [str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0
+    lines = [ln.strip() for ln in out.stderr.splitlines()]
+    assert any(ln.startswith("methods.ppo") and "sft, dpo, kto, grpo" in ln for ln in lines)
+    assert any(ln.startswith("methods.dpo.beta") for ln in lines)
+
+
+def test_grpo_group_must_divide_batch(write_protocol):
+    body = dict(TINY_PROTOCOL, methods={"grpo": {"num_generations": 3}})
+    with pytest.raises(ProtocolError, match="num_generations"):
+        load_protocol(write_protocol(body))
+
+
+def test_plan_loads_no_model(write_protocol):
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from study.cli import app; sys.argv=['study','plan',sys.argv[1]];\n"
+         "try: app()\nexcept SystemExit: pass\n"
+         "print('LOADED' if 'transformers' in sys.modules or 'torch' in sys.modules else 'CLEAN')",
+         str(REPO / "protocols" / "qwen2.5-3b.yaml")],
+        capture_output=True, text=True,
+    )
+    assert "GB" in out.stdout and out.stdout.strip().endswith("CLEAN"), out.stdout + out.stderr

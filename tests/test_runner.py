@@ -1,0 +1,113 @@
+"""The runner on the tiny model: a full study, resuming after a kill, skipping done work, isolating failures."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from study import io
+from study.paths import RunPaths
+from study.protocol import load_protocol
+from study.runner import COLUMNS, Runner, cell_state
+from tests.conftest import TINY_PROTOCOL
+
+
+def _adapter_mtimes(run: RunPaths):
+    return {p.parent.parent.name: p.stat().st_mtime_ns for p in run.cells.glob("*/adapter/adapter_model.safetensors")}
+
+
+def test_full_run_then_rerun_skips(write_protocol):
+    path = write_protocol(TINY_PROTOCOL)
+    runner = Runner(path)
+    assert runner.run() == 0
+    run = runner.run_paths
+    df = pd.read_csv(run.metrics)
+    assert list(df.columns[:8]) == COLUMNS[:8]
+    cells = load_protocol(path).cells()
+    assert set(df["cell"]) == {c.name for c in cells} | {"base-snark"}
+    success = df[df.metric == "newtask/success"]
+    assert len(success) == len(cells) + 1
+    assert ((success.value >= success.ci_low) & (success.value <= success.ci_high)).all()
+    assert (run.root / "protocol.yaml").is_file() and io.read_json(run.manifest)["versions"]["trl"]
+    assert "done" in run.log.read_text()
+    before = _adapter_mtimes(run)
+    base_before = (run.base("snark") / "newtask.json").stat().st_mtime_ns
+    assert Runner(path).run() == 0
+    assert _adapter_mtimes(run) == before  # nothing retrained
+    assert (run.base("snark") / "newtask.json").stat().st_mtime_ns == base_before  # base measured once
+
+
+def test_failing_cell_does_not_stop_others(write_protocol, monkeypatch):
+    import study.train as train
+
+    real = train.TRAINERS.copy()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setitem(train.TRAINERS, list(real)[1], boom)
+    path = write_protocol(TINY_PROTOCOL)
+    runner = Runner(path)
+    assert runner.run() == 1
+    states = {c.method.value: cell_state(runner.run_paths, c) for c in load_protocol(path).cells()}
+    assert states["dpo"]["state"] == "failed" and "simulated failure" in states["dpo"]["error"]
+    assert all(s["state"] == "done" for m, s in states.items() if m != "dpo")
+    monkeypatch.setitem(train.TRAINERS, list(real)[1], real[list(real)[1]])
+    assert Runner(path).run() == 0  # a rerun retries the failed cell only
+
+
+def test_corrupt_adapter_marks_cell_failed(write_protocol):
+    path = write_protocol(dict(TINY_PROTOCOL, methods={"sft": {}, "kto": {}}))
+    runner = Runner(path)
+    assert runner.run() == 0
+    cell = load_protocol(path).cells()[0]
+    cp = runner.run_paths.cell(cell.name)
+    (cp.adapter / "adapter_model.safetensors").write_bytes(b"not a tensor file")
+    cp.stage("newtask").unlink()
+    assert Runner(path).run() == 1
+    assert cell_state(runner.run_paths, cell)["state"] == "failed"
+
+
+def test_kill_mid_cell_then_resume(write_protocol):
+    body = dict(TINY_PROTOCOL, methods={"sft": {}, "dpo": {}},
+                train=dict(TINY_PROTOCOL["train"], steps=60, checkpoint_every=10))
+    path = write_protocol(body)
+    run = RunPaths.for_protocol(path, load_protocol(path).results_dir)
+    cells = load_protocol(path).cells()
+    second = run.cell(cells[1].name)
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(second.train_dir.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(second.train_dir.glob("checkpoint-*")), "the second cell never reached a checkpoint"
+    assert not (second.adapter / "adapter_model.safetensors").exists()
+    first_adapter = run.cell(cells[0].name).adapter / "adapter_model.safetensors"
+    first_mtime = first_adapter.stat().st_mtime_ns
+    assert cell_state(run, cells[1])["state"] in ("partial", "pending")
+
+    assert Runner(path).run() == 0
+    assert first_adapter.stat().st_mtime_ns == first_mtime  # the done cell was not redone
+    assert "resuming from" in run.log.read_text()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in second.train_log.read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no duplicated steps after the resume
+    assert all(cell_state(run, c)["state"] == "done" for c in cells)
+
+
+@pytest.mark.parametrize("broken", ["checkpoint"])
+def test_incomplete_checkpoint_is_dropped(tmp_path, broken):
+    from study.train import _drop_incomplete, checkpoints
+
+    d = tmp_path / "train"
+    (d / "checkpoint-10").mkdir(parents=True)
+    (d / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"x")
+    assert checkpoints(d) == []
+    _drop_incomplete(d)
+    assert not (d / "checkpoint-10").exists()
