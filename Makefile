@@ -3,6 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STUDY   := .venv/bin/study
 PROTOCOL ?= protocols/default.yaml
+RUN     ?= results/$(basename $(notdir $(PROTOCOL)))
 STAMP   := .venv/.installed
 
 # No hub here: fail at once instead of retrying. On a machine with network, run `make study HUB=1`.
@@ -13,7 +14,7 @@ endif
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install study run status plan validate test test-unit test-integration bench lint clean-results
+.PHONY: help install study run status plan validate test test-unit test-integration bench lint clean-results report paper
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -40,6 +41,12 @@ plan: $(STAMP)  ## print PROTOCOL's cells with time (and GPU memory) estimates, 
 
 validate: $(STAMP)  ## validate every protocol in protocols/
 	for p in protocols/*.yaml; do $(STUDY) validate $$p || exit 1; done
+
+report: $(STAMP)  ## stats, figures and report.md for RUN (default: PROTOCOL's run folder)
+	$(STUDY) report $(RUN)
+
+paper: $(STAMP)  ## regenerate paper/generated/ from RUN=results/<protocol> and build paper/main.pdf (needs TeX)
+	$(STUDY) report $(RUN) --paper
 
 test: $(STAMP)  ## unit tests (tiny random models) and integration tests (bundled SmolLM2, smoke protocol)
 	$(PY) -m pytest -q

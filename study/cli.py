@@ -4,6 +4,8 @@
     study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
     study run protocols/default.yaml          run (or resume) the study
     study status protocols/default.yaml       done / partial / pending / failed per cell
+    study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
+    study compare results/a results/b         runs side by side per method, and a comparison figure
 """
 
 from __future__ import annotations
@@ -87,6 +89,52 @@ def status(protocol: Path) -> None:
         table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "")
     console.print(table)
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+def report(
+    run: Path,
+    paper: bool = typer.Option(False, "--paper", help="also regenerate paper/generated/ and build paper/main.pdf"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 if a pre-paper check fails"),
+) -> None:
+    """Statistics, figures and report.md for a run folder; with --paper also paper/generated/ and the PDF."""
+    import pandas as pd
+
+    from study.report import report_run
+
+    if not (run / "metrics.csv").is_file():
+        err.print(f"[red]{run}/metrics.csv not found[/]: run `study run PROTOCOL` first")
+        raise typer.Exit(2)
+    path = report_run(run, paper=paper, console=lambda m: console.print(m, markup=False, highlight=False))
+    checks = pd.read_csv(run / "stats" / "checks.csv")
+    for _, c in checks.iterrows():
+        colour = "green" if c.ok else "red"
+        console.print(f"[{colour}]{'pass' if c.ok else 'FAIL'}[/] {c.check}: {c.detail}", highlight=False)
+    console.print(f"report: {path}")
+    if strict and not checks["ok"].all():
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(runs: list[Path]) -> None:
+    """Print runs side by side per method (forgetting per benchmark, KL, coherence); write a comparison figure."""
+    from study.report.compare import write_comparison
+
+    if len(runs) < 2:
+        err.print("[red]give two or more run folders[/]")
+        raise typer.Exit(2)
+    missing = [r for r in runs if not (r / "metrics.csv").is_file()]
+    if missing:
+        err.print(f"[red]no metrics.csv in[/] {', '.join(map(str, missing))}")
+        raise typer.Exit(2)
+    wide, out = write_comparison(runs)
+    table = Table(title=" vs ".join(r.name for r in runs) + " (mean over cells [95% CI])")
+    for col in wide.columns:
+        table.add_column(str(col))
+    for row in wide.itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+    console.print(f"written: {out}")
 
 
 def _dur(s: float) -> str:

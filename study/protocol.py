@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from study.measure.kl import KLEval
+
 SCHEMA_VERSION = 1  # bump when a change to training makes old cells incomparable
 
 
@@ -167,6 +169,8 @@ class Protocol(Strict):
     methods: dict[Method, MethodSpec]
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     newtask: NewTaskEval = NewTaskEval()
+    kl: KLEval = KLEval()
+    """KL drift of each adapter from the base: forward/reverse on held-out prompts, forward on general text."""
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
 

@@ -34,20 +34,29 @@ log = logging.getLogger("study")
 
 @dataclass(frozen=True)
 class Stage:
-    """A measurement of one model: `run(model, tokenizer, data, cfg) -> {"rows": [...], ...}`."""
+    """A measurement of one model, configured by the protocol field of the same name.
+
+    `run(model, tokenizer, data, cfg) -> {"rows": [...], ...}`; `on_base`: whether the base model is
+    measured too (once per protocol). Measurement modules are imported only when a stage runs.
+    """
 
     name: str
+    module: str
+    on_base: bool = True
 
     def config(self, proto: Protocol) -> dict:
         return getattr(proto, self.name).model_dump(mode="json")
 
     def run(self, model, tokenizer, data, cfg):
-        from study.measure import newtask
+        import importlib
 
-        return {"newtask": newtask.run}[self.name](model, tokenizer, data, cfg)
+        return importlib.import_module(self.module).run(model, tokenizer, data, cfg)
 
 
-STAGES = [Stage("newtask")]
+STAGES = [
+    Stage("newtask", "study.measure.newtask"),
+    Stage("kl", "study.measure.kl", on_base=False),  # the base's KL to itself is 0 by definition
+]
 
 
 def _stage_hash(cfg: dict) -> str:
@@ -131,7 +140,7 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
 
     rows = []
     for task in proto.tasks:
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s.on_base):
             path = run.base(task.name) / f"{stage.name}.json"
             if path.is_file():
                 for r in io.read_json(path)["rows"]:
@@ -195,8 +204,14 @@ class Runner:
         return self._host
 
     def run(self, only: str | None = None) -> int:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.table import Table
 
         from study.models import resolve_runtime
@@ -230,6 +245,7 @@ class Runner:
                     progress.console.print(f"[red]failed[/] {cell.name}: {reason}")
                 progress.advance(overall)
         collect_metrics(rp, self.proto)
+        self._report()
 
         table = Table(title=f"{self.path.name}: {len(cells) - len(failed)}/{len(cells)} cells done "
                             f"in {time.time() - t0:.0f} s")
@@ -244,8 +260,23 @@ class Runner:
             self.console.print(f"[red]FAILED[/] {name}: {reason}")
         return 1 if failed else 0
 
-    def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="") -> None:
+    def _report(self) -> None:
+        """Statistics, figures and report.md from the run's files (study.report, no model code). A failing
+        report never fails the run: the measurements are on disk and `study report RUN` redoes it."""
+        from study.report import report_run
+
+        try:
+            path = report_run(self.run_paths.root)
+            self.console.print(f"report: {path}")
+        except Exception as e:
+            log.error("report failed: %s\n%s", e, traceback.format_exc())
+            self.console.print(f"[yellow]report failed[/] ({type(e).__name__}: {e}); "
+                               f"rerun with: study report {self.run_paths.root}")
+
+    def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="", base=False) -> None:
         for stage in STAGES:
+            if base and not stage.on_base:
+                continue
             cfg = stage.config(self.proto)
             h = _stage_hash(cfg)
             path = out_dir / f"{stage.name}.json"
@@ -263,11 +294,12 @@ class Runner:
         from study.tasks import build
 
         out = self.run_paths.base(task.name)
-        if all(_stage_done(out / f"{s.name}.json", _stage_hash(s.config(self.proto))) for s in STAGES):
+        todo = [s for s in STAGES if s.on_base]
+        if all(_stage_done(out / f"{s.name}.json", _stage_hash(s.config(self.proto))) for s in todo):
             return
         host = self.host()
         with host.attached(None) as model:
-            self._measure(model, host.tokenizer, build(task), out, progress, f"base/{task.name}")
+            self._measure(model, host.tokenizer, build(task), out, progress, f"base/{task.name}", base=True)
 
     def _run_cell(self, cell: Cell, progress) -> None:
         from study.tasks import build

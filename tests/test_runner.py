@@ -27,6 +27,8 @@ def test_full_run_then_rerun_skips(write_protocol):
     run = runner.run_paths
     df = pd.read_csv(run.metrics)
     assert list(df.columns[:8]) == COLUMNS[:8]
+    assert (df.cell == "stats").any() and (run.root / "report.md").is_file()  # the report ran at the end
+    df = df[df.cell != "stats"]  # the report's summary rows
     cells = load_protocol(path).cells()
     assert set(df["cell"]) == {c.name for c in cells} | {"base-snark"}
     success = df[df.metric == "newtask/success"]

@@ -2,9 +2,8 @@ from collections import Counter
 
 import pytest
 
-from study.protocol import TaskSpec
+from study.protocol import Method, TaskSpec
 from study.tasks import ROWS, arithmetic, build, dpo_rows, grpo_rows, kto_rows, sft_rows, snark
-from study.protocol import Method
 
 
 def _user(messages):

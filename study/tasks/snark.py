@@ -13,12 +13,11 @@ built on it is labelled as the rewarded channel.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import json
 
 DATA = Path(__file__).parent / "snark_data"
 HELDOUT_DOMAINS = ("history", "animals", "music")

