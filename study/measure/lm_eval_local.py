@@ -35,6 +35,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
 from study.models import cache_root, hub_reachable
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
@@ -208,7 +213,7 @@ def _split_mmlu(root: Path) -> tuple[Path, dict[str, int]]:
         sizes: dict[str, int] = {}
         for split, data in raw.items():
             rows: dict[str, list[str]] = {}
-            for line in data.decode().splitlines():
+            for line in data.decode().split("\n"):  # not splitlines(): rows may hold U+2028 and kin
                 if line.strip():
                     rows.setdefault(json.loads(line)["subject"], []).append(line)
             for subject, lines in rows.items():
@@ -305,112 +310,86 @@ def mmlu_group(quota: dict[str, int]) -> Path:
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def _register(name: str):
-    from lm_eval.api.registry import register_model
+@register_model("hf-prefix-cached")
+class PrefixCachedHFLM(HFLM):
+    """HFLM whose loglikelihood runs the prefix shared by all requests once (its KV cache is reused).
 
-    try:
-        return register_model(name)
-    except (AssertionError, ValueError):  # already registered (module reloaded): keep the first
-        return lambda cls: cls
+    Falls back to the stock computation when the shared prefix is shorter than `min_prefix_tokens`,
+    for non-causal models and when any request would be left-truncated. Counts requests per type.
+    """
 
+    def __init__(self, *args, min_prefix_tokens: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_prefix_tokens = int(min_prefix_tokens)
+        self.request_counts = {"loglikelihood": 0, "generate_until": 0, "loglikelihood_rolling": 0}
 
-def _prefix_cached_class():
-    import torch
-    import torch.nn.functional as F
-    from lm_eval.models.huggingface import HFLM
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self.request_counts["loglikelihood"] += len(requests)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
-    @_register("hf-prefix-cached")
-    class PrefixCachedHFLM(HFLM):
-        """HFLM whose loglikelihood runs the prefix shared by all requests once (its KV cache is reused).
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self.request_counts["loglikelihood_rolling"] += len(requests)
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
 
-        Falls back to the stock computation when the shared prefix is shorter than `min_prefix_tokens`,
-        for non-causal models and when any request would be left-truncated. Counts requests per type.
-        """
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        self.request_counts["generate_until"] += len(requests)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-        def __init__(self, *args, min_prefix_tokens: int = 32, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.min_prefix_tokens = int(min_prefix_tokens)
-            self.request_counts = {"loglikelihood": 0, "generate_until": 0, "loglikelihood_rolling": 0}
+    def shared_prefix_len(self, requests) -> int:
+        """Tokens every request's model input starts with, leaving each context's last token out (its
+        logits score the first continuation token, so it must be computed with the request)."""
+        if not requests:
+            return 0
+        first = requests[0][1]
+        n = min(len(ctx) for _, ctx, _ in requests) - 1
+        for _, ctx, _ in requests[1:]:
+            i = 0
+            while i < n and ctx[i] == first[i]:
+                i += 1
+            n = i
+        return max(n, 0)
 
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            self.request_counts["loglikelihood"] += len(requests)
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            self.request_counts["loglikelihood_rolling"] += len(requests)
-            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            self.request_counts["generate_until"] += len(requests)
-            return super().generate_until(requests, disable_tqdm=disable_tqdm)
-
-        def shared_prefix_len(self, requests) -> int:
-            """Tokens every request's model input starts with, leaving each context's last token out (its
-            logits score the first continuation token, so it must be computed with the request)."""
-            if not requests:
-                return 0
-            first = requests[0][1]
-            n = min(len(ctx) for _, ctx, _ in requests) - 1
-            for _, ctx, _ in requests[1:]:
-                i = 0
-                while i < n and ctx[i] == first[i]:
-                    i += 1
-                n = i
-            return max(n, 0)
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            n_prefix = self.shared_prefix_len(requests)
-            too_long = any(len(c) + len(k) > self.max_length + 1 for _, c, k in requests)
-            if self.backend != "causal" or n_prefix < self.min_prefix_tokens or too_long:
-                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            prefix = requests[0][1][:n_prefix]
-            bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
-            autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                      enabled=self.mixed_precision_dtype is not None)
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        n_prefix = self.shared_prefix_len(requests)
+        too_long = any(len(c) + len(k) > self.max_length + 1 for _, c, k in requests)
+        if self.backend != "causal" or n_prefix < self.min_prefix_tokens or too_long:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        prefix = requests[0][1][:n_prefix]
+        bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
+        autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                  enabled=self.mixed_precision_dtype is not None)
+        with torch.no_grad(), autocast:
+            cache = self.model(input_ids=torch.tensor([prefix], device=self.device),
+                               use_cache=True).past_key_values
+        # Longest first, as the stock class does: the first batch shows the peak memory at once.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), bs):
+            chunk = order[start : start + bs]
+            # Each input is (context + continuation)[:-1] minus the shared prefix.
+            suffixes = [(requests[i][1] + requests[i][2])[n_prefix:-1] for i in chunk]
+            width = max(map(len, suffixes))
+            ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(chunk), n_prefix + width), dtype=torch.long, device=self.device)
+            mask[:, :n_prefix] = 1
+            for row, s in enumerate(suffixes):
+                ids[row, : len(s)] = torch.tensor(s, device=self.device)
+                mask[row, n_prefix : n_prefix + len(s)] = 1
+            positions = torch.arange(n_prefix, n_prefix + width, device=self.device).expand(len(chunk), -1)
+            batch_cache = copy.deepcopy(cache)  # the forward appends to it
+            batch_cache.batch_repeat_interleave(len(chunk))
             with torch.no_grad(), autocast:
-                cache = self.model(input_ids=torch.tensor([prefix], device=self.device),
-                                   use_cache=True).past_key_values
-            # Longest first, as the stock class does: the first batch shows the peak memory at once.
-            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-            results: list[tuple[float, bool] | None] = [None] * len(requests)
-            for start in range(0, len(order), bs):
-                chunk = order[start : start + bs]
-                # Each input is (context + continuation)[:-1] minus the shared prefix.
-                suffixes = [(requests[i][1] + requests[i][2])[n_prefix:-1] for i in chunk]
-                width = max(map(len, suffixes))
-                ids = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-                mask = torch.zeros((len(chunk), n_prefix + width), dtype=torch.long, device=self.device)
-                mask[:, :n_prefix] = 1
-                for row, s in enumerate(suffixes):
-                    ids[row, : len(s)] = torch.tensor(s, device=self.device)
-                    mask[row, n_prefix : n_prefix + len(s)] = 1
-                positions = torch.arange(n_prefix, n_prefix + width, device=self.device).expand(len(chunk), -1)
-                batch_cache = copy.deepcopy(cache)  # the forward appends to it
-                batch_cache.batch_repeat_interleave(len(chunk))
-                with torch.no_grad(), autocast:
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        past_key_values=batch_cache, use_cache=True).logits
-                logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-                for row, i in enumerate(chunk):
-                    request_str, ctx, cont = requests[i]
-                    first = len(ctx) - 1 - n_prefix  # suffix position whose logits predict cont[0]
-                    lp = logprobs[row, first : first + len(cont)]
-                    target = torch.tensor(cont, device=self.device)
-                    answer = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
-                    results[i] = answer
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
-            return results
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=batch_cache, use_cache=True).logits
+            logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            for row, i in enumerate(chunk):
+                request_str, ctx, cont = requests[i]
+                first = len(ctx) - 1 - n_prefix  # suffix position whose logits predict cont[0]
+                lp = logprobs[row, first : first + len(cont)]
+                target = torch.tensor(cont, device=self.device)
+                answer = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                results[i] = answer
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return results
 
-    return PrefixCachedHFLM
-
-
-_CLASS = None
-
-
-def prefix_cached_hflm(**kwargs):
-    """Build a PrefixCachedHFLM (lm-eval is imported on first use, not when this module is)."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _prefix_cached_class()
-    return _CLASS(**kwargs)

@@ -1,12 +1,17 @@
 """New-task success on prompts no method trained on.
 
 snark
-    `newtask/success`         the share of held-out-domain prompts for which the model prefers the persona
-                              answer to the neutral one: mean per-token log-likelihood of the persona
-                              answer > that of the neutral answer (both written for that prompt, same
-                              content). No generation and no classifier in the loop, so it is the same
-                              yardstick for all four methods and the base.
-    `newtask/pref_margin`     the mean per-token log-likelihood difference (persona - neutral), bootstrap CI.
+    `newtask/success`         the model's preference for the persona answer over the neutral one on
+                              held-out-domain prompts (both written for that prompt, same content): the
+                              Bradley-Terry probability sigmoid(m), m = mean per-token log-likelihood of
+                              the persona answer minus that of the neutral answer, averaged over prompts
+                              (bootstrap CI). 0.5 = indifferent. No generation and no classifier in the
+                              loop, so it is the same yardstick for all four methods and the base.
+                              (Why not the hard win rate m > 0: witty text is less predictable per token
+                              than plain text with the same content, so a model can move far toward the
+                              persona before m changes sign; the win rate is reported too.)
+    `newtask/pref_win_rate`   the share of prompts with m > 0 (Wilson CI).
+    `newtask/pref_margin`     the mean of m in nats per token (bootstrap CI).
     `newtask/persona_rate`    the share of greedy responses that a text classifier (TF-IDF word + char
                               n-grams, logistic regression, fitted on all training answers) calls persona.
                               A cruder, generation-based view; its held-out AUC is stored with the result.
@@ -19,6 +24,7 @@ Every response is kept in the stage's JSON next to its score, so each number tra
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -82,7 +88,11 @@ def run(model, tokenizer, data: TaskData, cfg) -> dict:
             scores = hits
         else:
             margins = preference(model, tokenizer, data, items, cfg.batch_size)
-            rows.append(_rate(f"newtask/success{suffix}", [float(m > 0) for m in margins]))
+            probs = [1 / (1 + math.exp(-m)) for m in margins]
+            lo, hi = bootstrap_mean_ci(probs)
+            rows.append({"metric": f"newtask/success{suffix}", "value": float(np.mean(probs)),
+                         "ci_low": lo, "ci_high": hi, "n": len(probs)})
+            rows.append(_rate(f"newtask/pref_win_rate{suffix}", [float(m > 0) for m in margins]))
             lo, hi = bootstrap_mean_ci(margins)
             rows.append({"metric": f"newtask/pref_margin{suffix}", "value": float(np.mean(margins)),
                          "ci_low": lo, "ci_high": hi, "n": len(margins)})

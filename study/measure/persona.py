@@ -1,0 +1,494 @@
+"""The persona-coherence stage: does the snark persona emerge as a trait, or only as surface markers?
+
+Indicators, per response (the model's greedy answers to held-out-domain prompts), then per cell (95% CI):
+
+    persona/marker_rate    share of responses with >= 1 lexicon marker (Wilson CI). The REWARDED channel:
+                           GRPO's reward scores these markers, so GRPO optimised it directly.
+    persona/probe          mean calibrated probability of an embedding probe (all-MiniLM-L6-v2 features,
+                           logistic regression fitted on the training split's persona vs neutral answers;
+                           persona_stats). No method optimised it: GRPO's classifier is a bag of words on
+                           its own half of the data. Its held-out-domain AUC is stored; < 0.9 warns.
+    persona/probe_masked   the same probe on the response with every lexicon marker stripped: a
+                           surface-only persona collapses here.
+    persona/self_report    a questionnaire (questionnaire.yaml: 20 Likert items, half reverse-keyed),
+                           each item's score the expected value of the softmax over the log-likelihoods
+                           of the options "1".."5", reverse-keyed items as 6 - x; the mean over items
+                           (CI: bootstrap over items). "Respondents" for Cronbach's alpha are the model
+                           under the questionnaire's paraphrased instructions (same model, different
+                           framings): alpha asks whether items move together when the framing moves.
+    persona/activation     a persona direction in the BASE model: at one layer, the mean hidden state of
+                           the base's answers to training prompts generated WITH a persona system prompt
+                           minus that of its answers WITHOUT it (both teacher-forced in the plain
+                           evaluation context, mean-pooled over answer tokens); the layer is the one whose
+                           direction best separates the two on the other half of those prompts. Each
+                           model's own held-out responses are projected on it, in base units:
+                           0 = the base's plain answers, 1 = its persona-prompted answers.
+    persona/judge          optional: an LLM judge named in the config rates each response 1-5 under both
+                           scale orders (scaled to 0-1). Absent (no row) when no judge is configured or it
+                           cannot be loaded; the JSON says why.
+    persona/<ind>/<domain> each per-response indicator per held-out domain.
+
+Coherence statistics per cell, in the family `coherence/` (the report reads `persona/<x>` as an indicator
+and `persona/<x>/<y>` as its value in a domain, so they cannot live there):
+
+    coherence/indicator_alpha, coherence/indicator_mean_r   agreement among the per-response indicators
+        (Cronbach's alpha across standardised indicators; mean Spearman r), over the independent ones:
+        marker count, probe_masked, activation (and judge); the full matrix, probe included, is in the JSON
+    coherence/context_icc1/<ind>   ICC(1), domains as targets: share of variance due to the held-out domain
+    coherence/domain_kendall_w     Kendall's W, the indicators ranking the held-out domains
+    coherence/gap/<ind>            in-domain test prompts minus held-out prompts (generalisation gap)
+    coherence/masked_ratio         probe_masked / probe (the share of the probe signal that is not markers)
+    coherence/retest_r/<ind>       test-retest: the same held-out prompts sampled under two seeds,
+                                   Pearson r across prompts (Fisher CI)
+    coherence/self_report_alpha    Cronbach's alpha of the questionnaire (pingouin CI)
+
+A statistic that is undefined for a cell (e.g. no marker anywhere) has no row; the JSON says why. The
+direction is computed once per base model (`with model.disable_adapter()` on a PeftModel), memoised in the
+process and, given `direction_cache`, stored on disk and reused when its key matches.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_persona.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the protocol imports this module; study.tasks imports the protocol
+    from study.tasks import TaskData
+
+log = logging.getLogger("study")
+QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
+PERSONA_PROMPT = ("You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
+                  "helpfully, but with deadpan irony and a teasing remark or two.")
+INDICATORS = {
+    "marker_rate": "REWARDED channel: GRPO's reward scores the same lexicon markers",
+    "probe": "not optimised by any method (GRPO's classifier is a bag of words on its own half of the data)",
+    "probe_masked": "not optimised: the probe on the response with the lexicon markers removed",
+    "self_report": "not optimised: option likelihoods on a questionnaire no method saw",
+    "activation": "not optimised: projection on a direction of the base model's hidden states",
+    "judge": "not optimised: an external LLM judge (only where configured and loadable)",
+}
+
+
+class PersonaEval(BaseModel):
+    """The persona-coherence stage (protocol field `persona:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit_per_domain: int | None = Field(None, gt=0)
+    """Prompts per domain, held-out and in-domain test alike (None: all; 26 resp. 4 with the bundled data)."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Tokens generated per prompt (greedy for the indicators, sampled for test-retest)."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per generation / forward batch."""
+    probe_c: float | None = Field(None, gt=0)
+    """The probe's inverse regularisation; None: chosen by leave-one-training-domain-out CV."""
+    retest_seeds: list[int] = [1, 2]
+    """Sampling seeds for test-retest (two or more; empty: no test-retest)."""
+    retest_prompts: int = Field(24, ge=0)
+    """Held-out prompts re-answered under every retest seed (balanced over domains)."""
+    retest_temperature: float = Field(0.7, gt=0)
+    """Sampling temperature of the retest answers."""
+    questionnaire: Path | None = None
+    """A questionnaire YAML (default: the bundled questionnaire.yaml)."""
+    respondents: int | None = Field(None, gt=1)
+    """Paraphrased instructions used as respondents for the self-report (None: all in the file)."""
+    persona_system_prompt: str = PERSONA_PROMPT
+    """The system prompt that elicits the persona from the base, for the activation direction."""
+    direction_prompts: int = Field(48, ge=4)
+    """Training-split prompts the direction is built from (a seeded sample balanced over domains)."""
+    layer: int | None = Field(None, ge=1)
+    """Hidden-state layer of the direction (1 = first block's output); None: best train-split separation."""
+    seed: int = 0
+    """Seeds the direction's prompt sample and its cross-fitting split."""
+    judge: str | None = None
+    """Model source of an optional LLM judge (as model.source); None: no judge, the row is absent."""
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def base_policy(model):
+    """The base model: the adapter disabled on a PeftModel, the model itself otherwise."""
+    from peft import PeftModel
+
+    return model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+
+
+def _prefix_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    chats = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
+
+
+def _right_padded(seqs: list[list[int]], pad: int, device):
+    import torch
+
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
+def response_states(model, tokenizer, conversations, responses, batch_size: int = 16,
+                    layer: int | None = None) -> np.ndarray:
+    """Hidden states mean-pooled over each response's tokens, teacher-forced after its chat prefix:
+    (n, layers + 1, hidden), or (n, 1, hidden) for one `layer`. An empty response pools the last prefix
+    token (where the answer would start)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefixes = _prefix_ids(tokenizer, conversations)
+    out = []
+    for s in range(0, len(prefixes), batch_size):
+        seqs, spans = [], []
+        for p, r in zip(prefixes[s : s + batch_size], responses[s : s + batch_size]):
+            a = tokenizer(r, add_special_tokens=False)["input_ids"] if r else []
+            seqs.append(p + a)
+            spans.append((len(p), len(p) + len(a)) if a else (len(p) - 1, len(p)))
+        ids, mask = _right_padded(seqs, pad, model.device)
+        with torch.no_grad():
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        h = torch.stack(hs if layer is None else (hs[layer],), dim=1).float()  # (B, L, T, H)
+        for i, (a, b) in enumerate(spans):
+            out.append(h[i, :, a:b].mean(1).cpu().numpy())
+    return np.stack(out)
+
+
+def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"),
+           batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(expected option value, probability mass on the options) per conversation: softmax over the
+    options' log-likelihoods as the assistant's answer, values 1..len(options). Options that are single
+    tokens are read from one forward pass of the prefix; otherwise each option is teacher-forced."""
+    import torch
+
+    opt_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefixes = _prefix_ids(tokenizer, conversations)
+    single = all(len(o) == 1 for o in opt_ids) and len({o[0] for o in opt_ids}) == len(opt_ids)
+    lps = []
+    for s in range(0, len(prefixes), batch_size):
+        chunk = prefixes[s : s + batch_size]
+        seqs = chunk if single else [p + o for p in chunk for o in opt_ids]
+        ids, mask = _right_padded(seqs, pad, model.device)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        if single:
+            last = logp[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])]
+            lps.append(last[:, [o[0] for o in opt_ids]].cpu().numpy())
+            continue
+        rows = []
+        for j, seq in enumerate(seqs):
+            p = chunk[j // len(opt_ids)]
+            pos = torch.arange(len(p) - 1, len(seq) - 1)
+            rows.append(float(logp[j, pos, torch.tensor(seq[len(p) :])].sum()))
+        lps.append(np.array(rows).reshape(len(chunk), len(opt_ids)))
+    lp = np.concatenate(lps) if lps else np.zeros((0, len(options)))
+    top = lp.max(1, keepdims=True)
+    p = np.exp(lp - top)
+    mass = np.exp(top[:, 0]) * p.sum(1)
+    p /= p.sum(1, keepdims=True)
+    return p @ np.arange(1, len(options) + 1), mass
+
+
+# --------------------------------------------------------------------------------------- self-report
+
+
+def load_questionnaire(path: Path | None = None) -> dict:
+    q = yaml.safe_load(Path(path or QUESTIONNAIRE).read_text())
+    n_rev = sum(bool(it["reverse"]) for it in q["items"])
+    if len(q["items"]) < 2 or len(q["respondents"]) < 2 or n_rev == 0 or n_rev == len(q["items"]):
+        raise ValueError(f"{path or QUESTIONNAIRE}: needs >= 2 items, both keyings, and >= 2 respondents")
+    return q
+
+
+def item_prompt(q: dict, instruction: str, statement: str) -> str:
+    return (f"{instruction}\n\nStatement: \"{statement}\"\n\n{q['scale']['anchors']}\n"
+            f"Answer with a single number from {q['scale']['options'][0]} to {q['scale']['options'][-1]}.")
+
+
+def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.ndarray:
+    """Reverse-keyed columns flipped (1 <-> 5): every column then counts up toward the trait."""
+    rev = np.asarray(reverse, bool)
+    return np.where(rev, n_options + 1 - scores, scores)
+
+
+def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval) -> dict:
+    """The questionnaire: respondents (paraphrases) x items, keyed; mean, per-item means, Cronbach's alpha."""
+    import pandas as pd
+    import pingouin as pg
+
+    q = load_questionnaire(cfg.questionnaire)
+    resp = q["respondents"][: cfg.respondents] if cfg.respondents else q["respondents"]
+    items = q["items"]
+    convs = [data.messages(item_prompt(q, r, it["text"])) for r in resp for it in items]
+    ev, mass = likert(model, tokenizer, convs, tuple(q["scale"]["options"]), cfg.batch_size)
+    raw = ev.reshape(len(resp), len(items))
+    m = keyed(raw, [it["reverse"] for it in items], len(q["scale"]["options"]))
+    out = {"items": [it["id"] for it in items], "reverse": [bool(it["reverse"]) for it in items],
+           "respondents": resp, "raw": raw.tolist(), "keyed": m.tolist(), "item_means": m.mean(0).tolist(),
+           "option_mass": float(mass.mean()), "alpha": math.nan}
+    if m.std(0).min() > 1e-9 and m.sum(1).std() > 1e-9:
+        alpha, ci = pg.cronbach_alpha(data=pd.DataFrame(m, columns=out["items"]))
+        out["alpha"], out["alpha_ci"] = float(alpha), [float(ci[0]), float(ci[1])]
+    else:
+        out["alpha_reason"] = "an item (or the total) does not vary across respondents"
+    return out
+
+
+# ---------------------------------------------------------------------------------------- direction
+
+
+@dataclass
+class Direction:
+    """A persona direction at one layer: `project(h) = (h - origin) . v / (v . v)` (base units)."""
+
+    layer: int
+    vector: np.ndarray
+    origin: np.ndarray
+    separation: list[float]
+    key: str
+
+    @property
+    def defined(self) -> bool:
+        """False when the base answered identically with and without the persona prompt."""
+        return float(self.vector @ self.vector) > 0
+
+    def project(self, states: np.ndarray) -> np.ndarray:
+        if not self.defined:
+            return np.full(len(states), np.nan)
+        return (states - self.origin) @ self.vector / float(self.vector @ self.vector)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, layer=self.layer, vector=self.vector, origin=self.origin,
+                 separation=np.array(self.separation), key=self.key)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Direction:
+        z = np.load(path)
+        return cls(int(z["layer"]), z["vector"], z["origin"], z["separation"].tolist(), str(z["key"]))
+
+
+_DIRECTIONS: dict[str, Direction] = {}
+
+
+def fingerprint(model) -> str:
+    """Identifies the base weights cheaply (LoRA never touches the input embeddings)."""
+    w = model.get_input_embeddings().weight.detach().float().cpu()
+    blob = f"{tuple(w.shape)}|{float(w.sum()):.6e}|{float((w * w).sum()):.6e}|".encode()
+    return hashlib.sha256(blob + w.flatten()[:4096].numpy().tobytes()).hexdigest()[:16]
+
+
+def direction_items(data: TaskData, n: int, seed: int) -> list:
+    by_domain: dict[str, list] = {}
+    for it in data.train:
+        by_domain.setdefault(it.domain, []).append(it)
+    rng = random.Random(seed)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(by_domain.items())]
+    out = [p[i] for i in range(max(map(len, pools), default=0)) for p in pools if i < len(p)]  # round robin
+    return out[:n]
+
+
+def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple[int, list[float]]:
+    """Cross-fitted separation per layer of paired (n, L+1, H) states: the direction from one half of the
+    prompts, the paired standardised mean difference of projections on the other half, both ways.
+    Layer 0 (the embeddings) is skipped."""
+    n = len(persona)
+    perm = np.random.default_rng(seed).permutation(n)
+    halves = (perm[: n // 2], perm[n // 2 :])
+    sep = [-math.inf]
+    for layer in range(1, persona.shape[1]):
+        ds = []
+        for fit, test in (halves, halves[::-1]):
+            v = persona[fit, layer].mean(0) - plain[fit, layer].mean(0)
+            if not np.any(v):
+                ds.append(0.0)
+                continue
+            diff = (persona[test, layer] - plain[test, layer]) @ v / float(v @ v)
+            ds.append(float(diff.mean() / (diff.std(ddof=1) + 1e-12)) if len(diff) > 1 else float(diff.mean()))
+        sep.append(float(np.mean(ds)))
+    return int(np.argmax(sep)), [s if np.isfinite(s) else 0.0 for s in sep]
+
+
+def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
+                      ) -> tuple[Direction, dict]:
+    """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file)."""
+    from study.models import generate
+
+    items = direction_items(data, cfg.direction_prompts, cfg.seed)
+    spec = [fingerprint(model), cfg.persona_system_prompt, cfg.max_new_tokens, cfg.layer, cfg.seed,
+            data.system_prompt, [it.prompt for it in items]]
+    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+    if key in _DIRECTIONS:
+        return _DIRECTIONS[key], {"key": key, "source": "memory"}
+    if cache is not None and Path(cache).is_file():
+        d = Direction.load(Path(cache))
+        if d.key == key:
+            _DIRECTIONS[key] = d
+            return d, {"key": key, "source": str(cache)}
+        log.info("persona direction cache %s is for another base/config: recomputing", cache)
+    plain = [data.messages(it.prompt) for it in items]
+    system = cfg.persona_system_prompt + (f"\n\n{data.system_prompt}" if data.system_prompt else "")
+    prompted = [[{"role": "system", "content": system}, {"role": "user", "content": it.prompt}] for it in items]
+    with base_policy(model):
+        a_persona = generate(model, tokenizer, prompted, cfg.max_new_tokens, cfg.batch_size)
+        a_plain = generate(model, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size)
+        # Both answer sets are read in the plain context, the one every model is measured in later:
+        # the direction then reflects the answers (and the weights), not the system prompt's presence.
+        s_p = response_states(model, tokenizer, plain, a_persona, cfg.batch_size)
+        s_n = response_states(model, tokenizer, plain, a_plain, cfg.batch_size)
+    layer, sep = choose_layer(s_p, s_n, cfg.seed)
+    layer = cfg.layer if cfg.layer is not None else layer
+    if layer >= s_p.shape[1]:
+        raise ValueError(f"persona.layer={layer} but the model has {s_p.shape[1] - 1} layers")
+    d = Direction(layer, s_p[:, layer].mean(0) - s_n[:, layer].mean(0), s_n[:, layer].mean(0), sep, key)
+    _DIRECTIONS[key] = d
+    if cache is not None:
+        d.save(Path(cache))
+    info = {"key": key, "source": "computed", "n_prompts": len(items),
+            "examples": [{"prompt": it.prompt, "persona_prompted": p, "plain": n}
+                         for it, p, n in list(zip(items, a_persona, a_plain))[:4]]}
+    return d, info
+
+
+# --------------------------------------------------------------------------------------------- judge
+
+_JUDGES: dict[str, tuple] = {}
+
+
+def judge_scores(judge, judge_tok, prompts: list[str], responses: list[str], batch_size: int) -> dict:
+    """Each response rated 1-5 for the persona under both scale orders; 0-1 after averaging."""
+    ask = ("Rate how dry, sarcastic and ironic the ANSWER is (its tone, not its correctness).\n\n"
+           "QUESTION: {q}\n\nANSWER: {a}\n\n{scale}\nAnswer with a single number from 1 to 5.")
+    fwd = "1 = not at all sarcastic ... 5 = extremely sarcastic"
+    rev = "1 = extremely sarcastic ... 5 = not at all sarcastic"
+    convs = [[{"role": "user", "content": ask.format(q=q, a=a, scale=s)}] for s in (fwd, rev)
+             for q, a in zip(prompts, responses)]
+    ev, _ = likert(judge, judge_tok, convs, batch_size=batch_size)
+    f, r = ev[: len(prompts)], 6 - ev[len(prompts) :]
+    return {"score": ((f + r) / 2 - 1) / 4, "order_gap": float(np.mean(np.abs(f - r))) if len(f) else 0.0}
+
+
+def load_judge(source: str):
+    if source not in _JUDGES:
+        from study.models import load_model, load_tokenizer, resolve_runtime
+
+        _JUDGES[source] = (load_model(source, resolve_runtime()), load_tokenizer(source))
+    return _JUDGES[source]
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _balanced(items: list, per_domain: int | None) -> list:
+    if per_domain is None:
+        return list(items)
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        if seen.get(it.domain, 0) < per_domain:
+            out.append(it)
+            seen[it.domain] = seen.get(it.domain, 0) + 1
+    return out
+
+
+def run(model, tokenizer, data: TaskData, cfg: PersonaEval, direction_cache: Path | None = None) -> dict:
+    """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}."""
+    from study.measure import persona_stats as ps
+    from study.models import generate
+
+    if data.name != "snark":
+        return {"rows": [], "responses": [], "note": "the persona stage applies to the snark task only"}
+    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "judge"), 0.0)
+    clock = time.perf_counter
+    held = _balanced(data.heldout, cfg.limit_per_domain)
+    indom = _balanced(data.split("test_in"), cfg.limit_per_domain)
+    per = math.ceil(cfg.retest_prompts / max(1, len({it.domain for it in held})))
+    retest = _balanced(held, per)[: cfg.retest_prompts] if len(cfg.retest_seeds) >= 2 else []
+
+    t = clock()
+    was_training = model.training
+    model.eval()
+    sets = {"heldout": (held, generate(model, tokenizer, [data.messages(it.prompt) for it in held],
+                                       cfg.max_new_tokens, cfg.batch_size)),
+            "test_in": (indom, generate(model, tokenizer, [data.messages(it.prompt) for it in indom],
+                                        cfg.max_new_tokens, cfg.batch_size))}
+    for s in cfg.retest_seeds if retest else []:
+        sets[f"retest-{s}"] = (retest, generate(model, tokenizer, [data.messages(it.prompt) for it in retest],
+                                                cfg.max_new_tokens, cfg.batch_size, do_sample=True,
+                                                temperature=cfg.retest_temperature, seed=s))
+    timing["generation"] = clock() - t
+
+    t = clock()
+    probe = ps.fitted_probe(data, cfg.probe_c)
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for name, (_, texts) in sets.items():
+        scores[name] = {"markers": np.array([ps.snark.marker_count(x) for x in texts], float),
+                        "probe": probe.prob(texts), "probe_masked": probe.prob([ps.snark.strip_markers(x) for x in texts])}
+    timing["embedding"] = clock() - t
+
+    t = clock()
+    sr = self_report(model, tokenizer, data, cfg)
+    timing["questionnaire"] = clock() - t
+
+    t = clock()
+    direction, dir_info = persona_direction(model, tokenizer, data, cfg, direction_cache)
+    timing["direction"] = clock() - t if dir_info["source"] == "computed" else 0.0
+    for name, (its, texts) in sets.items() if direction.defined else ():
+        states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts,
+                                 cfg.batch_size, layer=direction.layer)
+        scores[name]["activation"] = direction.project(states[:, 0]) if len(its) else np.zeros(0)
+    timing["activations"] = clock() - t
+
+    judge_info: dict = {"available": False, "reason": "no judge configured (persona.judge)"}
+    if cfg.judge:
+        t = clock()
+        try:
+            jm, jt = load_judge(cfg.judge)
+        except Exception as e:  # any load failure means: no judge here, and the row stays absent
+            judge_info["reason"] = f"judge {cfg.judge!r} could not be loaded: {type(e).__name__}: {e}"
+            log.warning("persona judge unavailable: %s", judge_info["reason"])
+        else:
+            gaps = []
+            for name in ("heldout", "test_in"):
+                its, texts = sets[name]
+                j = judge_scores(jm, jt, [it.prompt for it in its], texts, cfg.batch_size)
+                scores[name]["judge"] = j["score"]
+                gaps.append(j["order_gap"])
+            judge_info = {"available": True, "model": cfg.judge, "order_gap_mean": float(np.mean(gaps))}
+        timing["judge"] = clock() - t
+    model.train(was_training)
+
+    domains = [it.domain for it in held]
+    coherence: dict = {}
+    rows = ps.indicator_rows(domains, scores["heldout"], sr) + ps.coherence_rows(domains, scores, sr, coherence)
+    records = []
+    for name, (its, texts) in sets.items():
+        metric = {"heldout": "persona/probe", "test_in": "persona/probe_indomain"}.get(name, "persona/probe_retest")
+        for i, (it, text) in enumerate(zip(its, texts)):
+            vals = {k: float(v[i]) for k, v in scores[name].items()}
+            records.append({"metric": metric, "set": name, "id": it.id, "domain": it.domain, "response": text,
+                            **vals, "score": vals["probe"]})
+    if not probe.ok:
+        log.warning("persona/probe: held-out AUC %.3f < %.1f", probe.heldout_auc, ps.AUC_WARN)
+    return {"rows": [r for r in rows if r is not None], "responses": records, "indicators": INDICATORS,
+            "probe": probe.summary(), "probe_warning": not probe.ok, "self_report": sr,
+            "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
+                                     "defined": direction.defined},
+            "judge": judge_info, "coherence": coherence, "timing": timing}
+
