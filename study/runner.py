@@ -43,20 +43,40 @@ class Stage:
     name: str
     module: str
     on_base: bool = True
+    per_task: bool = True  # False: measures the model, not the task (the base is measured once, not per task)
+    base_cache: str | None = None  # a file in base/<task>/ where the stage keeps what it derives from the base
+
+    def enabled(self, proto: Protocol) -> bool:
+        return getattr(proto, self.name) is not None
 
     def config(self, proto: Protocol) -> dict:
         return getattr(proto, self.name).model_dump(mode="json")
 
-    def run(self, model, tokenizer, data, cfg):
+    def run(self, model, tokenizer, data, cfg, cache: Path | None = None):
         import importlib
 
-        return importlib.import_module(self.module).run(model, tokenizer, data, cfg)
+        module = importlib.import_module(self.module)
+        if not self.per_task:
+            return module.run(model, tokenizer, cfg)
+        kwargs = {"cache": cache} if self.base_cache else {}
+        return module.run(model, tokenizer, data, cfg, **kwargs)
 
 
 STAGES = [
     Stage("newtask", "study.measure.newtask"),
     Stage("kl", "study.measure.kl", on_base=False),  # the base's KL to itself is 0 by definition
+    Stage("regression", "study.measure.regression", per_task=False),
+    # only when the protocol has a `persona:` block; the base's persona direction is computed once and reused
+    Stage("persona", "study.measure.persona", base_cache="persona_direction.npz"),
 ]
+
+
+def active_stages(proto: Protocol) -> list[Stage]:
+    return [s for s in STAGES if s.enabled(proto)]
+
+
+def base_stage_path(run: RunPaths, stage: Stage, task: str) -> Path:
+    return (run.base(task) if stage.per_task else run.root / "base" / "model") / f"{stage.name}.json"
 
 
 def _stage_hash(cfg: dict) -> str:
@@ -140,15 +160,15 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
 
     rows = []
     for task in proto.tasks:
-        for stage in (s for s in STAGES if s.on_base):
-            path = run.base(task.name) / f"{stage.name}.json"
+        for stage in (s for s in active_stages(proto) if s.on_base):
+            path = base_stage_path(run, stage, task.name)
             if path.is_file():
                 for r in io.read_json(path)["rows"]:
                     rows.append({"cell": f"base-{task.name}", "method": "base", "seed": None,
                                  "checkpoint": 0, "task": task.name, **r})
     for cell in proto.cells():
         cp = run.cell(cell.name)
-        for stage in STAGES:
+        for stage in active_stages(proto):
             path = cp.stage(stage.name)
             if path.is_file():
                 for r in io.read_json(path)["rows"]:
@@ -301,18 +321,19 @@ class Runner:
                                f"rerun with: study report {self.run_paths.root}")
 
     def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="", base=False) -> None:
-        for stage in STAGES:
+        for stage in active_stages(self.proto):
             if base and not stage.on_base:
                 continue
             cfg = stage.config(self.proto)
             h = _stage_hash(cfg)
-            path = out_dir / f"{stage.name}.json"
+            path = base_stage_path(self.run_paths, stage, data.name) if base else out_dir / f"{stage.name}.json"
             if _stage_done(path, h):
                 continue
             t = time.time()
             if progress is not None:
                 progress.console.print(f"  measuring {stage.name} for {label}")
-            result = stage.run(model, tokenizer, data, getattr(self.proto, stage.name))
+            cache = self.run_paths.base(data.name) / stage.base_cache if stage.base_cache else None
+            result = stage.run(model, tokenizer, data, getattr(self.proto, stage.name), cache=cache)
             result |= {"config_hash": h, "config": cfg, "seconds": time.time() - t}
             io.write_json(path, result)
             log.info("%s %s: %.1f s", label, stage.name, time.time() - t)
@@ -321,8 +342,9 @@ class Runner:
         from study.tasks import build
 
         out = self.run_paths.base(task.name)
-        todo = [s for s in STAGES if s.on_base]
-        if all(_stage_done(out / f"{s.name}.json", _stage_hash(s.config(self.proto))) for s in todo):
+        todo = [s for s in active_stages(self.proto) if s.on_base]
+        rp = self.run_paths
+        if all(_stage_done(base_stage_path(rp, s, task.name), _stage_hash(s.config(self.proto))) for s in todo):
             return
         host = self.host()
         with host.attached(None) as model:
@@ -341,7 +363,7 @@ class Runner:
         from study.train import train_cell
 
         if (cp.adapter / "adapter_model.safetensors").is_file() and all(
-            _stage_done(cp.stage(s.name), _stage_hash(s.config(self.proto))) for s in STAGES
+            _stage_done(cp.stage(s.name), _stage_hash(s.config(self.proto))) for s in active_stages(self.proto)
         ):
             if cell_state(self.run_paths, cell)["state"] != "done":
                 io.write_json(cp.status, {"state": "done"})

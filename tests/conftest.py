@@ -11,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+# The offline benchmark mirror next to the checkout (as on CI); the regression stage reads it.
+if (REPO.parent / "shared" / "benchmarks").is_dir():
+    os.environ.setdefault("STUDY_DATA_DIR", str(REPO.parent / "shared" / "benchmarks"))
 
 
 @pytest.fixture
@@ -34,5 +37,6 @@ TINY_PROTOCOL = {
     "methods": {"sft": {}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1}, "grpo": {"beta": 0.0, "num_generations": 4}},
     "seeds": [0],
     "newtask": {"max_new_tokens": 8, "limit": 4},
+    "regression": {"suites": ["hellaswag"], "limit": {"hellaswag": 4}},
     "kl": {"n_prompts": 4, "max_new_tokens": 8, "n_general": 4, "max_length_general": 32},
 }

@@ -222,12 +222,12 @@ def test_humaneval_metric_contract():
 
 @needs_bench
 def test_run_on_tiny_model():
+    import torch
+
     from study.models import tiny_model, tiny_tokenizer
 
     cfg = RegressionEval(data_dir=BENCH, limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
                          humaneval_max_new_tokens=8)
-    import torch
-
     model = tiny_model()  # seeds torch itself
     torch.manual_seed(7)
     rng = torch.get_rng_state()
@@ -243,6 +243,19 @@ def test_run_on_tiny_model():
 @pytest.mark.integration
 @needs_bench
 def test_all_suites_on_bundled_model():
+    import torch
+
+    # One thread: on this shared 2-core machine, two OpenMP threads competing with other jobs' threads spin
+    # and wait on each other (greedy decoding measured 10x slower); alone, one thread costs ~1.5x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _all_suites_on_bundled_model()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _all_suites_on_bundled_model():
     from study.models import load_model, load_tokenizer, resolve_runtime
 
     source = "bundled:smollm2-135m-instruct"

@@ -8,14 +8,18 @@ Indicators, per response (the model's greedy answers to held-out-domain prompts)
                            logistic regression fitted on the training split's persona vs neutral answers;
                            persona_stats). No method optimised it: GRPO's classifier is a bag of words on
                            its own half of the data. Its held-out-domain AUC is stored; < 0.9 warns.
-    persona/probe_masked   the same probe on the response with every lexicon marker stripped: a
+    persona/probe_masked   the same probe on the response with every lexicon marker stripped
+                           (persona_stats.mask: strip_markers and the punctuation it orphans): a
                            surface-only persona collapses here.
     persona/self_report    a questionnaire (questionnaire.yaml: 20 Likert items, half reverse-keyed),
                            each item's score the expected value of the softmax over the log-likelihoods
                            of the options "1".."5", reverse-keyed items as 6 - x; the mean over items
                            (CI: bootstrap over items). "Respondents" for Cronbach's alpha are the model
-                           under the questionnaire's paraphrased instructions (same model, different
-                           framings): alpha asks whether items move together when the framing moves.
+                           under each paraphrased instruction of the questionnaire, asked cold and after
+                           each of `self_report_contexts` held-out exchanges (a prompt and the model's own
+                           answer as the previous turn): 6 x 3 = 18 by default. Alpha asks whether the
+                           items move together when framing and context move the answers; pure
+                           acquiescence (agreeing more with everything) makes it negative.
     persona/activation     a persona direction in the BASE model: at one layer, the mean hidden state of
                            the base's answers to training prompts generated WITH a persona system prompt
                            minus that of its answers WITHOUT it (both teacher-forced in the plain
@@ -27,6 +31,9 @@ Indicators, per response (the model's greedy answers to held-out-domain prompts)
                            scale orders (scaled to 0-1). Absent (no row) when no judge is configured or it
                            cannot be loaded; the JSON says why.
     persona/<ind>/<domain> each per-response indicator per held-out domain.
+
+Per response the JSON keeps the text and `markers` (the marker count), `probe`, `probe_masked`,
+`activation` (and `judge`), for the held-out, in-domain test and retest answers.
 
 Coherence statistics per cell, in the family `coherence/` (the report reads `persona/<x>` as an indicator
 and `persona/<x>/<y>` as its value in a domain, so they cannot live there):
@@ -44,7 +51,8 @@ and `persona/<x>/<y>` as its value in a domain, so they cannot live there):
 
 A statistic that is undefined for a cell (e.g. no marker anywhere) has no row; the JSON says why. The
 direction is computed once per base model (`with model.disable_adapter()` on a PeftModel), memoised in the
-process and, given `direction_cache`, stored on disk and reused when its key matches.
+process and, given `cache` (the runner passes results/<protocol>/base/<task>/persona_direction.npz), stored
+on disk and reused when its key (base weights fingerprint + config) matches.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_persona.py
 """
@@ -58,7 +66,6 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,10 +74,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # the protocol imports this module; study.tasks imports the protocol
+    from study.measure.persona_stats import Direction
     from study.tasks import TaskData
 
 log = logging.getLogger("study")
 QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
+MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a separate forward pass
 PERSONA_PROMPT = ("You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
                   "helpfully, but with deadpan irony and a teasing remark or two.")
 INDICATORS = {
@@ -102,6 +111,9 @@ class PersonaEval(BaseModel):
     """Held-out prompts re-answered under every retest seed (balanced over domains)."""
     retest_temperature: float = Field(0.7, gt=0)
     """Sampling temperature of the retest answers."""
+    self_report_contexts: int = Field(2, ge=0)
+    """Held-out exchanges (prompt + the model's own answer) the questionnaire is also asked after; with the
+    cold context, each paraphrase is asked in 1 + this many contexts (the respondents of alpha)."""
     questionnaire: Path | None = None
     """A questionnaire YAML (default: the bundled questionnaire.yaml)."""
     respondents: int | None = Field(None, gt=1)
@@ -167,28 +179,51 @@ def response_states(model, tokenizer, conversations, responses, batch_size: int 
     return np.stack(out)
 
 
-def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"),
-           batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
+    """log p(next token | sequence), (n, vocab). With `share`, the sequences' longest common prefix runs once
+    and its KV cache serves every row: the questionnaire's items share all but their statement, which cuts
+    the tokens processed about fourfold."""
+    import torch
+
+    lcp, shortest = 0, min(map(len, seqs))
+    while share and len(seqs) > 1 and lcp < shortest - 1 and all(s[lcp] == seqs[0][lcp] for s in seqs):
+        lcp += 1
+    with torch.no_grad():
+        if lcp >= MIN_SHARED:
+            cache = model(input_ids=torch.tensor([seqs[0][:lcp]], device=model.device), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(seqs))
+            ids, mask = _right_padded([s[lcp:] for s in seqs], pad, model.device)
+            mask = torch.cat([torch.ones(len(seqs), lcp, dtype=mask.dtype, device=mask.device), mask], 1)
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            ends = [len(s) - lcp - 1 for s in seqs]
+        else:
+            ids, mask = _right_padded(seqs, pad, model.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            ends = [len(s) - 1 for s in seqs]
+        return torch.log_softmax(logits[torch.arange(len(seqs)), torch.tensor(ends)].float(), -1)
+
+
+def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"), batch_size: int = 16,
+           fast: bool = True, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(expected option value, probability mass on the options) per conversation: softmax over the
     options' log-likelihoods as the assistant's answer, values 1..len(options). Options that are single
-    tokens are read from one forward pass of the prefix; otherwise each option is teacher-forced."""
+    tokens are read from one forward pass of the prefix (`fast`); otherwise each option is teacher-forced."""
     import torch
 
     opt_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefixes = _prefix_ids(tokenizer, conversations)
-    single = all(len(o) == 1 for o in opt_ids) and len({o[0] for o in opt_ids}) == len(opt_ids)
+    single = fast and all(len(o) == 1 for o in opt_ids) and len({o[0] for o in opt_ids}) == len(opt_ids)
     lps = []
     for s in range(0, len(prefixes), batch_size):
         chunk = prefixes[s : s + batch_size]
-        seqs = chunk if single else [p + o for p in chunk for o in opt_ids]
+        if single:
+            lps.append(_next_token_logprobs(model, chunk, pad, share_prefix)[:, [o[0] for o in opt_ids]].cpu().numpy())
+            continue
+        seqs = [p + o for p in chunk for o in opt_ids]
         ids, mask = _right_padded(seqs, pad, model.device)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        if single:
-            last = logp[torch.arange(len(chunk)), torch.tensor([len(p) - 1 for p in chunk])]
-            lps.append(last[:, [o[0] for o in opt_ids]].cpu().numpy())
-            continue
         rows = []
         for j, seq in enumerate(seqs):
             p = chunk[j // len(opt_ids)]
@@ -215,8 +250,9 @@ def load_questionnaire(path: Path | None = None) -> dict:
 
 
 def item_prompt(q: dict, instruction: str, statement: str) -> str:
-    return (f"{instruction}\n\nStatement: \"{statement}\"\n\n{q['scale']['anchors']}\n"
-            f"Answer with a single number from {q['scale']['options'][0]} to {q['scale']['options'][-1]}.")
+    # The statement comes last, so that all items of a respondent share the rest (see _next_token_logprobs).
+    return (f"{instruction}\n{q['scale']['anchors']}\nAnswer with a single number from "
+            f"{q['scale']['options'][0]} to {q['scale']['options'][-1]}.\n\nStatement: \"{statement}\"")
 
 
 def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.ndarray:
@@ -225,16 +261,24 @@ def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.nda
     return np.where(rev, n_options + 1 - scores, scores)
 
 
-def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval) -> dict:
-    """The questionnaire: respondents (paraphrases) x items, keyed; mean, per-item means, Cronbach's alpha."""
+def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval,
+                contexts: list[tuple[str, str]] = ()) -> dict:
+    """The questionnaire: respondents x items, keyed; mean, per-item means, Cronbach's alpha. A respondent
+    is one paraphrased instruction, asked either cold or after one of `contexts` (a held-out prompt and the
+    model's own answer to it, as the previous turn): paraphrases x (1 + len(contexts)) respondents."""
     import pandas as pd
     import pingouin as pg
 
     q = load_questionnaire(cfg.questionnaire)
-    resp = q["respondents"][: cfg.respondents] if cfg.respondents else q["respondents"]
+    phrasings = q["respondents"][: cfg.respondents] if cfg.respondents else q["respondents"]
+    before = [[]] + [data.messages(p)[-1:] + [{"role": "assistant", "content": a}] for p, a in contexts]
+    resp = [f"{r} | " + (f"after: {c[0]['content']}" if c else "cold") for c in before for r in phrasings]
     items = q["items"]
-    convs = [data.messages(item_prompt(q, r, it["text"])) for r in resp for it in items]
-    ev, mass = likert(model, tokenizer, convs, tuple(q["scale"]["options"]), cfg.batch_size)
+    convs = [data.messages("")[:-1] + c + [{"role": "user", "content": item_prompt(q, r, it["text"])}]
+             for c in before for r in phrasings for it in items]
+    per = len(items)  # one respondent's items per batch: they share everything but the statement
+    ev, mass = map(np.concatenate, zip(*(likert(model, tokenizer, convs[i : i + per], tuple(q["scale"]["options"]),
+                                                max(cfg.batch_size, per)) for i in range(0, len(convs), per))))
     raw = ev.reshape(len(resp), len(items))
     m = keyed(raw, [it["reverse"] for it in items], len(q["scale"]["options"]))
     out = {"items": [it["id"] for it in items], "reverse": [bool(it["reverse"]) for it in items],
@@ -251,40 +295,7 @@ def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval) -> dict:
 # ---------------------------------------------------------------------------------------- direction
 
 
-@dataclass
-class Direction:
-    """A persona direction at one layer: `project(h) = (h - origin) . v / (v . v)` (base units)."""
-
-    layer: int
-    vector: np.ndarray
-    origin: np.ndarray
-    separation: list[float]
-    key: str
-
-    @property
-    def defined(self) -> bool:
-        """False when the base answered identically with and without the persona prompt."""
-        return float(self.vector @ self.vector) > 0
-
-    def project(self, states: np.ndarray) -> np.ndarray:
-        if not self.defined:
-            return np.full(len(states), np.nan)
-        return (states - self.origin) @ self.vector / float(self.vector @ self.vector)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, layer=self.layer, vector=self.vector, origin=self.origin,
-                 separation=np.array(self.separation), key=self.key)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Direction:
-        z = np.load(path)
-        return cls(int(z["layer"]), z["vector"], z["origin"], z["separation"].tolist(), str(z["key"]))
-
-
-_DIRECTIONS: dict[str, Direction] = {}
+_DIRECTIONS: dict[str, Direction] = {}  # key -> direction, for the process
 
 
 def fingerprint(model) -> str:
@@ -304,30 +315,10 @@ def direction_items(data: TaskData, n: int, seed: int) -> list:
     return out[:n]
 
 
-def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple[int, list[float]]:
-    """Cross-fitted separation per layer of paired (n, L+1, H) states: the direction from one half of the
-    prompts, the paired standardised mean difference of projections on the other half, both ways.
-    Layer 0 (the embeddings) is skipped."""
-    n = len(persona)
-    perm = np.random.default_rng(seed).permutation(n)
-    halves = (perm[: n // 2], perm[n // 2 :])
-    sep = [-math.inf]
-    for layer in range(1, persona.shape[1]):
-        ds = []
-        for fit, test in (halves, halves[::-1]):
-            v = persona[fit, layer].mean(0) - plain[fit, layer].mean(0)
-            if not np.any(v):
-                ds.append(0.0)
-                continue
-            diff = (persona[test, layer] - plain[test, layer]) @ v / float(v @ v)
-            ds.append(float(diff.mean() / (diff.std(ddof=1) + 1e-12)) if len(diff) > 1 else float(diff.mean()))
-        sep.append(float(np.mean(ds)))
-    return int(np.argmax(sep)), [s if np.isfinite(s) else 0.0 for s in sep]
-
-
 def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
                       ) -> tuple[Direction, dict]:
     """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file)."""
+    from study.measure.persona_stats import Direction, choose_layer
     from study.models import generate
 
     items = direction_items(data, cfg.direction_prompts, cfg.seed)
@@ -407,8 +398,9 @@ def _balanced(items: list, per_domain: int | None) -> list:
     return out
 
 
-def run(model, tokenizer, data: TaskData, cfg: PersonaEval, direction_cache: Path | None = None) -> dict:
-    """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}."""
+def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None) -> dict:
+    """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}.
+    `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol."""
     from study.measure import persona_stats as ps
     from study.models import generate
 
@@ -439,21 +431,22 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, direction_cache: Pat
     scores: dict[str, dict[str, np.ndarray]] = {}
     for name, (_, texts) in sets.items():
         scores[name] = {"markers": np.array([ps.snark.marker_count(x) for x in texts], float),
-                        "probe": probe.prob(texts), "probe_masked": probe.prob([ps.snark.strip_markers(x) for x in texts])}
+                        "probe": probe.prob(texts), "probe_masked": probe.prob([ps.mask(x) for x in texts])}
     timing["embedding"] = clock() - t
 
     t = clock()
-    sr = self_report(model, tokenizer, data, cfg)
+    its, texts = sets["heldout"]
+    sr = self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, texts)][: cfg.self_report_contexts])
     timing["questionnaire"] = clock() - t
 
     t = clock()
-    direction, dir_info = persona_direction(model, tokenizer, data, cfg, direction_cache)
+    direction, dir_info = persona_direction(model, tokenizer, data, cfg, cache)
     timing["direction"] = clock() - t if dir_info["source"] == "computed" else 0.0
     for name, (its, texts) in sets.items() if direction.defined else ():
         states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts,
                                  cfg.batch_size, layer=direction.layer)
         scores[name]["activation"] = direction.project(states[:, 0]) if len(its) else np.zeros(0)
-    timing["activations"] = clock() - t
+    timing["activations"] = clock() - t  # includes "direction" when it was computed here
 
     judge_info: dict = {"available": False, "reason": "no judge configured (persona.judge)"}
     if cfg.judge:
@@ -484,11 +477,11 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, direction_cache: Pat
             vals = {k: float(v[i]) for k, v in scores[name].items()}
             records.append({"metric": metric, "set": name, "id": it.id, "domain": it.domain, "response": text,
                             **vals, "score": vals["probe"]})
-    if not probe.ok:
-        log.warning("persona/probe: held-out AUC %.3f < %.1f", probe.heldout_auc, ps.AUC_WARN)
+    undefined = {} if direction.defined else {"reason": "the base answered identically with and without the "
+                                                          "persona prompt: no direction, no activation rows"}
     return {"rows": [r for r in rows if r is not None], "responses": records, "indicators": INDICATORS,
             "probe": probe.summary(), "probe_warning": not probe.ok, "self_report": sr,
             "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
-                                     "defined": direction.defined},
+                                     "defined": direction.defined, **undefined},
             "judge": judge_info, "coherence": coherence, "timing": timing}
 

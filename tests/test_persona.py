@@ -1,0 +1,349 @@
+"""Validity tests of the persona-coherence stage (study.measure.persona): each can fail.
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_persona.py -m "not integration"
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -s tests/test_persona.py -m integration
+
+The probe tests embed the task's answers once (cached under $STUDY_CACHE/persona afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import ValidationError
+from sklearn.metrics import roc_auc_score
+
+from study.measure import persona
+from study.measure import persona_stats as ps
+from study.models import tiny_model, tiny_tokenizer
+from study.protocol import TaskSpec
+from study.tasks import build, snark
+
+ACHIEVED_AUC = 0.9  # measured: 0.923 held-out, 0.918 with markers removed (see persona_stats)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build(TaskSpec(name="snark"))
+
+
+@pytest.fixture(scope="module")
+def probe(data):
+    return ps.fitted_probe(data)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+# ------------------------------------------------------------------------------------------------ probe
+
+
+def test_probe_separates_heldout_domains(data, probe):
+    held = data.heldout
+    p = probe.prob([it.good for it in held] + [it.bad for it in held])
+    y = [1] * len(held) + [0] * len(held)
+    auc = roc_auc_score(y, p)
+    assert auc >= ACHIEVED_AUC and abs(auc - probe.heldout_auc) < 1e-3
+    assert probe.ok and probe.cv_auc >= 0.85
+    assert np.mean(p[: len(held)]) > 0.65 > 0.35 > np.mean(p[len(held) :])  # calibrated, not just ranked
+
+
+def test_marker_rate_ranks_persona_above_neutral(data):
+    # Only about half the persona answers carry a lexicon marker: the marker channel is a coarse one.
+    g = [snark.marker_count(it.good) for it in data.heldout]
+    b = [snark.marker_count(it.bad) for it in data.heldout]
+    ranked = np.mean([(x > y) + 0.5 * (x == y) for x, y in zip(g, b)])
+    assert ranked > 0.5
+    assert np.mean(np.array(g) > 0) > np.mean(np.array(b) > 0)
+
+
+STUFFING = ("Oh, {}", "Obviously, {}", "{} Shocking, truly.", "Spoiler: {}", "{} Who knew? Riveting.")
+
+
+def test_stuffed_markers_fool_marker_rate_not_probe_masked(data, probe):
+    neutral = [it.bad for it in data.heldout]
+    stuffed = [STUFFING[i % len(STUFFING)].format(t) for i, t in enumerate(neutral)]
+    assert all(snark.marker_count(t) > 0 for t in stuffed)  # marker_rate: 1.0
+    masked = probe.prob([ps.mask(t) for t in stuffed])
+    plain = probe.prob(neutral)
+    assert masked.mean() < 0.4 and abs(masked.mean() - plain.mean()) < 0.05
+    persona = probe.prob([ps.mask(it.good) for it in data.heldout])
+    assert roc_auc_score([1] * len(persona) + [0] * len(masked), np.r_[persona, masked]) >= ACHIEVED_AUC
+
+
+def test_persona_without_markers_keeps_probe_masked(data, probe):
+    stripped = [ps.mask(it.good) for it in data.heldout]
+    assert sum(s != it.good for s, it in zip(stripped, data.heldout)) >= len(stripped) // 3
+    kept = probe.prob(stripped)
+    assert kept.mean() > 0.65
+    assert probe.heldout_auc_masked >= ACHIEVED_AUC
+
+
+# -------------------------------------------------------------------------------------------- self-report
+
+
+class FakeLM(torch.nn.Module):
+    """A 'model' whose answer to a questionnaire prompt is `choose(text) -> option 1..5` (all mass there).
+    It honours the KV-cache protocol `likert` uses for shared prefixes: the 'cache' is the prefix's ids."""
+
+    def __init__(self, tok, choose):
+        super().__init__()
+        self.tok, self.choose, self.device = tok, choose, torch.device("cpu")
+        self.option_ids = [tok(str(k), add_special_tokens=False)["input_ids"][0] for k in range(1, 6)]
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, **_):
+        past = past_key_values.ids if past_key_values is not None else []
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        prefix_pass = use_cache and past_key_values is None  # the shared prefix: no statement yet, no answer
+        for i, row in enumerate(input_ids if not prefix_pass else []):
+            n = int(mask[i, -input_ids.shape[1] :].sum())
+            logits[i, :, self.option_ids[self.choose(self.tok.decode(past + row[:n].tolist())) - 1]] = 30.0
+        cache = SimpleNamespace(ids=past + input_ids[0].tolist(), batch_repeat_interleave=lambda n: None)
+        return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
+
+
+def _statement(text: str) -> str:
+    return text.split('Statement: "', 1)[1].split('"', 1)[0]
+
+
+def test_reverse_keyed_items_are_flipped(tok, data):
+    q = persona.load_questionnaire()
+    reverse = {it["text"]: it["reverse"] for it in q["items"]}
+    assert len(q["items"]) >= 16 and sum(reverse.values()) == len(q["items"]) // 2
+    cfg = persona.PersonaEval()
+    # Pure acquiescence (always 5) must land in the middle, not at the top.
+    yes = persona.self_report(FakeLM(tok, lambda t: 5), tok, data, cfg)
+    assert math.isclose(np.mean(yes["keyed"]), 3.0, abs_tol=1e-4)
+    assert all(math.isclose(m, 1.0 if r else 5.0, abs_tol=1e-4) for m, r in zip(yes["item_means"], yes["reverse"]))
+    # Endorsing the trait items and rejecting the reverse ones is the top of the scale.
+    trait = persona.self_report(FakeLM(tok, lambda t: 1 if reverse[_statement(t)] else 5), tok, data, cfg)
+    assert math.isclose(np.mean(trait["keyed"]), 5.0, abs_tol=1e-4)
+    plain = persona.self_report(FakeLM(tok, lambda t: 5 if reverse[_statement(t)] else 1), tok, data, cfg)
+    assert math.isclose(np.mean(plain["keyed"]), 1.0, abs_tol=1e-4)
+
+
+def test_self_report_alpha_tracks_item_coherence(tok, data):
+    q = persona.load_questionnaire()
+    reverse = {it["text"]: it["reverse"] for it in q["items"]}
+    level = {r: k % 5 + 1 for k, r in enumerate(q["respondents"])}  # each framing: its own answer level
+
+    def trait(t):  # the level is a trait level: agree with trait items, disagree with reversed ones
+        v = next(v for r, v in level.items() if t.count(r))
+        return 6 - v if reverse[_statement(t)] else v
+
+    def acquiescent(t):  # the level is agreement with anything (a bit less with reversed statements)
+        v = next(v for r, v in level.items() if t.count(r))
+        return max(1, v - 1) if reverse[_statement(t)] else v
+
+    contexts = [(it.prompt, it.good) for it in data.heldout[:2]]
+    a = persona.self_report(FakeLM(tok, trait), tok, data, persona.PersonaEval(), contexts)
+    b = persona.self_report(FakeLM(tok, acquiescent), tok, data, persona.PersonaEval(), contexts)
+    assert len(a["respondents"]) == 3 * len(q["respondents"])
+    assert a["alpha"] > 0.95 and b["alpha"] < 0
+    assert 3.0 <= np.mean(b["keyed"]) < 3.5
+
+
+def test_likert_paths_agree(tok, data):
+    """Shared-prefix KV cache, one forward per prompt, and teacher forcing give the same option values."""
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    q = persona.load_questionnaire()
+    convs = [data.messages(persona.item_prompt(q, q["respondents"][0], it["text"])) for it in q["items"][:5]]
+    shared, mass = persona.likert(model, tok, convs)
+    plain, _ = persona.likert(model, tok, convs, share_prefix=False)
+    forced, _ = persona.likert(model, tok, convs, fast=False)
+    assert np.allclose(shared, plain, atol=1e-4) and np.allclose(plain, forced, atol=1e-4)
+    assert np.all((1 <= shared) & (shared <= 5)) and np.all(mass <= 1) and np.ptp(shared) > 0
+
+
+# --------------------------------------------------------------------------------------------- direction
+
+
+def test_choose_layer_and_projection_constructed():
+    rng = np.random.default_rng(0)
+    n, layers, h = 16, 4, 8
+    plain = rng.normal(size=(n, layers, h))
+    persona_states = plain + rng.normal(scale=0.3, size=(n, layers, h))
+    persona_states[:, 2, 0] += 3.0  # the persona lives at layer 2
+    layer, sep = ps.choose_layer(persona_states, plain)
+    assert layer == 2 and sep[2] == max(sep) and sep[0] == 0.0
+    d = ps.Direction(layer, persona_states[:, 2].mean(0) - plain[:, 2].mean(0), plain[:, 2].mean(0), sep, "k")
+    assert abs(d.project(persona_states[:, 2]).mean() - 1) < 1e-9 and abs(d.project(plain[:, 2]).mean()) < 1e-9
+
+
+@pytest.fixture
+def scripted(monkeypatch, data):
+    """Generation replaced by the dataset's answers: persona answer when a system prompt asks for the persona
+    (or a prompt is in `as_persona`), neutral otherwise. The hidden states stay the real model's."""
+    answers = {it.prompt: (it.good, it.bad) for it in data.items}
+    as_persona: set[str] = set()
+
+    def fake_generate(model, tokenizer, conversations, max_new_tokens, batch_size=16, **_):
+        out = []
+        for c in conversations:
+            prompted = any(m["role"] == "system" and "sarcastic" in m["content"] for m in c)
+            good, bad = answers[c[-1]["content"]]
+            out.append(good if prompted or c[-1]["content"] in as_persona else bad)
+        return out
+
+    import study.models
+
+    monkeypatch.setattr(study.models, "generate", fake_generate)
+    persona._DIRECTIONS.clear()
+    return as_persona
+
+
+def test_direction_generalises_in_a_constructed_case(tok, data, scripted):
+    """A random 2-layer model, persona/neutral text as the 'base answers': the train-split direction must
+    put held-out persona answers above held-out neutral ones (text the direction never saw)."""
+    model = tiny_model()
+    cfg = persona.PersonaEval(direction_prompts=48, max_new_tokens=64)
+    d, info = persona.persona_direction(model, tok, data, cfg)
+    assert info["source"] == "computed" and d.defined and 1 <= d.layer <= 2
+    held = data.heldout
+    convs = [data.messages(it.prompt) for it in held]
+    hp = d.project(persona.response_states(model, tok, convs, [it.good for it in held], layer=d.layer)[:, 0])
+    hn = d.project(persona.response_states(model, tok, convs, [it.bad for it in held], layer=d.layer)[:, 0])
+    assert hp.mean() > hn.mean() and np.mean(hp > hn) > 0.6
+
+
+def test_direction_comes_from_the_base_and_is_cached(tok, data, scripted, tmp_path):
+    base = tiny_model()
+    cfg = persona.PersonaEval(direction_prompts=8, max_new_tokens=32, layer=2)
+    d0, _ = persona.persona_direction(base, tok, data, cfg)
+    persona._DIRECTIONS.clear()
+    peft = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    cache = tmp_path / "direction.npz"
+    d1, info = persona.persona_direction(peft, tok, data, cfg, cache)
+    assert info["source"] == "computed" and cache.is_file()
+    assert np.allclose(d0.vector, d1.vector, atol=1e-5) and d0.key == d1.key  # the adapter was off
+    with torch.no_grad():  # and it would have mattered: the adapted model's states differ
+        convs = [data.messages(it.prompt) for it in data.train[:2]]
+        on = persona.response_states(peft, tok, convs, [it.good for it in data.train[:2]], layer=2)
+    with peft.disable_adapter():
+        off = persona.response_states(peft, tok, convs, [it.good for it in data.train[:2]], layer=2)
+    assert not np.allclose(on, off, atol=1e-3)
+    persona._DIRECTIONS.clear()
+    d2, info = persona.persona_direction(peft, tok, data, cfg, cache)
+    assert info["source"] == str(cache) and np.array_equal(d2.vector, d1.vector)
+
+
+# -------------------------------------------------------------------------------------------------- stage
+
+
+def test_stage_rows_and_records(tok, data, scripted):
+    for it in data.heldout[::2] + data.split("test_in")[::2]:
+        scripted.add(it.prompt)  # a model that is persona on half the prompts
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    cfg = persona.PersonaEval(limit_per_domain=6, max_new_tokens=48, direction_prompts=12, retest_prompts=9,
+                              respondents=3, judge="tiny-random")
+    out = persona.run(model, tok, data, cfg)
+    rows = {r["metric"]: r for r in out["rows"]}
+    for name in ("marker_rate", "probe", "probe_masked", "self_report", "activation", "judge"):
+        assert f"persona/{name}" in rows
+    for d in snark.HELDOUT_DOMAINS:
+        assert f"persona/probe/{d}" in rows and f"persona/probe_masked/{d}" in rows
+    for name in ("indicator_alpha", "indicator_mean_r", "masked_ratio", "gap/probe", "context_icc1/probe",
+                 "domain_kendall_w", "retest_r/probe"):
+        assert f"coherence/{name}" in rows, name
+    for r in out["rows"]:
+        assert all(np.isfinite(r[k]) for k in ("value", "ci_low", "ci_high")) and r["n"] > 0, r
+        assert r["metric"].split("/")[0] in ("persona", "coherence")
+    assert rows["persona/probe"]["value"] > 0.4 and rows["coherence/retest_r/probe"]["value"] > 0.99
+    assert rows["coherence/indicator_alpha"]["value"] > 0.5  # scripted persona is persona on every indicator
+    assert out["judge"]["available"] and out["indicators"]["marker_rate"].startswith("REWARDED")
+    held = [r for r in out["responses"] if r["set"] == "heldout"]
+    assert len(held) == 18 and {"response", "probe", "probe_masked", "activation", "markers", "score"} <= set(held[0])
+    assert set(out["timing"]) >= {"generation", "embedding", "questionnaire", "activations"}
+
+
+def test_missing_judge_leaves_no_row(tok, data, scripted):
+    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=4, retest_seeds=[],
+                              respondents=2, judge="/no/such/judge")
+    out = persona.run(tiny_model(), tok, data, cfg)
+    assert not out["judge"]["available"] and "could not be loaded" in out["judge"]["reason"]
+    assert not any(r["metric"].startswith("persona/judge") for r in out["rows"])
+    assert not any(r["metric"].startswith("coherence/retest") for r in out["rows"])
+
+
+def test_arithmetic_and_config():
+    out = persona.run(None, None, build(TaskSpec(name="arithmetic", n_train=4, n_heldout=4)), persona.PersonaEval())
+    assert out["rows"] == [] and "snark" in out["note"]
+    with pytest.raises(ValidationError):
+        persona.PersonaEval(probe_C=1.0)
+
+
+def test_statistics():
+    assert ps.kendall_w(np.array([[1, 1], [2, 2], [3, 3]])) == 1.0
+    assert ps.kendall_w(np.array([[1, 3], [2, 2], [3, 1]])) == 0.0
+    rng = np.random.default_rng(0)
+    doms = np.repeat(["a", "b", "c"], 20)
+    assert ps.context_icc(rng.normal(size=60) + np.repeat([0, 3, 6], 20), doms)["icc1"] > 0.8
+    assert abs(ps.context_icc(rng.normal(size=60), doms)["icc1"]) < 0.2
+    v, lo, hi = ps.ratio_ci([1, 1, 1], [2, 2, 2])
+    assert v == lo == hi == 0.5
+    assert ps.scalar_row("x", math.nan, 0, 1, 3) is None and ps.row("x", [math.nan]) is None
+    assert ps.mask("Spoiler: it fell. Shocking, truly. Who knew? Quite.") == "it fell. Quite."
+
+
+# ------------------------------------------------------------------------------------ bundled SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from study.models import ModelUnavailable, Runtime, load_model, load_tokenizer
+
+    src = "bundled:smollm2-135m-instruct"
+    try:
+        return load_model(src, Runtime("cpu", "float32")), load_tokenizer(src)
+    except ModelUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.integration
+def test_bundled_base_direction_separates_its_own_answers(smol, data):
+    """Direction from 12 training prompts; on 6 held-out prompts the base's persona-prompted answers must
+    project above its plain answers."""
+    from study.models import generate
+
+    model, tok = smol
+    t = time.perf_counter()
+    cfg = persona.PersonaEval(direction_prompts=12, max_new_tokens=32)
+    persona._DIRECTIONS.clear()
+    d, info = persona.persona_direction(model, tok, data, cfg)
+    held = [it for k, it in enumerate(data.heldout) if k % 13 == 0][:6]
+    plain = [data.messages(it.prompt) for it in held]
+    prompted = [[{"role": "system", "content": cfg.persona_system_prompt}, *c] for c in plain]
+    a_p = generate(model, tok, prompted, cfg.max_new_tokens)
+    a_n = generate(model, tok, plain, cfg.max_new_tokens)
+    hp = d.project(persona.response_states(model, tok, plain, a_p, layer=d.layer)[:, 0])
+    hn = d.project(persona.response_states(model, tok, plain, a_n, layer=d.layer)[:, 0])
+    print(f"\nlayer {d.layer}, held-out projection persona {hp.mean():.2f} vs plain {hn.mean():.2f}, "
+          f"{time.perf_counter() - t:.0f} s")
+    assert hp.mean() > hn.mean() and np.mean(hp > hn) >= 0.5
+
+
+@pytest.mark.integration
+def test_bundled_cell_time_split(smol, data):
+    """One small cell on the bundled model (6 held-out + 18 in-domain prompts): rows present, timing printed."""
+    model, tok = smol
+    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=48, direction_prompts=16, retest_prompts=6)
+    out = persona.run(model, tok, data, cfg)
+    rows = {r["metric"] for r in out["rows"]}
+    assert {"persona/probe", "persona/probe_masked", "persona/self_report", "persona/activation"} <= rows
+    print("\ntiming (s):", {k: round(v, 1) for k, v in out["timing"].items()},
+          "\nself-report option mass:", round(out["self_report"]["option_mass"], 3),
+          "alpha:", out["self_report"]["alpha"],
+          "\nrows:", {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1})
