@@ -279,7 +279,13 @@ class Runner:
         with Progress(*columns, console=self.console, transient=False) as progress:
             overall = progress.add_task("cells", total=len(cells))
             for task in self.proto.tasks:
-                self._measure_base(task, progress)
+                try:
+                    self._measure_base(task, progress)
+                except Exception as e:  # the cells can still be trained and measured; the run will exit 1
+                    reason = f"{type(e).__name__}: {e}"
+                    failed.append((f"base/{task.name}", reason))
+                    log.error("base measurement for %s failed: %s\n%s", task.name, reason, traceback.format_exc())
+                    progress.console.print(f"[red]base measurement failed[/] ({task.name}): {reason}")
             for cell in cells:
                 try:
                     self._run_cell(cell, progress)
