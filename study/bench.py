@@ -61,6 +61,9 @@ def bench_training(protocol: Path, steps: int) -> dict:
             paths = CellPaths(scratch)
             args = _common_args(cell, paths, runtime) | {"save_strategy": "no"}
             trainer = TRAINERS[method](cell, args, build(cell.task), model, tok, lora_config(cell))
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
             trainer.add_callback(Clock())
             trainer.train()
         finally:
