@@ -199,7 +199,7 @@ class Protocol(Strict):
         for task in self.tasks:
             for method, spec in self.methods.items():
                 keys = sorted(spec.sweep)
-                for point in itertools.product(*(spec.sweep[k] for k in keys)) or [()]:
+                for point in itertools.product(*(spec.sweep[k] for k in keys)):
                     sweep = dict(zip(keys, point))
                     for seed in self.seeds:
                         out.append(Cell.resolve(self, task, method, spec, sweep, seed))
