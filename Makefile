@@ -60,8 +60,8 @@ test: $(STAMP)  ## unit tests (tiny random models) and integration tests (bundle
 test-unit: $(STAMP)  ## only the fast unit tests
 	$(PY) -m pytest -q -m "not integration"
 
-bench: $(STAMP)  ## measure training throughput per method on the bundled model -> results/bench/
-	$(PY) -m study.bench
+bench: $(STAMP)  ## stage speeds (train, kl, regression, harness vs plain lm_eval) -> results/bench/; ARGS="--only compare"
+	$(PY) -m study.bench $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	.venv/bin/ruff check study tests

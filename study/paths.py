@@ -82,3 +82,7 @@ class CellPaths:
 
     def stage(self, name: str) -> Path:
         return self.root / f"{name}.json"
+
+    def checkpoint(self, step: int) -> Path:
+        """Measurements of the intermediate checkpoint at `step`."""
+        return self.root / "checkpoints" / f"step-{step:06d}"

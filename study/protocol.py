@@ -161,6 +161,30 @@ class NewTaskEval(Strict):
     """Score at most this many held-out prompts (None: all)."""
 
 
+def _hellaswag_probe() -> RegressionEval:
+    return RegressionEval(suites=["hellaswag"], limit={"hellaswag": 20})
+
+
+class CheckpointEval(Strict):
+    """Measurements at every saved intermediate checkpoint of every cell (protocol field `checkpoints:`): the
+    trajectories from which emergence onsets are read. A checkpoint's rows carry its step in the `checkpoint`
+    column of metrics.csv; the final adapter's rows carry the final step, the base's step 0."""
+
+    stages: list[Literal["newtask", "kl", "regression", "persona"]] = ["newtask", "kl", "persona"]
+    """Protocol stages re-run at each checkpoint, with the protocol's own settings except as below (a stage
+    whose block is absent from the protocol is skipped). `regression` runs the full suites at checkpoints."""
+    kl_metrics: list[Literal["kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general"]] = [
+        "kl/forward_newtask"]
+    """KLs measured at checkpoints (same samples and estimator as the final adapter's)."""
+    persona_retest: bool = False
+    """Also run the persona stage's test-retest sampling at checkpoints (the indicators do not need it)."""
+    probe: RegressionEval | None = Field(default_factory=_hellaswag_probe)
+    """A cheap regression probe run on the base, every checkpoint and the final adapter (rows
+    `emergence/<suite>/<metric>`): by default 20 HellaSwag items. null: none."""
+    steps: list[int] | None = None
+    """Only these checkpoint steps (None: every saved checkpoint before the final step)."""
+
+
 class Protocol(Strict):
     name: str | None = None
     """Shown in reports; the results folder is named after the protocol file's stem."""
@@ -178,6 +202,8 @@ class Protocol(Strict):
     persona: PersonaEval | None = None
     """Persona coherence (snark only; measured when this block is present): marker rate, embedding probe (and
     masked), self-report, activation projection, optional judge, coherence statistics (`coherence/*`)."""
+    checkpoints: CheckpointEval | None = None
+    """Measurements at intermediate checkpoints (emergence trajectories and onsets); absent: final only."""
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
 

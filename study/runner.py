@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -34,7 +35,7 @@ log = logging.getLogger("study")
 
 @dataclass(frozen=True)
 class Stage:
-    """A measurement of one model, configured by the protocol field of the same name.
+    """A measurement of one model, configured by a protocol field (`field`, default: the stage's name).
 
     `run(model, tokenizer, data, cfg) -> {"rows": [...], ...}`; `on_base`: whether the base model is
     measured too (once per protocol). Measurement modules are imported only when a stage runs.
@@ -45,34 +46,90 @@ class Stage:
     on_base: bool = True
     per_task: bool = True  # False: measures the model, not the task (the base is measured once, not per task)
     base_cache: str | None = None  # a file in base/<task>/ where the stage keeps what it derives from the base
+    field: str | None = None  # dotted protocol field holding the settings (default: `name`)
+    reads: tuple[str, ...] = ()  # stages of the same model whose results it reuses (when they exist)
+    rename: tuple[str, str] | None = None  # metric prefix (old, new) applied to its rows
+
+    def settings(self, proto: Protocol):
+        obj = proto
+        for part in (self.field or self.name).split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
 
     def enabled(self, proto: Protocol) -> bool:
-        return getattr(proto, self.name) is not None
+        return self.settings(proto) is not None
 
     def config(self, proto: Protocol) -> dict:
-        return getattr(proto, self.name).model_dump(mode="json")
+        return self.settings(proto).model_dump(mode="json")
 
-    def run(self, model, tokenizer, data, cfg, cache: Path | None = None):
+    def run(self, model, tokenizer, data, cfg, cache: Path | None = None, previous: dict | None = None):
         import importlib
 
         module = importlib.import_module(self.module)
         if not self.per_task:
-            return module.run(model, tokenizer, cfg)
-        kwargs = {"cache": cache} if self.base_cache else {}
-        return module.run(model, tokenizer, data, cfg, **kwargs)
+            out = module.run(model, tokenizer, cfg)
+        else:
+            kwargs = {"cache": cache} if self.base_cache else {}
+            if self.reads:
+                kwargs["previous"] = previous or {}
+            out = module.run(model, tokenizer, data, cfg, **kwargs)
+        if self.rename:
+            old, new = self.rename
+            for r in out["rows"]:
+                if r["metric"].startswith(old):
+                    r["metric"] = new + r["metric"][len(old):]
+        return out
 
 
 STAGES = [
     Stage("newtask", "study.measure.newtask"),
     Stage("kl", "study.measure.kl", on_base=False),  # the base's KL to itself is 0 by definition
     Stage("regression", "study.measure.regression", per_task=False),
-    # only when the protocol has a `persona:` block; the base's persona direction is computed once and reused
-    Stage("persona", "study.measure.persona", base_cache="persona_direction.npz"),
+    # only when the protocol has a `persona:` block; the base's persona direction is computed once and reused;
+    # the newtask stage's greedy answers to the same prompts are reused instead of generated again
+    Stage("persona", "study.measure.persona", base_cache="persona_direction.npz", reads=("newtask",)),
+    # a cheap regression probe for the emergence trajectories (protocol `checkpoints.probe`)
+    Stage("probe", "study.measure.regression", per_task=False, field="checkpoints.probe",
+          rename=("lm_eval/", "emergence/")),
 ]
 
 
 def active_stages(proto: Protocol) -> list[Stage]:
     return [s for s in STAGES if s.enabled(proto)]
+
+
+def checkpoint_settings(proto: Protocol, stage: Stage):
+    """A stage's settings at intermediate checkpoints (None: not measured there)."""
+    ck = proto.checkpoints
+    if ck is None or not stage.enabled(proto):
+        return None
+    if stage.name == "probe":
+        return ck.probe
+    if stage.name not in ck.stages:
+        return None
+    cfg = stage.settings(proto)
+    if stage.name == "kl":
+        return cfg.model_copy(update={"metrics": list(ck.kl_metrics)})
+    if stage.name == "persona" and not ck.persona_retest:
+        return cfg.model_copy(update={"retest_seeds": []})
+    return cfg
+
+
+def checkpoint_stages(proto: Protocol) -> list[tuple[Stage, object]]:
+    return [(s, c) for s in STAGES if (c := checkpoint_settings(proto, s)) is not None]
+
+
+def intermediate_checkpoints(proto: Protocol, cell: Cell, cp) -> list[tuple[int, Path]]:
+    """The cell's saved checkpoints before its final step that the protocol measures."""
+    from study.train import checkpoints  # lightweight: only globbing
+
+    if proto.checkpoints is None or not cp.train_dir.is_dir():
+        return []
+    keep = proto.checkpoints.steps
+    return [(s, d) for s, d in checkpoints(cp.train_dir)
+            if s < cell.train.steps and (keep is None or s in keep)]
 
 
 def base_stage_path(run: RunPaths, stage: Stage, task: str) -> Path:
@@ -166,15 +223,22 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
                 for r in io.read_json(path)["rows"]:
                     rows.append({"cell": f"base-{task.name}", "method": "base", "seed": None,
                                  "checkpoint": 0, "task": task.name, **r})
+    ck = checkpoint_stages(proto)
     for cell in proto.cells():
         cp = run.cell(cell.name)
+        keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
         for stage in active_stages(proto):
             path = cp.stage(stage.name)
             if path.is_file():
-                for r in io.read_json(path)["rows"]:
-                    rows.append({"cell": cell.name, "method": cell.method.value, "seed": cell.seed,
-                                 "checkpoint": cell.train.steps, "task": cell.task.name, **r})
+                rows += [{**keep, "checkpoint": cell.train.steps, **r} for r in io.read_json(path)["rows"]]
+        for step, _ in intermediate_checkpoints(proto, cell, cp) if ck else ():
+            for stage, _ in ck:
+                path = cp.checkpoint(step) / f"{stage.name}.json"
+                if path.is_file():
+                    rows += [{**keep, "checkpoint": step, **r} for r in io.read_json(path)["rows"]]
     rows += forgetting_rows(rows)
+    if proto.checkpoints is not None:
+        rows += onset_rows(rows)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")  # the base has no seed: an empty cell, not NaN-as-float
     io.write_text(run.metrics, df.to_csv(index=False))
@@ -204,6 +268,41 @@ def forgetting_rows(rows: list[dict]) -> list[dict]:
         se = sum(s * s for _, s in diffs) ** 0.5 / len(diffs)
         out.append({**keep, "metric": "forgetting/mean", "value": mean, "ci_low": mean - z * se,
                     "ci_high": mean + z * se, "n": len(diffs)})
+    return out
+
+
+def tracked(metric: str) -> bool:
+    """Metrics whose emergence onset is read: the new-task success (held-out and in-domain), the forward KL,
+    each persona indicator (not its per-domain values), the regression probe and mean forgetting."""
+    parts = metric.split("/")
+    return (metric in ("newtask/success", "newtask/success_indomain", "kl/forward_newtask", "forgetting/mean")
+            or (parts[0] == "persona" and len(parts) == 2)
+            or (parts[0] == "emergence" and len(parts) == 3))
+
+
+def onset_rows(rows: list[dict]) -> list[dict]:
+    """`emergence/onset/<metric>` per cell: the first step (intermediate checkpoints, then the final adapter)
+    whose 95% CI excludes the base's value (0 for KL and forgetting, which the base has by definition);
+    empty (NaN) if none does within the budget. The row sits at the cell's final step; `n` = steps examined."""
+    base = {(r["task"], r["metric"]): r["value"] for r in rows if r["method"] == "base"}
+    traj: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "base" and tracked(r["metric"]) and r.get("ci_low") is not None:
+            traj.setdefault((r["cell"], r["metric"]), []).append(r)
+    out = []
+    for (_, metric), points in traj.items():
+        ref = 0.0 if metric.startswith(("kl/", "forgetting/")) else base.get((points[0]["task"], metric))
+        steps = sorted({p["checkpoint"] for p in points})
+        if ref is None or len(steps) < 2:  # no base to compare with, or no trajectory (final step only)
+            continue
+        points.sort(key=lambda p: p["checkpoint"])
+        onset = next((p["checkpoint"] for p in points
+                      if p["ci_low"] is not None and p["ci_high"] is not None
+                      and not (p["ci_low"] <= ref <= p["ci_high"])), math.nan)
+        last = points[-1]
+        out.append({k: last[k] for k in ("cell", "method", "seed", "checkpoint", "task")}
+                   | {"metric": f"emergence/onset/{metric}", "value": onset, "ci_low": None, "ci_high": None,
+                      "n": len(steps)})
     return out
 
 
@@ -326,31 +425,55 @@ class Runner:
             self.console.print(f"[yellow]report failed[/] ({type(e).__name__}: {e}); "
                                f"rerun with: study report {self.run_paths.root}")
 
-    def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="", base=False) -> None:
-        for stage in active_stages(self.proto):
+    def _measure(self, model, tokenizer, data, out_dir: Path, progress=None, label="", base=False,
+                 stages: list[tuple[Stage, object]] | None = None) -> None:
+        """Run every stage not yet done for this model into `out_dir` (the base: its base/ files).
+        `stages`: (stage, settings) pairs, default the protocol's final-adapter stages."""
+        rp = self.run_paths
+        for stage, settings in stages if stages is not None else self._final_stages():
             if base and not stage.on_base:
                 continue
-            cfg = stage.config(self.proto)
+            cfg = settings.model_dump(mode="json")
             h = _stage_hash(cfg)
-            path = base_stage_path(self.run_paths, stage, data.name) if base else out_dir / f"{stage.name}.json"
+
+            def where(s: Stage) -> Path:
+                return base_stage_path(rp, s, data.name) if base else out_dir / f"{s.name}.json"
+
+            path = where(stage)
             if _stage_done(path, h):
                 continue
             t = time.time()
             if progress is not None:
                 progress.console.print(f"  measuring {stage.name} for {label}")
-            cache = self.run_paths.base(data.name) / stage.base_cache if stage.base_cache else None
-            result = stage.run(model, tokenizer, data, getattr(self.proto, stage.name), cache=cache)
+            cache = rp.base(data.name) / stage.base_cache if stage.base_cache else None
+            by_name = {s.name: s for s in STAGES}
+            previous = {r: io.read_json(where(by_name[r])) for r in stage.reads if where(by_name[r]).is_file()}
+            result = stage.run(model, tokenizer, data, settings, cache=cache, previous=previous)
             result |= {"config_hash": h, "config": cfg, "seconds": time.time() - t}
             io.write_json(path, result)
             log.info("%s %s: %.1f s", label, stage.name, time.time() - t)
+
+    def _final_stages(self) -> list[tuple[Stage, object]]:
+        return [(s, s.settings(self.proto)) for s in active_stages(self.proto)]
+
+    def _cell_done(self, cell: Cell, cp) -> bool:
+        if not (cp.adapter / "adapter_model.safetensors").is_file():
+            return False
+        if not all(_stage_done(cp.stage(s.name), _stage_hash(c.model_dump(mode="json")))
+                   for s, c in self._final_stages()):
+            return False
+        ck = checkpoint_stages(self.proto)
+        return all(_stage_done(cp.checkpoint(step) / f"{s.name}.json", _stage_hash(c.model_dump(mode="json")))
+                   for step, _ in intermediate_checkpoints(self.proto, cell, cp) for s, c in ck)
 
     def _measure_base(self, task, progress) -> None:
         from study.tasks import build
 
         out = self.run_paths.base(task.name)
-        todo = [s for s in active_stages(self.proto) if s.on_base]
+        todo = [(s, c) for s, c in self._final_stages() if s.on_base]
         rp = self.run_paths
-        if all(_stage_done(base_stage_path(rp, s, task.name), _stage_hash(s.config(self.proto))) for s in todo):
+        if all(_stage_done(base_stage_path(rp, s, task.name), _stage_hash(c.model_dump(mode="json")))
+               for s, c in todo):
             return
         host = self.host()
         with host.attached(None) as model:
@@ -368,9 +491,7 @@ class Runner:
         from study.tasks import build
         from study.train import train_cell
 
-        if (cp.adapter / "adapter_model.safetensors").is_file() and all(
-            _stage_done(cp.stage(s.name), _stage_hash(s.config(self.proto))) for s in active_stages(self.proto)
-        ):
+        if self._cell_done(cell, cp):
             if cell_state(self.run_paths, cell)["state"] != "done":
                 io.write_json(cp.status, {"state": "done"})
             return
@@ -382,8 +503,14 @@ class Runner:
         progress.update(bar, completed=cell.train.steps, visible=False)
         train_s = time.time() - t
         host = self.host()
+        data = build(cell.task)
         with host.attached(cp.adapter) as model:
-            self._measure(model, host.tokenizer, build(cell.task), cp.root, progress, cell.name)
+            self._measure(model, host.tokenizer, data, cp.root, progress, cell.name)
+        ck = checkpoint_stages(self.proto)
+        for step, folder in intermediate_checkpoints(self.proto, cell, cp) if ck else ():
+            with host.attached(folder) as model:
+                self._measure(model, host.tokenizer, data, cp.checkpoint(step), progress,
+                              f"{cell.name}@{step}", stages=ck)
         io.write_json(cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t})
         log.info("cell %s done in %.0f s", cell.name, time.time() - t)
 

@@ -347,3 +347,35 @@ def test_bundled_cell_time_split(smol, data):
           "\nself-report option mass:", round(out["self_report"]["option_mass"], 3),
           "alpha:", out["self_report"]["alpha"],
           "\nrows:", {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1})
+
+
+def test_newtask_answers_are_reused_only_when_they_match(tok, data, monkeypatch):
+    """The newtask stage's greedy answers replace the persona stage's own generation when the length cap
+    matches and every prompt is covered; otherwise the stage generates (and says which it did)."""
+    import study.models
+
+    calls = []
+
+    def counting_generate(model, tokenizer, conversations, max_new_tokens, batch_size=16, **_):
+        calls.append(len(conversations))
+        return ["Oh, how novel." for _ in conversations]
+
+    monkeypatch.setattr(study.models, "generate", counting_generate)
+    persona._DIRECTIONS.clear()
+    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=4, retest_seeds=[],
+                              respondents=2)
+    held = persona._balanced(data.heldout, 2)
+    indom = persona._balanced(data.split("test_in"), 2)
+    nt = {"config": {"max_new_tokens": 16}, "responses": (
+        [{"metric": "newtask/generation", "id": it.id, "response": f"held {it.id}"} for it in held]
+        + [{"metric": "newtask/generation_indomain", "id": it.id, "response": f"in {it.id}"} for it in indom])}
+    out = persona.run(tiny_model(), tok, data, cfg, previous={"newtask": nt})
+    assert out["greedy_answers_from_newtask"] == ["heldout", "test_in"]
+    texts = {r["id"]: r["response"] for r in out["responses"] if r["set"] == "heldout"}
+    assert texts == {it.id: f"held {it.id}" for it in held}
+    n_direction_calls = len(calls)  # the base's persona/plain answers for the direction are still generated
+    persona._DIRECTIONS.clear()
+    calls.clear()
+    other = dict(nt, config={"max_new_tokens": 64})  # a different length cap: not the same answers
+    out = persona.run(tiny_model(), tok, data, cfg, previous={"newtask": other})
+    assert out["greedy_answers_from_newtask"] == [] and len(calls) == n_direction_calls + 2

@@ -32,7 +32,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +71,8 @@ class KLEval(BaseModel):
     """General-text passages used (the first n of the file)."""
     max_length_general: int = Field(128, gt=1)
     """General-text passages are truncated to this many tokens."""
+    metrics: list[Literal["kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general"]] = list(METRICS)
+    """Which KLs to measure (checkpoints measure only the forward KL on the new task by default)."""
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -217,7 +219,7 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
 
     if not isinstance(model, PeftModel):  # the base against itself: 0 by definition, so not measured
         rows = [{"metric": f"{m}{s}", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
-                for m in METRICS for s in ("", "_per_token")]
+                for m in cfg.metrics for s in ("", "_per_token")]
         return {"rows": rows, "sequences": [], "note": "no adapter: the KL of the base to itself is 0"}
 
     items = random.Random(cfg.seed).sample(data.heldout, min(cfg.n_prompts, len(data.heldout)))
@@ -246,8 +248,8 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
     try:
         with torch.no_grad():
             for metric, from_base, seed in ((METRICS[0], True, cfg.seed), (METRICS[1], False, cfg.seed + 1)):
-                if not prompts:
-                    break
+                if not prompts or metric not in cfg.metrics:
+                    continue
                 t = time.perf_counter()
                 with _policy(model, from_base):
                     ys = _sample(model, [p for _, _, p in prompts], cfg, eos, pad, seed)
@@ -257,7 +259,7 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
                         for (it, j, _), y in zip(prompts, ys, strict=True)]
                 seqs = [p + y for (_, _, p), y in zip(prompts, ys, strict=True)]
                 score(metric, seqs, [len(y) for y in ys], from_base, keys)
-            if passages:
+            if passages and METRICS[2] in cfg.metrics:
                 score(METRICS[2], [ids for _, ids in passages], [len(ids) - 1 for _, ids in passages], True,
                       [{"id": p["id"]} for p, _ in passages])
     finally:

@@ -172,7 +172,8 @@ def response_states(model, tokenizer, conversations, responses, batch_size: int 
             spans.append((len(p), len(p) + len(a)) if a else (len(p) - 1, len(p)))
         ids, mask = _right_padded(seqs, pad, model.device)
         with torch.no_grad():
-            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            # logits_to_keep=1: the states are wanted, not a (B, T, vocab) logits tensor
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
         h = torch.stack(hs if layer is None else (hs[layer],), dim=1).float()  # (B, L, T, H)
         for i, (a, b) in enumerate(spans):
             out.append(h[i, :, a:b].mean(1).cpu().numpy())
@@ -194,13 +195,16 @@ def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
             cache.batch_repeat_interleave(len(seqs))
             ids, mask = _right_padded([s[lcp:] for s in seqs], pad, model.device)
             mask = torch.cat([torch.ones(len(seqs), lcp, dtype=mask.dtype, device=mask.device), mask], 1)
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-            ends = [len(s) - lcp - 1 for s in seqs]
+            ends = torch.tensor([len(s) - lcp - 1 for s in seqs])
+            keep, row = torch.unique(ends, return_inverse=True)  # logits only where some row ends
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           logits_to_keep=keep.to(model.device)).logits
         else:
             ids, mask = _right_padded(seqs, pad, model.device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            ends = [len(s) - 1 for s in seqs]
-        return torch.log_softmax(logits[torch.arange(len(seqs)), torch.tensor(ends)].float(), -1)
+            ends = torch.tensor([len(s) - 1 for s in seqs])
+            keep, row = torch.unique(ends, return_inverse=True)
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep.to(model.device)).logits
+        return torch.log_softmax(logits[torch.arange(len(seqs)), row].float(), -1)
 
 
 def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"), batch_size: int = 16,
@@ -398,9 +402,22 @@ def _balanced(items: list, per_domain: int | None) -> list:
     return out
 
 
-def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None) -> dict:
+def reusable_answers(previous: dict | None, cfg: PersonaEval) -> dict[tuple[str, str], str]:
+    """The newtask stage's greedy answers of this same model, {(set, id): text}, when they were generated
+    with this stage's length cap (greedy decoding makes them the answers this stage would generate)."""
+    nt = (previous or {}).get("newtask")
+    if not nt or nt.get("config", {}).get("max_new_tokens") != cfg.max_new_tokens:
+        return {}
+    sets = {"newtask/generation": "heldout", "newtask/generation_indomain": "test_in"}
+    return {(sets[r["metric"]], r["id"]): r["response"] for r in nt.get("responses", [])
+            if r.get("metric") in sets and "response" in r}
+
+
+def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
+        previous: dict | None = None) -> dict:
     """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}.
-    `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol."""
+    `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
+    `previous`: results of earlier stages on this model ({"newtask": ...}); its greedy answers are reused."""
     from study.measure import persona_stats as ps
     from study.models import generate
 
@@ -416,10 +433,17 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
     t = clock()
     was_training = model.training
     model.eval()
-    sets = {"heldout": (held, generate(model, tokenizer, [data.messages(it.prompt) for it in held],
-                                       cfg.max_new_tokens, cfg.batch_size)),
-            "test_in": (indom, generate(model, tokenizer, [data.messages(it.prompt) for it in indom],
-                                        cfg.max_new_tokens, cfg.batch_size))}
+    known = reusable_answers(previous, cfg)
+    reused = []
+
+    def greedy(name: str, its: list) -> list[str]:
+        if its and all((name, it.id) in known for it in its):
+            reused.append(name)
+            return [known[(name, it.id)] for it in its]
+        return generate(model, tokenizer, [data.messages(it.prompt) for it in its], cfg.max_new_tokens,
+                        cfg.batch_size)
+
+    sets = {"heldout": (held, greedy("heldout", held)), "test_in": (indom, greedy("test_in", indom))}
     for s in cfg.retest_seeds if retest else []:
         sets[f"retest-{s}"] = (retest, generate(model, tokenizer, [data.messages(it.prompt) for it in retest],
                                                 cfg.max_new_tokens, cfg.batch_size, do_sample=True,
@@ -483,5 +507,6 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
             "probe": probe.summary(), "probe_warning": not probe.ok, "self_report": sr,
             "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
                                      "defined": direction.defined, **undefined},
-            "judge": judge_info, "coherence": coherence, "timing": timing}
+            "judge": judge_info, "coherence": coherence, "timing": timing,
+            "greedy_answers_from_newtask": reused}
 
