@@ -184,6 +184,31 @@ def test_prefix_cached_loglikelihood_equals_stock():
     assert fast_lm.request_counts["loglikelihood"] == len(reqs)
 
 
+def test_lean_path_without_shared_prefix_equals_stock():
+    """No shared prefix (MMLU-like zero-shot questions with one-token answers, which share an input and run
+    once, and HellaSwag-like multi-token endings of different lengths): the left-padded, continuation-only
+    path scores as the stock class does."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from study.models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    pairs = [(f"Question: {q}\nAnswer:", f" {c}") for q in ("Two plus two?", "The capital of France, please?")
+             for c in "ABCD"]
+    pairs += [("A man walks into a shop and", e) for e in (" buys bread.", " leaves again without a word.", " sings")]
+    pairs += [("Short", " one"), ("A somewhat longer context that pads the others", " and a long continuation here")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
+    lean = lm_eval_local.PrefixCachedHFLM(pretrained=model, tokenizer=tok, batch_size=4)
+    fast = lean.loglikelihood(reqs, disable_tqdm=True)
+    assert lean.shared_prefix_len([(None, *lean._encode_pair(*p)) for p in pairs]) < lean.min_prefix_tokens
+    assert max(abs(a[0] - b[0]) for a, b in zip(stock, fast, strict=True)) < 1e-4
+    assert [a[1] for a in stock] == [b[1] for b in fast]
+    off = lm_eval_local.PrefixCachedHFLM(pretrained=model, tokenizer=tok, batch_size=4, fast=False)
+    assert off.loglikelihood(reqs, disable_tqdm=True) == stock  # fast=False is the stock code path
+
+
 # ---------------------------------------------------------------------------------------------- HumanEval
 
 
