@@ -16,7 +16,9 @@ Decisions, and why:
   Holm (3 seeds, one cell per method and seed: 8 relabelings), a paired t-test over seeds decides instead
   (also checked by simulation). Benchmark items: every cell is scored on the same items, so item intercepts
   cancel from method contrasts and the cell mean is the item model's fixed-effect equivalent (a crossed
-  item x seed MixedLM costs ~10 s per outcome in statsmodels for the same contrasts).
+  item x seed MixedLM costs ~10 s per outcome in statsmodels for the same contrasts). Where the stage JSONs
+  keep per-item values (held-out prompts, probe scores, benchmark items), report.items fits that crossed
+  item x seed model for each method against the base as well (stats/items.csv, table "items").
 - Fewer than 3 seeds per method is reported as underpowered, without a p-value.
 """
 
@@ -44,6 +46,7 @@ from study.report.data import (
     missing_metrics,
     summarise,
 )
+from study.report.items import item_models
 
 MIN_SEEDS = 3
 
@@ -63,8 +66,10 @@ class Stats:
     onsets: pd.DataFrame
     power: pd.DataFrame
     fits: dict = field(default_factory=dict)  # (task, predictor, group, degree) -> stats.Fit, for bands
+    items: pd.DataFrame = field(default_factory=pd.DataFrame)  # item-level mixed models (report.items)
 
-    TABLES = ("checks", "summary", "law", "best_predictor", "pareto", "comparisons", "coherence", "onsets", "power")
+    TABLES = ("checks", "summary", "law", "best_predictor", "pareto", "comparisons", "coherence", "onsets", "power",
+              "items")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -419,7 +424,8 @@ def run_stats(run: Run, n_boot: int = 1000, n_perm: int = 5000, write: bool = Tr
     law, best, fits = forgetting_law(run, n_boot=n_boot)
     st = Stats(checks=run_checks(run), missing=missing_metrics(run), summary=summary_table(run), law=law,
                best_predictor=best, pareto=pareto_table(run), comparisons=comparisons(run, n_perm, n_boot),
-               coherence=coherence_table(run), onsets=onset_table(run), power=power_table(run), fits=fits)
+               coherence=coherence_table(run), onsets=onset_table(run), power=power_table(run), fits=fits,
+               items=item_models(run.root))
     if write:
         out = run.root / "stats"
         out.mkdir(parents=True, exist_ok=True)

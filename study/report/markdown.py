@@ -21,7 +21,7 @@ SECTIONS = [
     ("Drift: KL and weight change", ["drift"]),
     ("The forgetting law", ["law", "law_by_method"]),
     ("Pareto frontiers", ["pareto"]),
-    ("Method comparisons", ["comparisons"]),
+    ("Method comparisons", ["comparisons", "items"]),
     ("Persona coherence", ["persona", "coherence"]),
     ("Emergence", ["onsets"]),
 ]
