@@ -37,3 +37,22 @@ def test_tiny_model_generates_and_scores():
     assert len(out) == 3 and out[0] == out[2]  # greedy is deterministic across batches
     lp = models.completion_logprobs(model, tok, conv, ["Boil it.", "Boil it for six minutes.", "Boil it."])
     assert lp[0][1] < lp[1][1] and abs(lp[0][0] - lp[2][0]) < 1e-4 and all(s < 0 for s, _ in lp)
+
+
+def test_completion_logprobs_equal_one_sequence_at_a_time():
+    """The batched, left-padded, last-columns-only scoring equals scoring each unpadded sequence alone."""
+    import torch
+
+    tok, model = models.tiny_tokenizer(), models.tiny_model()
+    convs = [[{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Why?", "Name a fish, any fish.")]
+    answers = ["Boil it for six minutes.", "Because the sky is wide and the sea is deep.", "Cod."]
+    got = models.completion_logprobs(model, tok, convs, answers, batch_size=3)
+    for conv, answer, (lp, n) in zip(convs, answers, got):
+        prefix = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+        a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prefix + a])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        ref = float(logp[len(prefix) - 1 :].gather(-1, ids[0, len(prefix) :, None]).sum())
+        assert n == len(a) and abs(lp - ref) < 1e-4
