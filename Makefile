@@ -60,7 +60,7 @@ test: $(STAMP)  ## unit tests (tiny random models) and integration tests (bundle
 test-unit: $(STAMP)  ## only the fast unit tests
 	$(PY) -m pytest -q -m "not integration"
 
-bench: $(STAMP)  ## stage speeds (train, kl, regression, harness vs plain lm_eval) -> results/bench/; ARGS="--only compare"
+bench: $(STAMP)  ## stage speeds (train, kl, regression, persona split, harness vs plain lm_eval) -> results/bench/; ARGS="--only compare"
 	$(PY) -m study.bench $(ARGS)
 
 lint: $(STAMP)  ## ruff

@@ -1,10 +1,10 @@
 """`make bench`: how fast the study's stages run on the bundled model, written to results/bench/.
 
-    python -m study.bench [--only train,kl,regression,compare] [--protocol protocols/default.yaml]
+    python -m study.bench [--only train,kl,regression,persona,compare] [--protocol protocols/default.yaml]
                           [--steps 6] [--lm-eval-limit 20] [--run results/default] [--adapters N]
                           [--skip-plain] [--quick]
 
-Parts (`--only`, default all four, run in this order):
+Parts (`--only`, default all five, run in this order):
 
 train       -> train.json. Each method trains `steps` optimizer steps at the protocol's matched budget
             (batch, max length, LoRA) in a scratch folder; the first step (warm-up: dataset preparation,
@@ -16,6 +16,10 @@ kl          -> measure.json "kl". The protocol's `kl:` stage once, on the base w
             does): seconds, and tokens/s for sampling and for exact scoring.
 regression  -> measure.json "regression". The protocol's regression suites and settings on that model with
             `--lm-eval-limit` items each (HumanEval a quarter of it): items/s and requests/s per suite.
+persona     -> measure.json "persona". The protocol's persona stage on the run's first trained cell, as the
+            runner runs it (the base's direction from the run's cache; the newtask answers reused): its
+            time split (generation / embedding / questionnaire / activations) next to the cell's training
+            time.
 compare     -> measure.json "harness_vs_plain". Wall time to measure every adapter of a run
             (`<run>/cells/*/adapter/`, default the protocol's run folder; `--adapters N`: the first N) on
             the protocol's regression suites and limits, two ways:
@@ -68,7 +72,7 @@ if TYPE_CHECKING:
     from study.measure.regression import RegressionEval
     from study.models import Runtime
 
-PARTS = ("train", "kl", "regression", "compare")
+PARTS = ("train", "kl", "regression", "persona", "compare")
 BENCH = RESULTS / "bench"
 
 
@@ -184,6 +188,46 @@ def bench_regression(proto: Protocol, model, tokenizer, limit: int) -> dict:
         print(f"{suite:16s} {t['items']:4d} items {t['requests']:5d} requests {t['seconds']:7.1f} s  "
               f"{t['items_per_s']:6.2f} items/s {t['requests_per_s']:7.2f} requests/s")
     return {"config": cfg.model_dump(mode="json"), "suites": table}
+
+
+def bench_persona(proto: Protocol, runtime: Runtime, run_root: Path) -> dict:
+    """The persona stage on one trained cell of the run (the first in name order), as the runner runs it:
+    the base's persona direction from the run's cache when it is there (it is computed once per protocol;
+    when it is not, its cost is reported apart), the newtask stage's greedy answers reused when that cell has
+    them. Returns the time split (generation / embedding / questionnaire / activations) next to the cell's
+    training time."""
+    from study.measure import persona
+    from study.models import AdapterHost
+    from study.paths import CellPaths
+    from study.tasks import build
+
+    if proto.persona is None:
+        raise SystemExit(f"bench persona: {proto.model.source} protocol has no persona: block")
+    adapters = adapter_dirs(run_root, 1)
+    if not adapters:
+        raise SystemExit(f"bench persona: no trained adapter under {run_root}/cells (run `make study` first)")
+    cp = CellPaths(adapters[0].parent)
+    data = build(proto.tasks[0])
+    previous = {"newtask": io.read_json(cp.stage("newtask"))} if cp.stage("newtask").is_file() else {}
+    cache = run_root / "base" / data.name / "persona_direction.npz"
+    host = AdapterHost(proto.model.source, runtime)
+    with host.attached(cp.root / "adapter") as model:
+        t = time.perf_counter()
+        out = persona.run(model, host.tokenizer, data, proto.persona, cache=cache if cache.is_file() else None,
+                          previous=previous)
+        total = time.perf_counter() - t
+    status = io.read_json(cp.status) if cp.status.is_file() else {}
+    timing = out["timing"]
+    split = {k: timing.get(k, 0.0) for k in ("generation", "embedding", "questionnaire", "activations", "judge")}
+    if timing.get("direction"):
+        split["activations"] -= timing["direction"]  # "activations" includes a direction computed here
+    for k, v in split.items():
+        print(f"persona {k:13s} {v:7.1f} s")
+    print(f"persona total         {total:7.1f} s   (the cell trained in {status.get('train_seconds', float('nan')):.0f} s)")
+    return {"cell": cp.root.name, "seconds": total, "split": split,
+            "direction_seconds": timing.get("direction", 0.0), "direction_cached": cache.is_file(),
+            "greedy_answers_from_newtask": out.get("greedy_answers_from_newtask", []),
+            "train_seconds": status.get("train_seconds"), "config": proto.persona.model_dump(mode="json")}
 
 
 # ---------------------------------------------------------------------------------- harness vs plain
@@ -478,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     if "train" in a.only:
         io.write_json(BENCH / "train.json", bench_training(a.protocol, a.steps))
         print(f"wrote {BENCH / 'train.json'}")
-    if not set(a.only) & {"kl", "regression", "compare"}:
+    if not set(a.only) & {"kl", "regression", "persona", "compare"}:
         return
     from study.models import resolve_runtime
     from study.runner import _quiet_libraries
@@ -500,6 +544,11 @@ def main(argv: list[str] | None = None) -> None:
                                      **bench_regression(proto, model, tok, a.lm_eval_limit)}
             io.write_json(path, measure)
         del model
+    if "persona" in a.only:
+        run_root = a.run or RunPaths.for_protocol(a.protocol, proto.results_dir).root
+        measure["persona"] = {"env": environment(runtime), "protocol": str(a.protocol),
+                              **bench_persona(proto, runtime, run_root)}
+        io.write_json(path, measure)
     if "compare" in a.only:
         run_root = a.run or RunPaths.for_protocol(a.protocol, proto.results_dir).root
         measure["harness_vs_plain"] = bench_compare(a.protocol, run_root, a.adapters, a.skip_plain,

@@ -21,7 +21,7 @@ NAMES = {"mmlu": "study_mmlu", "hellaswag": "study_hellaswag", "truthfulqa_mc2":
 
 def test_parse_parts_orders_and_rejects_unknown():
     assert bench.parse_parts("compare, kl") == ["kl", "compare"]
-    assert bench.parse_parts("train,kl,regression,compare") == list(bench.PARTS)
+    assert bench.parse_parts("train,kl,regression,persona,compare") == list(bench.PARTS)
     with pytest.raises(argparse.ArgumentTypeError, match="klx"):
         bench.parse_parts("train,klx")
     with pytest.raises(argparse.ArgumentTypeError):
