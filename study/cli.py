@@ -96,12 +96,19 @@ def report(
     run: Path,
     paper: bool = typer.Option(False, "--paper", help="also regenerate paper/generated/ and build paper/main.pdf"),
     strict: bool = typer.Option(False, "--strict", help="exit 1 if a pre-paper check fails"),
+    collect: bool = typer.Option(True, "--collect/--no-collect",
+                                 help="first rebuild metrics.csv from the run's stage files (needs protocol.yaml)"),
 ) -> None:
     """Statistics, figures and report.md for a run folder; with --paper also paper/generated/ and the PDF."""
     import pandas as pd
 
     from study.report import report_run
 
+    if collect and (run / "protocol.yaml").is_file():  # measurements made since the last run ended count too
+        from study.paths import RunPaths
+        from study.runner import collect_metrics
+
+        collect_metrics(RunPaths(run), load_protocol(run / "protocol.yaml"))
     if not (run / "metrics.csv").is_file():
         err.print(f"[red]{run}/metrics.csv not found[/]: run `study run PROTOCOL` first")
         raise typer.Exit(2)

@@ -55,6 +55,9 @@ SHORT = {
 def label(metric: str, unit: bool = False, short: bool = False) -> str:
     """A human label for a metric name, optionally with its unit: 'forward KL ... (nats)'."""
     text = (SHORT if short else LABELS).get(metric) or LABELS.get(metric) or metric
+    parts = metric.split("/")
+    if parts[0] == "emergence" and len(parts) == 3 and parts[1] != "onset":  # the checkpoints' regression probe
+        text = f"{parts[1]} probe ({parts[2]})"
     for family in ("persona", "forgetting", "emergence/onset"):
         if text.startswith(family + "/") and text.count("/") == family.count("/") + 1:
             text = f"{family.replace('/', ' ')}: " + text.removeprefix(family + "/")

@@ -254,23 +254,34 @@ EMERGENCE = [NEWTASK, KL_FWD, FORGET_MEAN]
 
 def emergence(run: Run, st: Stats, task: str) -> Figure:
     """Trajectories over training steps (mean over seeds and sweep points, 95% band) for every metric
-    measured at two or more checkpoints."""
+    measured at two or more checkpoints, starting from the base model at step 0 (KL and forgetting: 0 by
+    definition); the base's own 95% CI is the grey band."""
     a = run.adapters[run.adapters["task"] == task]
     per = a.groupby("metric")["checkpoint"].nunique()
-    names = [m for m in EMERGENCE + persona_indicators(run) if per.get(m, 0) >= 2]
+    probes = [m for m in run.metric_names("emergence/") if not m.startswith("emergence/onset/")]
+    names = [m for m in EMERGENCE + persona_indicators(run) + probes if per.get(m, 0) >= 2]
     if not names:
         raise Skip("needs metrics at two or more checkpoints (emergence rows)")
     ncols = min(len(names), 4)
     nrows = int(np.ceil(len(names) / ncols))
     fig, axes = _fig(PAGE, 1.7 * nrows + 0.4, nrows, ncols)
     methods = method_order(a["method"])
+    b = run.base[run.base["task"] == task]
     for ax, name in zip(axes.flat, names, strict=False):
         d = a[a["metric"] == name]
+        zero = name.startswith(("kl/", "forgetting/"))
+        ref = b[b["metric"] == name]
+        start = (0.0, 0.0, 0.0) if zero else (
+            (float(ref["value"].mean()), float(ref["ci_low"].mean()), float(ref["ci_high"].mean())) if len(ref) else None)
+        if start is not None and not zero:
+            ax.axhspan(start[1], start[2], color=COLORS["base"], alpha=0.12, lw=0)
         for m in methods:
             rows = [(step, *summarise(g["value"], clip=bounds(name))[:3])
                     for step, g in d[d["method"] == m].groupby("checkpoint")]
             if not rows:
                 continue
+            if start is not None:
+                rows.insert(0, (0, *start))
             t = np.array(rows, dtype=float)
             ax.plot(t[:, 0], t[:, 1], color=color(m), marker=MARKERS.get(m, "o"), ms=2.5, lw=1)
             ax.fill_between(t[:, 0], t[:, 2], t[:, 3], color=color(m), alpha=0.15, lw=0)
@@ -279,7 +290,9 @@ def emergence(run: Run, st: Stats, task: str) -> Figure:
         ax.set_xlabel("training step")
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
-    _legend(fig, methods)
+    from matplotlib.patches import Patch
+
+    _legend(fig, methods, [Patch(color=COLORS["base"], alpha=0.3, label="base model (95% CI)")])
     return fig
 
 
@@ -296,7 +309,8 @@ FIGURES = {
     "coherence_indicators": (coherence_indicators, "Persona indicators by method (mean, 95% CI); dashed: base "
                                                    "model."),
     "coherence_domains": (coherence_domains, "Persona indicators per held-out domain by method (mean, 95% CI)."),
-    "emergence": (emergence, "Trajectories over training (mean over seeds and sweep points, 95% band)."),
+    "emergence": (emergence, "Trajectories over training from the base at step 0 (mean over seeds and sweep "
+                             "points, 95% band); grey: the base model's 95% CI."),
 }
 
 
