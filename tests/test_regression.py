@@ -265,6 +265,33 @@ def test_run_on_tiny_model():
     assert {r["suite"] for r in out["responses"]} == set(cfg.suites)
 
 
+def test_reused_tasks_score_as_fresh_ones():
+    """The process-wide task manager hands the same Task objects to a second evaluation (another adapter, or
+    other limits): its results equal those of freshly built tasks."""
+    from lm_eval.tasks import TaskManager
+
+    from study.models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    cfg = RegressionEval(data_dir=BENCH, suites=["mmlu", "hellaswag", "truthfulqa_mc2"],
+                         limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2})
+    first = run(model, tok, cfg)
+    other = run(model, tok, cfg.model_copy(update={"limit": {"mmlu": 2, "hellaswag": 5, "truthfulqa_mc2": 1}}))
+    assert [r["n"] for r in other["rows"]] == [2, 5, 1]
+    managers = list(lm_eval_local._MANAGERS.values())
+    assert managers and all(m._loaded for m in managers)  # the tasks were built once and kept
+    again = run(model, tok, cfg)
+    assert again["rows"] == first["rows"] and again["responses"] == first["responses"]
+    lm_eval_local._MANAGERS.clear()
+    fresh_manager = lm_eval_local.task_manager  # a manager that never reuses: the stock behaviour
+    try:
+        lm_eval_local.task_manager = lambda include: TaskManager(include_defaults=False, include_path=include)
+        fresh = run(model, tok, cfg)
+    finally:
+        lm_eval_local.task_manager = fresh_manager
+    assert fresh["rows"] == first["rows"] and fresh["responses"] == first["responses"]
+
+
 @pytest.mark.integration
 @needs_bench
 def test_all_suites_on_bundled_model():

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 from study.models import cache_root, hub_reachable
 
@@ -305,6 +306,42 @@ def mmlu_group(quota: dict[str, int]) -> Path:
         tmp.write_text(text)
         os.replace(tmp, folder / "study_mmlu.yaml")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- the tasks
+
+
+class ReusedTaskManager(TaskManager):
+    """A TaskManager that builds each requested task (its config, dataset and few-shot split) once per
+    process and hands the same Task objects to every later evaluation: measuring many adapters, the 57 MMLU
+    subject tasks are not rebuilt per adapter. lm-eval rebuilds a task's requests on every evaluate() and
+    simple_evaluate re-applies its overrides (few-shot count, generation kwargs, seeds) on every call, so a
+    reused task scores as a fresh one (tested)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loaded: dict[str, dict] = {}
+
+    def load(self, task_list):
+        names = task_list if isinstance(task_list, (list, tuple)) else [task_list]
+        if not all(isinstance(n, str) for n in names):
+            return super().load(task_list)
+        key = json.dumps(list(names))
+        if key not in self._loaded:
+            self._loaded[key] = super().load(task_list)
+        return self._loaded[key]
+
+
+_MANAGERS: dict[tuple[str, ...], ReusedTaskManager] = {}
+
+
+def task_manager(include: list[str]) -> ReusedTaskManager:
+    """The process's task manager for these task folders (only ours are indexed: lm-eval's ~14k stock
+    configs cost ~11 s to scan)."""
+    key = tuple(include)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = ReusedTaskManager(include_defaults=False, include_path=list(include))
+    return _MANAGERS[key]
 
 
 # ---------------------------------------------------------------------------------------------- the model

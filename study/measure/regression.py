@@ -136,7 +136,6 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
     from importlib.metadata import version
 
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     from study.measure import lm_eval_local as local
 
@@ -166,7 +165,7 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         t0 = time.time()
         with _rng_preserved():  # lm-eval reseeds random/numpy/torch globally: keep the harness's streams
             res = simple_evaluate(model=lm, tasks=[tasks.names[suite]],
-                                  task_manager=TaskManager(include_defaults=False, include_path=include),
+                                  task_manager=local.task_manager(include),
                                   num_fewshot=cfg.num_fewshot.get(suite), bootstrap_iters=1000,
                                   log_samples=True, **kwargs)
         seconds = time.time() - t0
