@@ -211,31 +211,36 @@ def cell_state(run: RunPaths, cell: Cell) -> dict:
 COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"]
 
 
+def _current_rows(path: Path, settings) -> list[dict]:
+    """A stage file's rows if it was measured with these settings (a file left by other settings, e.g. from
+    before a protocol change, is stale: it is remeasured on the next run and left out of the table now)."""
+    if not _stage_done(path, _stage_hash(settings.model_dump(mode="json"))):
+        return []
+    return io.read_json(path)["rows"]
+
+
 def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
-    """Rebuild metrics.csv from every stage file of the run (base and cells): one tidy table."""
+    """Rebuild metrics.csv from the stage files of the run (base and cells) that match the protocol's
+    current settings: one tidy table."""
     import pandas as pd
 
     rows = []
     for task in proto.tasks:
         for stage in (s for s in active_stages(proto) if s.on_base):
-            path = base_stage_path(run, stage, task.name)
-            if path.is_file():
-                for r in io.read_json(path)["rows"]:
-                    rows.append({"cell": f"base-{task.name}", "method": "base", "seed": None,
-                                 "checkpoint": 0, "task": task.name, **r})
+            for r in _current_rows(base_stage_path(run, stage, task.name), stage.settings(proto)):
+                rows.append({"cell": f"base-{task.name}", "method": "base", "seed": None,
+                             "checkpoint": 0, "task": task.name, **r})
     ck = checkpoint_stages(proto)
     for cell in proto.cells():
         cp = run.cell(cell.name)
         keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
         for stage in active_stages(proto):
-            path = cp.stage(stage.name)
-            if path.is_file():
-                rows += [{**keep, "checkpoint": cell.train.steps, **r} for r in io.read_json(path)["rows"]]
+            rows += [{**keep, "checkpoint": cell.train.steps, **r}
+                     for r in _current_rows(cp.stage(stage.name), stage.settings(proto))]
         for step, _ in intermediate_checkpoints(proto, cell, cp) if ck else ():
-            for stage, _ in ck:
-                path = cp.checkpoint(step) / f"{stage.name}.json"
-                if path.is_file():
-                    rows += [{**keep, "checkpoint": step, **r} for r in io.read_json(path)["rows"]]
+            for stage, settings in ck:
+                rows += [{**keep, "checkpoint": step, **r}
+                         for r in _current_rows(cp.checkpoint(step) / f"{stage.name}.json", settings)]
     rows += forgetting_rows(rows)
     if proto.checkpoints is not None:
         rows += onset_rows(rows)

@@ -203,3 +203,12 @@ def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
     assert len(stamp) == 2 * 3  # two cells × (newtask, kl, probe) at step 2
     assert Runner(path).run() == 0
     assert {p: p.stat().st_mtime_ns for p in run.cells.glob("*/checkpoints/*/*.json")} == stamp  # not redone
+    # a stage file measured under other settings (a protocol changed since) is stale: left out of the table
+    from study.runner import collect_metrics
+
+    stale = run.cell(cells[0]).stage("newtask")
+    io.write_json(stale, io.read_json(stale) | {"config_hash": "other"})
+    df = pd.read_csv(collect_metrics(run, load_protocol(path)))
+    d = df[df.cell == cells[0]]
+    assert "newtask/success" not in set(d[d.checkpoint == 4].metric)
+    assert "newtask/success" in set(d[d.checkpoint == 2].metric)
