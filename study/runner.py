@@ -241,6 +241,7 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
             for stage, settings in ck:
                 rows += [{**keep, "checkpoint": step, **r}
                          for r in _current_rows(cp.checkpoint(step) / f"{stage.name}.json", settings)]
+        rows += lora_rows(proto, cell, cp, keep)
     rows += forgetting_rows(rows)
     if proto.checkpoints is not None:
         rows += onset_rows(rows)
@@ -248,6 +249,25 @@ def collect_metrics(run: RunPaths, proto: Protocol) -> Path:
     df["seed"] = df["seed"].astype("Int64")  # the base has no seed: an empty cell, not NaN-as-float
     io.write_text(run.metrics, df.to_csv(index=False))
     return run.metrics
+
+
+def lora_rows(proto: Protocol, cell: Cell, cp, keep: dict) -> list[dict]:
+    """`lora/delta_norm` (the adapter's ||ΔW||_F, exact: its CI is the value) for the final adapter and every
+    intermediate checkpoint that is measured."""
+    from study.lora_norm import delta_norm
+
+    found = [(cell.train.steps, cp.adapter)] + [(s, d) for s, d in intermediate_checkpoints(proto, cell, cp)]
+    out = []
+    for step, folder in found:
+        if (folder / "adapter_model.safetensors").is_file():
+            try:
+                value, modules = delta_norm(folder)
+            except Exception as e:  # a corrupt adapter: its cell is marked failed elsewhere; no row here
+                log.warning("lora/delta_norm of %s: %s", folder, e)
+                continue
+            out.append({**keep, "checkpoint": step, "metric": "lora/delta_norm", "value": value, "ci_low": value,
+                        "ci_high": value, "n": modules})
+    return out
 
 
 def forgetting_rows(rows: list[dict]) -> list[dict]:
