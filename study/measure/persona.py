@@ -303,10 +303,10 @@ _DIRECTIONS: dict[str, Direction] = {}  # key -> direction, for the process
 
 
 def fingerprint(model) -> str:
-    """Identifies the base weights cheaply (LoRA never touches the input embeddings)."""
-    w = model.get_input_embeddings().weight.detach().float().cpu()
-    blob = f"{tuple(w.shape)}|{float(w.sum()):.6e}|{float((w * w).sum()):.6e}|".encode()
-    return hashlib.sha256(blob + w.flatten()[:4096].numpy().tobytes()).hexdigest()[:16]
+    """Identifies the base weights by the exact bytes of the input embeddings (LoRA never touches them). Not a
+    float sum: its rounding depends on the thread count, and a key must not change with OMP_NUM_THREADS."""
+    w = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(f"{tuple(w.shape)}|".encode() + w.numpy().tobytes()).hexdigest()[:16]
 
 
 def direction_items(data: TaskData, n: int, seed: int) -> list:
