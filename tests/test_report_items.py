@@ -61,3 +61,17 @@ def test_holm_matches_statsmodels():
     ours = holm(p)
     ref = multipletests([x for x in p if not math.isnan(x)], method="holm")[1]
     assert np.allclose(ours[:4], ref) and math.isnan(ours[4])
+
+
+def test_stale_stage_files_are_skipped(tmp_path):
+    """A stage file whose settings differ from the run's protocol.yaml is stale and left out."""
+    import yaml
+
+    _write_run(tmp_path, {"sft": 0.5}, seeds=(0, 1))
+    (tmp_path / "protocol.yaml").write_text(yaml.safe_dump({"newtask": {"max_new_tokens": 48}}))
+    for f in tmp_path.glob("**/newtask.json"):
+        io.write_json(f, io.read_json(f) | {"config": {"max_new_tokens": 48}})
+    stale = tmp_path / "cells" / "snark-sft-s1" / "newtask.json"
+    io.write_json(stale, io.read_json(stale) | {"config": {"max_new_tokens": 64}})
+    items = item_table(tmp_path)
+    assert set(items["cell"]) == {"base-snark", "snark-sft-s0"}

@@ -53,7 +53,7 @@ def _records(stage: dict | None, task: str) -> list[tuple[str, str, float]]:
     return out
 
 
-def _read(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
         return io.read_json(path) if path.is_file() else None
     except (OSError, ValueError):
@@ -62,9 +62,20 @@ def _read(path: Path) -> dict | None:
 
 def item_table(root: Path) -> pd.DataFrame:
     """One row per (cell, outcome, item) of the final adapters and the base: cell, method, seed, task,
-    outcome, item, y."""
+    outcome, item, y. A stage file measured under other settings than the run's protocol.yaml (stale, left
+    from before a protocol change) is skipped, as metrics.csv skips it."""
+    import yaml
+
     rows = []
     root = Path(root)
+    proto = yaml.safe_load((root / "protocol.yaml").read_text()) if (root / "protocol.yaml").is_file() else None
+
+    def _read(path: Path) -> dict | None:
+        stage = _read_json(path)
+        if stage and proto is not None and proto.get(path.stem) is not None and stage.get("config") != proto[path.stem]:
+            return None
+        return stage
+
     shared = {s: _read(root / "base" / "model" / f"{s}.json") for s in ("regression",)}
     for base in sorted((root / "base").glob("*")) if (root / "base").is_dir() else []:
         if base.name == "model":
