@@ -61,9 +61,6 @@ class Stage:
     def enabled(self, proto: Protocol) -> bool:
         return self.settings(proto) is not None
 
-    def config(self, proto: Protocol) -> dict:
-        return self.settings(proto).model_dump(mode="json")
-
     def run(self, model, tokenizer, data, cfg, cache: Path | None = None, previous: dict | None = None):
         import importlib
 
@@ -140,6 +137,10 @@ def _stage_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _settings_hash(settings) -> str:
+    return _stage_hash(settings.model_dump(mode="json"))
+
+
 def _stage_done(path: Path, cfg_hash: str) -> bool:
     if not path.is_file():
         return False
@@ -214,7 +215,7 @@ COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", 
 def _current_rows(path: Path, settings) -> list[dict]:
     """A stage file's rows if it was measured with these settings (a file left by other settings, e.g. from
     before a protocol change, is stale: it is remeasured on the next run and left out of the table now)."""
-    if not _stage_done(path, _stage_hash(settings.model_dump(mode="json"))):
+    if not _stage_done(path, _settings_hash(settings)):
         return []
     return io.read_json(path)["rows"]
 
@@ -484,11 +485,11 @@ class Runner:
     def _cell_done(self, cell: Cell, cp) -> bool:
         if not (cp.adapter / "adapter_model.safetensors").is_file():
             return False
-        if not all(_stage_done(cp.stage(s.name), _stage_hash(c.model_dump(mode="json")))
+        if not all(_stage_done(cp.stage(s.name), _settings_hash(c))
                    for s, c in self._final_stages()):
             return False
         ck = checkpoint_stages(self.proto)
-        return all(_stage_done(cp.checkpoint(step) / f"{s.name}.json", _stage_hash(c.model_dump(mode="json")))
+        return all(_stage_done(cp.checkpoint(step) / f"{s.name}.json", _settings_hash(c))
                    for step, _ in intermediate_checkpoints(self.proto, cell, cp) for s, c in ck)
 
     def _measure_base(self, task, progress) -> None:
@@ -497,7 +498,7 @@ class Runner:
         out = self.run_paths.base(task.name)
         todo = [(s, c) for s, c in self._final_stages() if s.on_base]
         rp = self.run_paths
-        if all(_stage_done(base_stage_path(rp, s, task.name), _stage_hash(c.model_dump(mode="json")))
+        if all(_stage_done(base_stage_path(rp, s, task.name), _settings_hash(c))
                for s, c in todo):
             return
         host = self.host()
