@@ -18,7 +18,7 @@ ifneq ($(wildcard ../shared/benchmarks/README.md),)
 export STUDY_DATA_DIR ?= $(abspath ../shared/benchmarks)
 endif
 
-.PHONY: help install study run status plan validate test test-unit test-integration bench lint clean-results report paper
+.PHONY: help system-deps install study run status plan validate test test-unit test-integration bench lint clean-results report paper
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -54,7 +54,10 @@ report: $(STAMP)  ## stats, figures and report.md for RUN (default: PROTOCOL's r
 paper: $(STAMP)  ## regenerate paper/generated/ from RUN=results/<protocol> and build paper/main.pdf (needs TeX)
 	$(STUDY) report $(RUN) --paper
 
-test: $(STAMP)  ## unit tests (tiny random models) and integration tests (bundled SmolLM2, smoke protocol)
+system-deps:  ## Debian packages the tests need (bubblewrap, slurm-wlm, munge); installs as root, else says what is missing
+	bash scripts/system-deps.sh
+
+test: $(STAMP) system-deps  ## unit tests (tiny random models) and integration tests (bundled SmolLM2, smoke protocol)
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)  ## only the fast unit tests
