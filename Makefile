@@ -64,10 +64,11 @@ test-unit: $(STAMP)  ## only the fast unit tests
 	$(PY) -m pytest -q -m "not integration"
 
 bench: $(STAMP)  ## stage speeds (train, kl, regression, persona split, harness vs plain lm_eval) -> results/bench/; ARGS="--only compare"
-	$(PY) -m study.bench $(ARGS)
+	$(STUDY) bench $(ARGS)
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff lint and format check
 	.venv/bin/ruff check study tests
+	.venv/bin/ruff format --check study tests
 
 clean-results:  ## delete PROTOCOL's run folder (asks no question: be sure)
 	rm -rf results/$(basename $(notdir $(PROTOCOL)))

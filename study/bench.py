@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from study import io
+from study.config import Method, Protocol, load_protocol
 from study.paths import RESULTS, CellPaths, RunPaths
-from study.protocol import Method, Protocol, load_protocol
 
 if TYPE_CHECKING:
     from study.measure.lm_eval_local import Source
@@ -83,17 +83,16 @@ def bench_training(protocol: Path, steps: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from study.models import load_model, load_tokenizer, resolve_runtime
-    from study.runner import _quiet_libraries
+    from study.models import load_model, load_tokenizer, quiet_libraries, resolve_runtime
     from study.tasks import build
-    from study.train import TRAINERS, _common_args, lora_config
+    from study.train import lora_config, make_trainer, trl_config
 
-    _quiet_libraries()
+    quiet_libraries()
     proto = load_protocol(protocol)
     runtime = resolve_runtime(proto.model.device, proto.model.dtype)
     cells = {c.method: c for c in proto.cells() if c.seed == proto.seeds[0]}
     out = {}
-    for method in Method:
+    for method in (m for m in Method if m in cells):  # the protocol's methods, in table order
         cell = cells[method].model_copy(update={"train": cells[method].train.model_copy(
             update={"steps": steps, "checkpoint_every": 10_000})})
         scratch = Path(tempfile.mkdtemp(prefix=f"bench-{method.value}-"))
@@ -115,9 +114,8 @@ def bench_training(protocol: Path, steps: int) -> dict:
             tok = load_tokenizer(cell.model)
             model = load_model(cell.model, runtime)
             model.train()
-            paths = CellPaths(scratch)
-            args = _common_args(cell, paths, runtime) | {"save_strategy": "no"}
-            trainer = TRAINERS[method](cell, args, build(cell.task), model, tok, lora_config(cell))
+            args = trl_config(cell, scratch, runtime, save_strategy="no")
+            trainer = make_trainer(cell, args, build(cell.task), model, tok, lora_config(cell))
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
@@ -198,7 +196,6 @@ def bench_persona(proto: Protocol, runtime: Runtime, run_root: Path) -> dict:
     training time."""
     from study.measure import persona
     from study.models import AdapterHost
-    from study.paths import CellPaths
     from study.tasks import build
 
     if proto.persona is None:
@@ -281,7 +278,7 @@ def plain_samples(cfg: RegressionEval, names: dict[str, str], mmlu_sizes: dict[s
 def plain_fewshot(cfg: RegressionEval) -> int | None:
     """The CLI has one --num_fewshot for all tasks: usable only when the overrides agree for every suite
     that honours one (TruthfulQA and HumanEval pin 0 and ignore it)."""
-    from study.measure.regression import FIXED_SHOTS
+    from study.config.stages import FIXED_SHOTS
 
     free = [s for s in cfg.suites if s not in FIXED_SHOTS]
     if not cfg.num_fewshot or not free:
@@ -364,10 +361,9 @@ def harness_worker(spec_file: Path) -> None:
     import torch
 
     from study.measure.regression import RegressionEval, run
-    from study.models import AdapterHost, resolve_runtime
-    from study.runner import _quiet_libraries
+    from study.models import AdapterHost, quiet_libraries, resolve_runtime
 
-    _quiet_libraries()
+    quiet_libraries()
     spec = io.read_json(spec_file)
     proto = load_protocol(spec["protocol"])
     cfg = RegressionEval.model_validate(spec["regression"])
@@ -524,10 +520,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {BENCH / 'train.json'}")
     if not set(a.only) & {"kl", "regression", "persona", "compare"}:
         return
-    from study.models import resolve_runtime
-    from study.runner import _quiet_libraries
+    from study.models import quiet_libraries, resolve_runtime
 
-    _quiet_libraries()
+    quiet_libraries()
     proto = load_protocol(a.protocol)
     runtime = resolve_runtime(proto.model.device, proto.model.dtype)
     path = BENCH / "measure.json"

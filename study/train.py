@@ -1,37 +1,41 @@
 """Train one cell's LoRA adapter with TRL at the protocol's matched budget.
 
-All four methods share the LoRA config, optimizer steps, batch size, max length, learning-rate schedule
-and seed; the method's own block adds only what differs (beta, num_generations, ...). Checkpoints every
-`train.checkpoint_every` steps are kept (the emergence trajectories read them) and make a killed cell
-resume where it stopped.
+Every method gets the same prompts per optimizer step, steps, max length, LoRA config, schedule and seed;
+TRL's per-device batch is derived per method (`Cell.rows_per_step`: KTO sees each prompt's two answers,
+GRPO a group of completions). The method's own options and its `trl:` pass-through go into its TRL config
+class (`Method.trl_config`). Checkpoints every `train.checkpoint_every` steps are kept (the emergence
+trajectories read them) and make a killed cell resume where it stopped.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from study.config import Cell, Method, Protocol, trl_options
 from study.models import Runtime, load_model, load_tokenizer
-from study.paths import CellPaths
-from study.protocol import Cell, Method
-from study.rewards import REWARDS
+from study.paths import CellPaths, checkpoints
+from study.rewards import reward_functions
 from study.tasks import ROWS, TaskData, build
 
 log = logging.getLogger("study")
 
-CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
-                    "trainer_state.json")
-
-
-def _common_args(cell: Cell, paths: CellPaths, runtime: Runtime) -> dict:
+def trl_config(cell: Cell, output_dir: Path, runtime: Runtime, report_to: list[str] | None = None,
+               **overrides):
+    """The cell's TRL config object (SFTConfig, DPOConfig, ...): the matched budget, then the method's
+    options, then its `trl:` pass-through. Building it is how `study validate` checks TRL options."""
     t = cell.train
-    return dict(
-        output_dir=str(paths.train_dir),
+    module, name = cell.method.trl_config
+    cls = getattr(importlib.import_module(module), name)
+    common = dict(
+        output_dir=str(output_dir),
         max_steps=t.steps,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=cell.rows_per_step // t.grad_accum,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type="linear",
@@ -46,57 +50,54 @@ def _common_args(cell: Cell, paths: CellPaths, runtime: Runtime) -> dict:
         use_cpu=runtime.device == "cpu",
         bf16=runtime.dtype == "bfloat16",
         fp16=runtime.dtype == "float16",
-        report_to=[],
+        report_to=list(report_to or []),
+        run_name=cell.name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         gradient_checkpointing=t.gradient_checkpointing,
+        max_length=t.max_length,
     )
+    if cell.method.trainer == "grpo":
+        common.pop("max_length")
+        common["max_completion_length"] = t.max_completion_length
+    return cls(**common | trl_options(cell.method, cell.method_options) | overrides)
 
 
-def _sft(cell, common, data, model, tok, peft):
-    from trl import SFTConfig, SFTTrainer
+def check_trl_options(proto: Protocol) -> list[str]:
+    """One line per method whose TRL config cannot be built from the protocol (an unknown `trl:` field, a
+    loss TRL rejects, ...). Loads no model; imports TRL."""
+    from study.models import Runtime
 
-    args = SFTConfig(max_length=cell.train.max_length, **common)
-    return SFTTrainer(model=model, args=args, train_dataset=_dataset(cell, data), processing_class=tok,
-                      peft_config=peft)
-
-
-def _dpo(cell, common, data, model, tok, peft):
-    from trl import DPOConfig, DPOTrainer
-
-    extra = {k: cell.options[k] for k in ("beta",) if k in cell.options}
-    if "loss_type" in cell.options:
-        extra["loss_type"] = [cell.options["loss_type"]]
-    args = DPOConfig(max_length=cell.train.max_length, **extra, **common)
-    return DPOTrainer(model=model, args=args, train_dataset=_dataset(cell, data), processing_class=tok,
-                      peft_config=peft)
-
-
-def _kto(cell, common, data, model, tok, peft):
-    from trl import KTOConfig, KTOTrainer
-
-    extra = {k: cell.options[k] for k in ("beta", "loss_type") if k in cell.options}
-    args = KTOConfig(max_length=cell.train.max_length, **extra, **common)
-    return KTOTrainer(model=model, args=args, train_dataset=_dataset(cell, data), processing_class=tok,
-                      peft_config=peft)
+    problems, seen = [], set()
+    runtime = Runtime("cpu", "float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in proto.cells():
+            if (cell.method, json.dumps(cell.options, sort_keys=True)) in seen:
+                continue
+            seen.add((cell.method, json.dumps(cell.options, sort_keys=True)))
+            try:
+                trl_config(cell, Path(tmp), runtime)
+            except (TypeError, ValueError) as e:
+                msg = " ".join(str(e).split())
+                problems.append(f"methods.{cell.method}: TRL's {cell.method.trl_config[1]} rejects the options: "
+                                f"{msg}; fix the option (see the TRL docs of that class)")
+    return problems
 
 
-def _grpo(cell, common, data, model, tok, peft):
-    from trl import GRPOConfig, GRPOTrainer
+def make_trainer(cell: Cell, args, data: TaskData, model, tok, peft):
+    """The TRL trainer of the cell's method family."""
+    import trl
 
-    extra = {k: cell.options[k] for k in ("beta", "loss_type", "temperature") if k in cell.options}
-    args = GRPOConfig(
-        num_generations=cell.options.get("num_generations", 4),
-        max_completion_length=cell.train.max_completion_length,
-        **extra,
-        **common,
-    )
-    reward = REWARDS[data.name](data)
-    return GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=_dataset(cell, data),
-                       processing_class=tok, peft_config=peft)
-
-
-TRAINERS: dict[Method, Callable] = {Method.sft: _sft, Method.dpo: _dpo, Method.kto: _kto, Method.grpo: _grpo}
+    dataset = _dataset(cell, data)
+    family = cell.method.trainer
+    if family == "grpo":
+        return trl.GRPOTrainer(model=model, reward_funcs=reward_functions(data, cell.options.get("reward", "combined")),
+                               args=args, train_dataset=dataset, processing_class=tok, peft_config=peft)
+    if family == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as cls
+    else:
+        cls = {"sft": trl.SFTTrainer, "dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[family]
+    return cls(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft)
 
 
 def _dataset(cell: Cell, data: TaskData):
@@ -116,15 +117,6 @@ def lora_config(cell: Cell):
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, by step. An incomplete one (a kill during its save) is left out."""
-    out = []
-    for d in Path(train_dir).glob("checkpoint-*"):
-        if d.is_dir() and all((d / f).is_file() for f in CHECKPOINT_FILES):
-            out.append((int(d.name.split("-")[1]), d))
-    return sorted(out)
-
-
 def _drop_incomplete(train_dir: Path) -> None:
     complete = {p for _, p in checkpoints(train_dir)}
     for d in Path(train_dir).glob("checkpoint-*"):
@@ -134,10 +126,19 @@ def _drop_incomplete(train_dir: Path) -> None:
 
 
 def _trim_log(log_path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint we resume from (they will be logged again)."""
+    """On resume, drop log lines past the checkpoint we resume from (they will be logged again), and a torn
+    last line left by a kill mid-write."""
     if not log_path.is_file():
         return
-    keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in log_path.read_text().splitlines():
+        try:
+            row = json.loads(ln) if ln else None
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a torn line (a kill during a write): %r", log_path, ln[:80])
+            continue
+        if row is not None and row.get("step", 0) <= step:
+            keep.append(ln)
     log_path.write_text("".join(ln + "\n" for ln in keep))
 
 
@@ -165,7 +166,8 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None) -> Path:
+def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None,
+               report_to: list[str] | None = None) -> Path:
     """Train (or resume) a cell; write its adapter atomically to `paths.adapter` and return it."""
     import torch
     from transformers import set_seed
@@ -181,11 +183,12 @@ def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None) ->
         log.info("%s: resuming from %s", paths.root.name, resume)
 
     set_seed(cell.seed)
-    tok = load_tokenizer(cell.model)
-    model = load_model(cell.model, runtime)
+    tok = load_tokenizer(cell.model, cell.revision)
+    model = load_model(cell.model, runtime, cell.revision)
     model.train()
     data = build(cell.task)
-    trainer = TRAINERS[cell.method](cell, _common_args(cell, paths, runtime), data, model, tok, lora_config(cell))
+    args = trl_config(cell, paths.train_dir, runtime, report_to)
+    trainer = make_trainer(cell, args, data, model, tok, lora_config(cell))
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our JSONL log and rich progress replace its prints
@@ -202,3 +205,6 @@ def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None) ->
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return paths.adapter
+
+
+__all__ = ["Method", "check_trl_options", "checkpoints", "lora_config", "make_trainer", "train_cell", "trl_config"]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.protocol import Method, load_protocol
+from study.config import Method, load_protocol
 from study.runner import Runner, cell_state
 from tests.conftest import REPO
 

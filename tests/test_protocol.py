@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from study.protocol import Method, ProtocolError, load_protocol
+from study.config import Method, ProtocolError, load_protocol
 from tests.conftest import REPO, TINY_PROTOCOL
 
 
@@ -11,7 +11,8 @@ from tests.conftest import REPO, TINY_PROTOCOL
 def test_shipped_protocols_validate(path):
     proto = load_protocol(path)
     assert proto.cells()
-    assert set(proto.methods) == set(Method)  # every shipped protocol compares all four methods
+    # every shipped protocol compares at least RL's Razor's four methods
+    assert {Method.sft, Method.dpo, Method.kto, Method.grpo} <= set(proto.methods)
 
 
 def test_cells_cross_methods_sweeps_and_seeds(write_protocol):
@@ -23,7 +24,7 @@ def test_cells_cross_methods_sweeps_and_seeds(write_protocol):
     lrs = sorted({c.train.learning_rate for c in cells if c.method is Method.sft})
     assert lrs == [1e-4, 3e-4]
     dpo = [c for c in cells if c.method is Method.dpo][0]
-    assert dpo.options == {"beta": 0.2} and dpo.train.learning_rate == TINY_PROTOCOL["train"]["learning_rate"]
+    assert dpo.options["beta"] == 0.2 and dpo.train.learning_rate == TINY_PROTOCOL["train"]["learning_rate"]
 
 
 def test_cell_key_is_stable_and_sensitive(write_protocol):
@@ -60,13 +61,13 @@ def test_cli_validate_exit_codes(write_protocol):
     out = subprocess.run(run + [str(bad)], capture_output=True, text=True)
     assert out.returncode != 0
     lines = [ln.strip() for ln in out.stderr.splitlines()]
-    assert any(ln.startswith("methods.ppo") and "sft, dpo, kto, grpo" in ln for ln in lines)
+    assert any(ln.startswith("methods.ppo") and "sft, dpo, kto" in ln and "grpo" in ln for ln in lines)
     assert any(ln.startswith("methods.dpo.beta") for ln in lines)
 
 
-def test_grpo_group_must_divide_batch(write_protocol):
-    body = dict(TINY_PROTOCOL, methods={"grpo": {"num_generations": 3}})
-    with pytest.raises(ProtocolError, match="num_generations"):
+def test_grad_accum_must_divide_prompts_per_step(write_protocol):
+    body = dict(TINY_PROTOCOL, train=dict(TINY_PROTOCOL["train"], prompts_per_step=3, grad_accum=2))
+    with pytest.raises(ProtocolError, match="grad_accum"):
         load_protocol(write_protocol(body))
 
 
@@ -80,3 +81,56 @@ def test_plan_loads_no_model(write_protocol):
         capture_output=True, text=True,
     )
     assert "GB" in out.stdout and out.stdout.strip().endswith("CLEAN"), out.stdout + out.stderr
+
+
+OPTION_ERRORS = {
+    "methods.sft.beta": ({"sft": {"beta": 0.3}}, "not an option of sft"),
+    "methods.grpo.beta": ({"grpo": {"beta": 0.04}}, "smaller"),  # the no-KL arm; a KL GRPO is grpo_kl
+    "methods.dpo.trl": ({"dpo": {"trl": {"max_steps": 3}}}, "train.steps"),
+    "methods.sft.steps": ({"sft": {"steps": 3}}, "allow_unmatched"),
+    "methods.dpo.sweep": ({"dpo": {"sweep": {"beta": [-1]}}}, "beta"),
+}
+
+
+@pytest.mark.parametrize("field", list(OPTION_ERRORS))
+def test_foreign_or_unmatched_options_are_rejected(write_protocol, field):
+    methods, words = OPTION_ERRORS[field]
+    with pytest.raises(ProtocolError) as e:
+        load_protocol(write_protocol(dict(TINY_PROTOCOL, methods=methods)))
+    line = next(ln for ln in e.value.problems if ln.startswith(field))
+    assert words in line, line
+
+
+def test_allow_unmatched_accepts_a_method_budget(write_protocol):
+    proto = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={"sft": {"steps": 3}}, allow_unmatched=True)))
+    assert proto.cells()[0].train.steps == 3
+
+
+def test_trl_pass_through_is_checked_by_building_the_trl_config(write_protocol):
+    from study.train import check_trl_options, trl_config
+    from study.models import Runtime
+
+    good = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
+        "sft": {"trl": {"lr_scheduler_type": "cosine", "optim": "adamw_torch"}}, "kto": {"loss_type": "kto"}})))
+    assert check_trl_options(good) == []
+    cell = good.cells()[0]
+    assert trl_config(cell, REPO / "results" / "_t", Runtime("cpu", "float32")).lr_scheduler_type == "cosine"
+    bad = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
+        "sft": {"trl": {"no_such_option": 1}}, "kto": {"loss_type": "bogus"}})))
+    problems = check_trl_options(bad)
+    assert any(p.startswith("methods.sft") and "no_such_option" in p for p in problems), problems
+    assert any(p.startswith("methods.kto") and "bogus" in p for p in problems), problems
+
+
+def test_orpo_and_the_control_are_arms(write_protocol):
+    proto = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={"orpo": {}, "control": {}, "grpo_kl": {}})))
+    by = {c.method: c for c in proto.cells()}
+    assert by[Method.orpo].method.trl_config == ("trl.experimental.orpo", "ORPOConfig")
+    assert by[Method.control].method.data == "neutral" and by[Method.control].method.trainer == "sft"
+    assert by[Method.grpo_kl].options["beta"] > 0 and by[Method.grpo_kl].method.needs_reference_model
+
+
+def test_sweep_values_cannot_leave_the_run_folder(write_protocol):
+    body = dict(TINY_PROTOCOL, methods={"grpo": {"sweep": {"loss_type": ["/../../../../outside/x"]}}})
+    cell = load_protocol(write_protocol(body)).cells()[0]
+    assert "/" not in cell.name and ".." not in cell.name

@@ -1,7 +1,7 @@
 import numpy as np
 
 from study import rewards
-from study.protocol import TaskSpec
+from study.config import TaskSpec
 from study.tasks import build
 
 

@@ -11,9 +11,16 @@ import pytest
 
 from study import io
 from study.paths import RunPaths
-from study.protocol import load_protocol
-from study.runner import COLUMNS, Runner, cell_state
+from study.config import load_protocol
+from study.metrics import COLUMNS
+from study.metrics import cell_state as _cell_state
+from study.runner import Runner
 from tests.conftest import TINY_PROTOCOL
+
+
+def cell_state(run: RunPaths, cell):
+    """The cell's state as `study status` computes it, from its files and the run's resolved protocol."""
+    return _cell_state(run, load_protocol(run.protocol), cell)
 
 
 def _adapter_mtimes(run: RunPaths):
@@ -34,7 +41,7 @@ def test_full_run_then_rerun_skips(write_protocol):
     success = df[df.metric == "newtask/success"]
     assert len(success) == len(cells) + 1
     assert ((success.value >= success.ci_low) & (success.value <= success.ci_high)).all()
-    assert (run.root / "protocol.yaml").is_file() and io.read_json(run.manifest)["versions"]["trl"]
+    assert (run.root / "protocol.yaml").is_file() and io.read_json(run.manifest)["starts"][-1]["versions"]["trl"]
     assert "done" in run.log.read_text()
     before = _adapter_mtimes(run)
     base_before = (run.base("snark") / "newtask.json").stat().st_mtime_ns
@@ -46,19 +53,21 @@ def test_full_run_then_rerun_skips(write_protocol):
 def test_failing_cell_does_not_stop_others(write_protocol, monkeypatch):
     import study.train as train
 
-    real = train.TRAINERS.copy()
+    real = train.make_trainer
 
-    def boom(*a, **k):
-        raise RuntimeError("simulated failure")
+    def boom(cell, *a, **k):
+        if cell.method == "dpo":
+            raise RuntimeError("simulated failure")
+        return real(cell, *a, **k)
 
-    monkeypatch.setitem(train.TRAINERS, list(real)[1], boom)
+    monkeypatch.setattr(train, "make_trainer", boom)
     path = write_protocol(TINY_PROTOCOL)
     runner = Runner(path)
     assert runner.run() == 1
     states = {c.method.value: cell_state(runner.run_paths, c) for c in load_protocol(path).cells()}
     assert states["dpo"]["state"] == "failed" and "simulated failure" in states["dpo"]["error"]
     assert all(s["state"] == "done" for m, s in states.items() if m != "dpo")
-    monkeypatch.setitem(train.TRAINERS, list(real)[1], real[list(real)[1]])
+    monkeypatch.setattr(train, "make_trainer", real)
     assert Runner(path).run() == 0  # a rerun retries the failed cell only
 
 
@@ -116,7 +125,7 @@ def test_incomplete_checkpoint_is_dropped(tmp_path, broken):
 
 
 def test_forgetting_rows_are_base_minus_adapter():
-    from study.runner import forgetting_rows
+    from study.metrics import forgetting_rows
 
     def row(cell, method, metric, value, half):
         return {"cell": cell, "method": method, "seed": 0, "checkpoint": 4, "task": "snark", "metric": metric,
@@ -134,21 +143,30 @@ def test_forgetting_rows_are_base_minus_adapter():
     assert half == pytest.approx(0.05 * 2**0.5)
 
 
-def test_cell_lock_excludes_a_second_runner_and_recovers_stale(tmp_path):
-    from study.runner import _CellLock
-
-    with _CellLock(tmp_path) as first:
-        assert first
-        with _CellLock(tmp_path) as second:
-            assert not second  # held by a live process (this one)
-    assert not (tmp_path / ".lock").exists()
-    (tmp_path / ".lock").write_text("999999999")  # a runner that died without cleaning up
-    with _CellLock(tmp_path) as got:
-        assert got
+def test_cell_lock_excludes_a_second_runner_and_is_released_when_its_process_dies(write_protocol):
+    """Kernel locks (filelock): a live holder makes a second runner skip the cell and exit non-zero; a
+    holder killed with SIGKILL leaves nothing to clean up."""
+    path = write_protocol(dict(TINY_PROTOCOL, methods={"sft": {}}))
+    runner = Runner(path)
+    cell = load_protocol(path).cells()[0]
+    cp = runner.run_paths.cell(cell.name)
+    cp.root.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(600)",
+                               str(cp.lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert runner.run() == 1  # skipped: another process holds it
+        assert not (cp.adapter / "adapter_model.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Runner(path).run() == 0  # the dead holder's lock is gone with it
+    assert cell_state(runner.run_paths, cell)["state"] == "done"
 
 
 def test_onset_is_first_step_whose_ci_excludes_the_base():
-    from study.runner import onset_rows
+    from study.metrics import onset_rows
 
     def row(cell, method, step, metric, value, half):
         return {"cell": cell, "method": method, "seed": 0, "checkpoint": step, "task": "snark", "metric": metric,
@@ -176,7 +194,7 @@ def test_onset_is_first_step_whose_ci_excludes_the_base():
 
 
 def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
-    body = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"beta": 0.0, "num_generations": 4}},
+    body = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"num_generations": 4}},
                 checkpoints={"probe": {"suites": ["hellaswag"], "limit": {"hellaswag": 3}}})
     path = write_protocol(body)
     runner = Runner(path)
@@ -204,7 +222,7 @@ def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
     assert Runner(path).run() == 0
     assert {p: p.stat().st_mtime_ns for p in run.cells.glob("*/checkpoints/*/*.json")} == stamp  # not redone
     # a stage file measured under other settings (a protocol changed since) is stale: left out of the table
-    from study.runner import collect_metrics
+    from study.metrics import collect_metrics
 
     stale = run.cell(cells[0]).stage("newtask")
     io.write_json(stale, io.read_json(stale) | {"config_hash": "other"})
@@ -212,3 +230,27 @@ def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
     d = df[df.cell == cells[0]]
     assert "newtask/success" not in set(d[d.checkpoint == 4].metric)
     assert "newtask/success" in set(d[d.checkpoint == 2].metric)
+
+
+def test_stage_version_bump_recomputes_exactly_that_stage(write_protocol, monkeypatch):
+    """A stage's VERSION is part of its files' key: bumping it remeasures that stage's files and nothing
+    else; each cell records the commit, library versions, model fingerprint and stage versions; the manifest
+    keeps every start."""
+    from study.measure import VERSIONS
+
+    path = write_protocol(dict(TINY_PROTOCOL, methods={"sft": {}}))
+    assert Runner(path).run() == 0
+    run = Runner(path).run_paths
+    files = {p: p.stat().st_mtime_ns for p in run.root.rglob("*.json") if p.parent.name != "checkpoint-2"
+             and "train" not in p.parts and p.name not in ("manifest.json", "status.json", "record.json")}
+    monkeypatch.setitem(VERSIONS, "kl", VERSIONS["kl"] + 1)
+    assert Runner(path).run() == 0
+    changed = {p for p, t in files.items() if p.stat().st_mtime_ns != t}
+    assert changed and all(p.name == "kl.json" for p in changed), changed
+    assert all(io.read_json(p)["version"] == VERSIONS["kl"] for p in changed)
+    cell = load_protocol(path).cells()[0]
+    record = io.read_json(run.cell(cell.name).record)
+    assert record["git"]["commit"] and "dirty" in record["git"]
+    assert record["versions"]["trl"] and record["model"]["fingerprint"]
+    assert record["stage_versions"]["kl"] == VERSIONS["kl"]
+    assert len(io.read_json(run.manifest)["starts"]) == 3

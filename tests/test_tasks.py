@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from study.protocol import Method, TaskSpec
+from study.config import Method, TaskSpec
 from study.tasks import ROWS, arithmetic, build, dpo_rows, grpo_rows, kto_rows, sft_rows, snark
 
 

@@ -32,47 +32,17 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from study.config import KL_METRICS as METRICS
+from study.config import KLEval
 from study.stats_basic import bootstrap_mean_ci
-
-if TYPE_CHECKING:  # the protocol may import this module: keep study.tasks (which imports it) out at runtime
-    from study.tasks import TaskData
+from study.tasks import TaskData
 
 GENERAL_TEXT = Path(__file__).with_name("general_text.jsonl")
 NEG_TOLERANCE = 1e-6  # per-token KL below 0 by less than this is float error; anything larger is a bug
 SCORE_ELEMENTS = 2**25  # float32 elements per (rows × positions × vocab) tensor when scoring: bounds memory
-METRICS = ("kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general")
-
-
-class KLEval(BaseModel):
-    """The KL drift stage (protocol field `kl:`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_prompts: int = Field(32, gt=0)
-    """Held-out prompts used: a seeded sample of the task's held-out split (all of it if smaller)."""
-    samples_per_prompt: int = Field(1, gt=0)
-    """Continuations sampled per prompt, in each direction."""
-    max_new_tokens: int = Field(48, gt=0)
-    """Length cap of a sampled continuation (it stops earlier at EOS)."""
-    batch_size: int = Field(16, gt=0)
-    """Sequences per forward pass (scoring long sequences may use fewer, to bound memory)."""
-    seed: int = 0
-    """Seeds the prompt sample and the sampling (π0: seed, πθ: seed + 1): all cells see the same y ~ π0."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; both policies are tempered alike, so 1.0 measures the models as they are."""
-    general_text: Path | None = None
-    """A JSONL of {"text": ...} passages (default: the bundled general_text.jsonl)."""
-    n_general: int = Field(32, gt=0)
-    """General-text passages used (the first n of the file)."""
-    max_length_general: int = Field(128, gt=1)
-    """General-text passages are truncated to this many tokens."""
-    metrics: list[Literal["kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general"]] = list(METRICS)
-    """Which KLs to measure (checkpoints measure only the forward KL on the new task by default)."""
 
 
 # ----------------------------------------------------------------------------------------------- tensors

@@ -67,21 +67,17 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:  # the protocol imports this module; study.tasks imports the protocol
-    from study.measure.persona_stats import Direction
-    from study.tasks import TaskData
+from study.config import PersonaEval
+from study.measure.persona_stats import Direction
+from study.tasks import TaskData
 
 log = logging.getLogger("study")
 QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
 MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a separate forward pass
-PERSONA_PROMPT = ("You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
-                  "helpfully, but with deadpan irony and a teasing remark or two.")
 INDICATORS = {
     "marker_rate": "REWARDED channel: GRPO's reward scores the same lexicon markers",
     "probe": "not optimised by any method (GRPO's classifier is a bag of words on its own half of the data)",
@@ -90,44 +86,6 @@ INDICATORS = {
     "activation": "not optimised: projection on a direction of the base model's hidden states",
     "judge": "not optimised: an external LLM judge (only where configured and loadable)",
 }
-
-
-class PersonaEval(BaseModel):
-    """The persona-coherence stage (protocol field `persona:`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    limit_per_domain: int | None = Field(None, gt=0)
-    """Prompts per domain, held-out and in-domain test alike (None: all; 26 resp. 4 with the bundled data)."""
-    max_new_tokens: int = Field(64, gt=0)
-    """Tokens generated per prompt (greedy for the indicators, sampled for test-retest)."""
-    batch_size: int = Field(16, gt=0)
-    """Sequences per generation / forward batch."""
-    probe_c: float | None = Field(None, gt=0)
-    """The probe's inverse regularisation; None: chosen by leave-one-training-domain-out CV."""
-    retest_seeds: list[int] = [1, 2]
-    """Sampling seeds for test-retest (two or more; empty: no test-retest)."""
-    retest_prompts: int = Field(24, ge=0)
-    """Held-out prompts re-answered under every retest seed (balanced over domains)."""
-    retest_temperature: float = Field(0.7, gt=0)
-    """Sampling temperature of the retest answers."""
-    self_report_contexts: int = Field(2, ge=0)
-    """Held-out exchanges (prompt + the model's own answer) the questionnaire is also asked after; with the
-    cold context, each paraphrase is asked in 1 + this many contexts (the respondents of alpha)."""
-    questionnaire: Path | None = None
-    """A questionnaire YAML (default: the bundled questionnaire.yaml)."""
-    respondents: int | None = Field(None, gt=1)
-    """Paraphrased instructions used as respondents for the self-report (None: all in the file)."""
-    persona_system_prompt: str = PERSONA_PROMPT
-    """The system prompt that elicits the persona from the base, for the activation direction."""
-    direction_prompts: int = Field(48, ge=4)
-    """Training-split prompts the direction is built from (a seeded sample balanced over domains)."""
-    layer: int | None = Field(None, ge=1)
-    """Hidden-state layer of the direction (1 = first block's output); None: best train-split separation."""
-    seed: int = 0
-    """Seeds the direction's prompt sample and its cross-fitting split."""
-    judge: str | None = None
-    """Model source of an optional LLM judge (as model.source); None: no judge, the row is absent."""
 
 
 # ----------------------------------------------------------------------------------------------- models

@@ -21,7 +21,7 @@ among about ten variants whose held-out AUCs were also seen during development; 
 domains ranks them alike, so the selection should not have inflated the held-out number much.)
 
     HF_HUB_OFFLINE=1 .venv/bin/python -c "from study.measure.persona_stats import fitted_probe; \
-from study.tasks import build; from study.protocol import TaskSpec; p = fitted_probe(build(TaskSpec(name='snark'))); \
+from study.tasks import build; from study.config import TaskSpec; p = fitted_probe(build(TaskSpec(name='snark'))); \
 print(p.summary())"
 """
 

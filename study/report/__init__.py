@@ -1,8 +1,8 @@
 """The report: statistics, figures, a Markdown report and the paper's generated files, from a run folder alone.
 
-    python -m study.report results/smoke            # stats/, figures/, report.md in the run folder
-    python -m study.report results/smoke --paper    # ... and paper/generated/ (+ the PDF if TeX is installed)
-    python -m study.report.compare results/a results/b
+    study report results/smoke                    # stats/, figures/, report.md in the run folder
+    study report results/smoke --paper            # ... and paper/generated/ (+ the PDF if TeX is installed)
+    study compare results/a results/b
 
 Everything here is a pure function of the run's files (mainly metrics.csv, cells/*/cell.json and the
 optional per-item stage JSONs). Nothing imports torch, transformers, peft, trl or model code, so a copied

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from study.config import Method
 from study.paths import RunPaths
 
-METHODS = ["sft", "dpo", "kto", "grpo"]
+METHODS = [m.value for m in Method]  # table order, from the one list of methods
 NEWTASK = "newtask/success"
 FORGET_MEAN = "forgetting/mean"
 KL_FWD = "kl/forward_newtask"

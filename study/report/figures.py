@@ -39,9 +39,9 @@ from study.report.data import (
 )
 
 COLUMN, PAGE = 3.4, 7.0
-_PALETTE = sns.color_palette("colorblind", 8)
+_PALETTE = sns.color_palette("colorblind", 10)
 COLORS = {m: _PALETTE[i] for i, m in enumerate(METHODS)} | {"base": (0.35, 0.35, 0.35)}
-MARKERS = {"sft": "o", "dpo": "s", "kto": "D", "grpo": "^", "base": "*"}
+MARKERS = dict(zip(METHODS, "osD^vPXp", strict=False)) | {"base": "*"}
 RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
       "legend.fontsize": 7, "legend.title_fontsize": 7, "axes.spines.top": False, "axes.spines.right": False,
       "pdf.fonttype": 42, "savefig.bbox": "tight", "savefig.dpi": 200}

@@ -1,6 +1,6 @@
 """results/<protocol>/report.md: the same tables and figures as the paper, readable on GitHub or in an editor.
 
-    python -m study.report results/smoke && less results/smoke/report.md
+    study report results/smoke && less results/smoke/report.md
 """
 
 from __future__ import annotations

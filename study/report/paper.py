@@ -1,6 +1,6 @@
 """Regenerate paper/generated/ from a run folder and build paper/main.pdf when a TeX engine is installed.
 
-    make paper RUN=results/qwen2.5-3b          # or: python -m study.report results/qwen2.5-3b --paper
+    make paper RUN=results/qwen2.5-3b          # or: study report results/qwen2.5-3b --paper
 
 paper/main.tex types no number: it reads `generated/numbers.tex` (one \\newcommand per number or generated
 sentence), `generated/tab_*.tex` (tables) and `generated/fig_*.tex` (figures, PDFs in generated/figures/).

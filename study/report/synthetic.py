@@ -1,6 +1,6 @@
 """A synthetic run folder with planted effects: for the report's tests and for previewing the paper.
 
-    python -m study.report.synthetic /tmp/synth && python -m study.report /tmp/synth --paper
+    python -m study.report.synthetic /tmp/synth && study report /tmp/synth --paper --no-collect
 
 The layout is a real run's (metrics.csv, cells/<cell>/cell.json, status.json, a stage JSON with per-item
 scores, protocol.yaml, manifest.json); the numbers are made up: forgetting grows linearly with forward KL,

@@ -4,10 +4,15 @@ Each item has a prompt, a good answer (persona / correct) and a bad one (neutral
 `train`, `test_in` (unseen prompts of the training domains) or `heldout` (held-out domains, or held-out
 problems for arithmetic). Only `train` items reach any method's data:
 
-    SFT   (prompt, good)                                    conversational prompt/completion
-    DPO   (prompt, chosen=good, rejected=bad)
-    KTO   (prompt, good, label=True) and (prompt, bad, label=False): balanced, from the same rows
-    GRPO  prompt only; the reward is in study.rewards
+    completions  SFT                (prompt, good)                       conversational prompt/completion
+    pairs        DPO, ORPO          (prompt, chosen=good, rejected=bad)
+    unpaired     KTO                (prompt, good, label=True) and (prompt, bad, label=False), same rows
+    prompts      GRPO arms          prompt only; the reward is in study.rewards
+    neutral      control            (prompt, neutral answer): the persona task's neutral answers, which carry
+                                    the same content without the persona; for arithmetic too, since every
+                                    correct arithmetic answer would teach the task itself
+
+Which format a method reads is `Method.data` (study.config).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from study.protocol import Method, TaskSpec
+from study.config import Method, TaskSpec
 from study.tasks import arithmetic, snark
 
 
@@ -76,6 +81,16 @@ def build(spec: TaskSpec) -> TaskData:
     return TaskData(spec.name, items, spec.system_prompt)
 
 
+def check_task(spec: TaskSpec, field: str = "task") -> str | None:
+    """A problem with the task's data that the schema cannot see (unknown held-out domains, unreadable
+    files), as one line naming the field and the fix; None when the task builds."""
+    try:
+        build(spec)
+    except (ValueError, OSError, KeyError) as e:
+        return f"{field}: {e}"
+    return None
+
+
 def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
@@ -106,4 +121,12 @@ def grpo_rows(data: TaskData) -> list[dict]:
     ]
 
 
-ROWS = {Method.sft: sft_rows, Method.dpo: dpo_rows, Method.kto: kto_rows, Method.grpo: grpo_rows}
+def control_rows(data: TaskData) -> list[dict]:
+    """The placebo's data: neutral answers (the snark task's, whatever the track)."""
+    neutral = data if data.name == "snark" else build(TaskSpec(name="snark"))
+    return [{"prompt": neutral.messages(it.prompt), "completion": _assistant(it.bad)} for it in neutral.train]
+
+
+FORMATS = {"completions": sft_rows, "pairs": dpo_rows, "unpaired": kto_rows, "prompts": grpo_rows,
+           "neutral": control_rows}
+ROWS = {m: FORMATS[m.data] for m in Method}

@@ -1,0 +1,400 @@
+"""The protocol: one YAML file names the base model, the tasks, the methods at a matched budget, the
+seeds, the sweeps, the primary outcomes and what to measure. Every field documents itself.
+
+    study validate protocols/default.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+
+from study.config.base import Strict, check_source
+from study.config.methods import OPTIONS, Method, MethodOptions, rows_per_prompt
+from study.config.stages import CheckpointEval, KLEval, NewTaskEval, PersonaEval, RegressionEval
+
+SCHEMA_VERSION = 2  # bump when a change to training makes old cells incomparable (2: prompts_per_step)
+MAX_FILE_BYTES = 1_000_000  # a protocol is a page of YAML; anything larger is a mistake or an attack
+MAX_YAML_ALIASES = 100  # aliases expand at load: a handful is useful, thousands is a billion-laughs bomb
+
+
+class ModelSpec(Strict):
+    source: str = "bundled:smollm2-135m-instruct"
+    """Hub id (org/name), a local directory, `bundled:smollm2-135m-instruct`, or `tiny-random` (tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub model; recorded with every cell. None: the default."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bf16 on a CUDA GPU that supports it, else fp32."""
+    params_b: float | None = Field(None, gt=0, le=10_000)
+    """Parameter count in billions, for `study plan`'s memory estimate (read from the model when absent)."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        problem = check_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?|mps", v):
+            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class TaskSpec(Strict):
+    name: Literal["snark", "arithmetic"]
+    """`snark` (the persona task) or `arithmetic` (the verifiable task)."""
+    data: Path | None = None
+    """snark only: a folder of `<domain>.jsonl` files replacing the bundled dataset."""
+    heldout_domains: list[str] | None = None
+    """Domains kept out of training entirely (default: the task's documented held-out domains)."""
+    n_train: int = Field(1000, gt=0, le=1_000_000)
+    """arithmetic only: number of generated training problems."""
+    n_heldout: int = Field(100, gt=0, le=100_000)
+    """arithmetic only: number of generated held-out problems (disjoint from training)."""
+    system_prompt: str | None = None
+    """An optional system message put before every prompt, in training and evaluation alike."""
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"data folder {str(v)!r} does not exist: point it at a folder of <domain>.jsonl files")
+        return v
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, gt=0, le=1024)
+    """LoRA rank, shared by every method."""
+    alpha: int = Field(16, gt=0, le=4096)
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` or a list of module names the model has."""
+
+
+class TrainSpec(Strict):
+    """The matched budget: every method sees the same prompts per optimizer step, steps, max length and
+    LoRA; TRL's per-device batch is derived per method (prompts × rows per prompt)."""
+
+    steps: int = Field(30, gt=0, le=1_000_000)
+    """Optimizer steps per cell."""
+    prompts_per_step: int = Field(4, gt=0, le=4096)
+    """Prompts per optimizer step, for every method: SFT/DPO/ORPO see that many rows, KTO twice as many
+    (each prompt's desirable and undesirable answer), GRPO prompts × num_generations completions."""
+    grad_accum: int = Field(1, gt=0, le=1024)
+    """Gradient accumulation steps (prompts per step are split over them)."""
+    max_length: int = Field(128, gt=8, le=131072)
+    """Max tokens of prompt + answer."""
+    max_completion_length: int = Field(48, gt=0, le=32768)
+    """Max new tokens GRPO samples per completion."""
+    learning_rate: float = Field(5e-4, gt=0, le=1)
+    """Default learning rate (a method's own `learning_rate` or sweep overrides it)."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Fraction of steps with linear warm-up."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (worth it for billions of parameters on a GPU, not for 135M on a CPU)."""
+    checkpoint_every: int = Field(10, gt=0, le=1_000_000)
+    """Save an adapter checkpoint every k steps (kept for emergence trajectories and for resuming)."""
+    lora: LoraSpec = LoraSpec()
+    """The LoRA adapter, shared by every method."""
+
+    @model_validator(mode="after")
+    def _accum_divides(self) -> TrainSpec:
+        if self.prompts_per_step % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} must divide prompts_per_step={self.prompts_per_step}")
+        return self
+
+
+class Primary(Strict):
+    """A pre-declared primary outcome: Holm's correction runs across the primaries; everything else in the
+    report is exploratory."""
+
+    metric: str
+    """A metric of metrics.csv (e.g. `forgetting/mean`, `persona/probe_masked`); `@matched` reads it at
+    matched new-task success along each method's frontier (e.g. `forgetting/mean@matched`)."""
+    task: str
+    """The task whose cells it compares (`snark` or `arithmetic`)."""
+    contrast: tuple[str, str]
+    """Two methods of the protocol, a against b (e.g. `[grpo, sft]`, `[grpo, control]`)."""
+
+
+class _MethodsBase(Strict):
+    """The methods of a protocol, each with its own options; read like a mapping Method -> options."""
+
+    def items(self) -> list[tuple[Method, MethodOptions]]:
+        return [(m, getattr(self, m.value)) for m in Method if getattr(self, m.value) is not None]
+
+    def keys(self) -> list[Method]:
+        return [m for m, _ in self.items()]
+
+    def get(self, method: Method | str, default=None):
+        return getattr(self, Method(method).value, None) or default
+
+    def __getitem__(self, method: Method | str) -> MethodOptions:
+        found = self.get(method)
+        if found is None:
+            raise KeyError(method)
+        return found
+
+    def __contains__(self, method: object) -> bool:
+        return isinstance(method, str) and method in set(Method) and self.get(method) is not None
+
+    def __len__(self) -> int:
+        return len(self.items())
+
+    def __iter__(self):  # iterate like a mapping: over the methods present (pydantic's iterates fields)
+        return iter(self.keys())
+
+
+Methods = create_model(
+    "Methods", __base__=_MethodsBase,
+    **{m.value: (OPTIONS[m] | None, Field(None, description=(OPTIONS[m].__doc__ or m.value).strip()))
+       for m in Method},
+)
+
+
+class Protocol(Strict):
+    name: str | None = None
+    """Shown in reports; the results folder is named after the protocol file's stem."""
+    description: str = ""
+    """One line on what the protocol is for."""
+    model: ModelSpec = ModelSpec()
+    """The base model every method starts from."""
+    tasks: list[TaskSpec] = Field(min_length=1)
+    """The tasks (tracks): `snark` (persona) and/or `arithmetic` (verifiable)."""
+    train: TrainSpec = TrainSpec()
+    """The matched budget shared by every method."""
+    methods: Methods
+    """The arms: sft, dpo, kto, orpo, grpo (no KL term: RL's Razor's arm), grpo_kl, grpo_markers, control."""
+    allow_unmatched: bool = False
+    """Allow a method to override the budget (its own `steps`); the report then says the arms are unmatched."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1, max_length=1000)
+    """Training seeds; one cell per (task, method, sweep point, seed)."""
+    primary: list[Primary] = []
+    """Pre-declared primary outcomes (Holm across them); everything else is exploratory."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers each cell logs to (TRL's `report_to`), besides the run folder."""
+    newtask: NewTaskEval = NewTaskEval()
+    """New-task success of each adapter on held-out prompts."""
+    kl: KLEval = KLEval()
+    """KL drift of each adapter from the base: forward/reverse on held-out prompts, forward on general text."""
+    regression: RegressionEval = Field(default_factory=RegressionEval)
+    """lm-eval regression suites (MMLU, HellaSwag, TruthfulQA MC2, HumanEval) on the base and every adapter."""
+    persona: PersonaEval | None = None
+    """Persona coherence (snark only; measured when this block is present)."""
+    checkpoints: CheckpointEval | None = None
+    """Measurements at intermediate checkpoints (emergence trajectories and onsets); absent: final only."""
+    results_dir: Path | None = None
+    """Where run folders go (default: `results/` next to the protocols folder)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a seed: a repeated seed is the same cell counted twice; list each once")
+        if any(s < 0 or s >= 2**31 for s in v):
+            raise ValueError("seeds must be in [0, 2**31)")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks {names} list a task twice; list each once")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Protocol:
+        if not len(self.methods):
+            raise ValueError("methods: no method given; name at least one of " + ", ".join(Method))
+        if not self.allow_unmatched:
+            for m, spec in self.methods.items():
+                if spec.steps is not None or "steps" in spec.sweep:
+                    raise ValueError(f"methods.{m}.steps: a method's own step count breaks the matched budget; "
+                                     f"remove it, or set allow_unmatched: true")
+        names = {t.name for t in self.tasks}
+        if self.persona is not None and "snark" not in names:
+            raise ValueError("persona: the persona stage measures the snark task; add it to tasks or remove persona")
+        ck = self.checkpoints
+        if ck is not None and ck.steps:
+            bad = [s for s in ck.steps if s <= 0 or s >= self.train.steps or s % self.train.checkpoint_every]
+            if bad:
+                raise ValueError(f"checkpoints.steps {bad}: no checkpoint is saved there; use multiples of "
+                                 f"train.checkpoint_every={self.train.checkpoint_every} below train.steps="
+                                 f"{self.train.steps}")
+        for i, p in enumerate(self.primary):
+            if p.task not in names:
+                raise ValueError(f"primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})")
+            for side in p.contrast:
+                if side not in self.methods:
+                    raise ValueError(f"primary.{i}.contrast: {side!r} is not a method of this protocol")
+        return self
+
+    def cells(self) -> list[Cell]:
+        """Every (task, method, sweep point, seed) cell with its fully resolved config."""
+        out = []
+        for task in self.tasks:
+            for method, spec in self.methods.items():
+                keys = sorted(spec.sweep)
+                for point in itertools.product(*(spec.sweep[k] for k in keys)):
+                    sweep = dict(zip(keys, point))
+                    for seed in self.seeds:
+                        out.append(Cell.resolve(self, task, method, spec, sweep, seed))
+        return out
+
+
+TRAIN_OVERRIDES = ("learning_rate", "warmup_ratio", "steps")  # method options that set a TrainSpec field
+
+
+def _token(value: Any) -> str:
+    """A sweep value as a folder-name token: only [A-Za-z0-9.+-], so nothing can leave the run folder."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))[:24].strip(".") or "_"
+
+
+class Cell(Strict):
+    """One training run: everything that determines its adapter, and nothing else (so it hashes stably)."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    revision: str | None = None
+    dtype: str
+    task: TaskSpec
+    method: Method
+    seed: int
+    sweep: dict[str, Any]
+    train: TrainSpec
+    options: dict[str, Any]
+
+    @classmethod
+    def resolve(cls, proto: Protocol, task: TaskSpec, method: Method, spec: MethodOptions, sweep: dict,
+                seed: int) -> Cell:
+        resolved = spec.model_copy(update=sweep)
+        train = proto.train.model_copy(update={k: getattr(resolved, k) for k in TRAIN_OVERRIDES
+                                               if getattr(resolved, k) is not None})
+        options = resolved.model_dump(mode="json", exclude={"sweep", *TRAIN_OVERRIDES})
+        return cls(model=proto.model.source, revision=proto.model.revision, dtype=proto.model.dtype, task=task,
+                   method=method, seed=seed, sweep=sweep, train=TrainSpec.model_validate(train.model_dump()),
+                   options=options)
+
+    @property
+    def method_options(self) -> MethodOptions:
+        return self.method.options_class.model_validate(self.options)
+
+    @property
+    def rows_per_step(self) -> int:
+        """TRL's per-device batch × grad_accum: prompts per step × rows per prompt."""
+        return self.train.prompts_per_step * rows_per_prompt(self.method, self.method_options)
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def name(self) -> str:
+        sweep = "".join(f"-{k}{_token(v)}" for k, v in sorted(self.sweep.items()))
+        return f"{self.task.name}-{self.method.value}{sweep}-s{self.seed}-{self.key}"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+class ProtocolError(ValueError):
+    """A protocol file is unreadable or invalid; `problems` holds one line per problem."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path, self.problems = path, problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+RENAMED = {("train", "batch_size"): "renamed to train.prompts_per_step (prompts per optimizer step; GRPO's "
+                                    "completions per step = prompts_per_step × num_generations)"}
+
+
+def _fix_hint(loc: tuple, msg: str, err_type: str, raw: dict) -> str:
+    parts = [str(p) for p in loc]
+    field = ".".join(parts) or "(top level)"
+    if tuple(parts[-2:]) in RENAMED and err_type == "extra_forbidden":
+        return f"{field}: {RENAMED[tuple(parts[-2:])]}"
+    if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 2:
+        return f"{field}: unknown method; use one of {', '.join(Method)}"
+    if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 3:
+        own = sorted(OPTIONS[Method(parts[1])].model_fields)
+        return (f"{field}: not an option of {parts[1]} (its options: {', '.join(own)}; any other TRL field "
+                f"goes under methods.{parts[1]}.trl)")
+    if err_type == "extra_forbidden":
+        return f"{field}: unknown field; remove it or check its spelling"
+    if err_type in ("greater_than_equal", "greater_than"):
+        return f"{field}: {msg}; use a larger value"
+    if err_type in ("less_than_equal", "less_than"):
+        return f"{field}: {msg}; use a smaller value"
+    if err_type == "finite_number":
+        return f"{field}: must be a finite number (not nan or inf)"
+    if err_type == "missing":
+        return f"{field}: required field is missing; add it"
+    return f"{field}: {msg}"
+
+
+def _read_yaml(path: Path) -> Any:
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ProtocolError(path, [f"file is {path.stat().st_size} bytes; a protocol is at most {MAX_FILE_BYTES}"])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(path, [f"not UTF-8 text (byte {e.start}): save the protocol as UTF-8 YAML"]) from None
+    try:
+        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise ProtocolError(path, [f"{aliases} YAML aliases (more than {MAX_YAML_ALIASES}): write the values "
+                                       f"out instead of nesting aliases"])
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProtocolError(path, [f"not valid YAML: {' '.join(str(e).split())}"]) from None
+    except RecursionError:
+        raise ProtocolError(path, ["YAML nested too deeply"]) from None
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Read and validate a protocol file; raise ProtocolError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(path, [f"file not found: {path}"])
+    raw = _read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProtocolError(path, ["the file must be a mapping of fields (name, model, tasks, methods, ...)"])
+    tasks, methods = raw.get("tasks"), raw.get("methods")
+    if tasks is not None and not isinstance(tasks, list):
+        raise ProtocolError(path, ["tasks: must be a list, e.g. `tasks: [{name: snark}]`"])
+    if methods is not None and not isinstance(methods, dict):
+        raise ProtocolError(path, ["methods: must be a mapping of method name to options, e.g. `methods: {sft: }`"])
+    for task in tasks or []:  # relative data paths are relative to the protocol file
+        if isinstance(task, dict) and isinstance(task.get("data"), str):
+            task["data"] = str((path.parent / task["data"]).resolve())
+    if isinstance(raw.get("results_dir"), str):
+        raw["results_dir"] = str((path.parent / raw["results_dir"]).resolve())
+    for name, spec in (methods or {}).items():  # an empty block (`sft:`) means "the shared budget"
+        if spec is None:
+            methods[name] = {}
+    try:
+        return Protocol.model_validate(raw)
+    except ValidationError as e:
+        lines = [_fix_hint(err["loc"], err["msg"].removeprefix("Value error, "), err["type"], raw)
+                 for err in e.errors()]
+        raise ProtocolError(path, list(dict.fromkeys(lines))) from None

@@ -1,0 +1,61 @@
+"""The study for one model, top to bottom: train a cell, then measure a model stage by stage.
+
+    measure_model: newtask -> kl -> regression -> persona -> probe, each skipped when its file is current
+
+Each stage writes one JSON (rows + what they are made of) with its cache key (settings + stage version),
+its settings and its time; a rerun skips a stage whose file carries the current key. The runner calls these
+for the base (once per protocol) and for every cell's final adapter and intermediate checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from study import io
+from study.measure import VERSIONS
+from study.metrics import rename_probe, stage_done, stage_key
+from study.tasks import TaskData
+
+log = logging.getLogger("study")
+
+
+def measure_model(model, tokenizer, data: TaskData, stages: dict[str, object], where: Callable[[str], Path],
+                  direction_cache: Path, base: bool = False, say: Callable[[str], None] = print) -> None:
+    """Run every stage in `stages` (name -> settings) whose file `where(name)` is not current for `model`.
+    `base`: the model is the base (no KL stage: its KL to itself is 0)."""
+
+    def stage(name: str, measure: Callable[[object], dict]) -> None:
+        if name not in stages or (base and name == "kl"):
+            return
+        settings, path = stages[name], where(name)
+        key = stage_key(name, settings)
+        if stage_done(path, key):
+            return
+        say(f"measuring {name}")
+        t = time.time()
+        result = measure(settings)
+        result |= {"config_hash": key, "version": VERSIONS[name], "config": settings.model_dump(mode="json"),
+                   "seconds": time.time() - t}
+        io.write_json(path, result)
+        log.info("%s: %s %.1f s", path.parent.name, name, time.time() - t)
+
+    from study.measure import kl, newtask, persona, regression
+
+    stage("newtask", lambda s: newtask.run(model, tokenizer, data, s))
+    stage("kl", lambda s: kl.run(model, tokenizer, data, s))
+    stage("regression", lambda s: regression.run(model, tokenizer, s))
+    stage("persona", lambda s: persona.run(model, tokenizer, data, s, cache=direction_cache,
+                                           previous=_previous(where("newtask"))))
+    stage("probe", lambda s: _renamed(regression.run(model, tokenizer, s)))
+
+
+def _previous(newtask_file: Path) -> dict:
+    """The newtask stage's answers, which the persona stage reuses instead of generating them again."""
+    return {"newtask": io.read_json(newtask_file)} if newtask_file.is_file() else {}
+
+
+def _renamed(result: dict) -> dict:
+    return result | {"rows": rename_probe(result["rows"])}
