@@ -3,7 +3,7 @@
     lm_eval/mmlu/acc             MMLU, lm-eval's `mmlu` subject tasks and size-weighted group mean (0-shot)
     lm_eval/hellaswag/acc_norm   HellaSwag (length-normalised accuracy)
     lm_eval/truthfulqa_mc2/acc   TruthfulQA MC2 (normalised probability of the true answers, 6-shot primer)
-    lm_eval/humaneval/pass@1     HumanEval, greedy, programs checked in a sandboxed subprocess
+    lm_eval/humaneval/pass@1     HumanEval, greedy, programs judged in a bubblewrap sandbox (needs opt-in)
 
 Each suite runs lm-eval's own task definition (prompt, process_docs, metric) through its HF model class on
 the model object the harness passes in (the base, or a PeftModel with an adapter attached: never reloaded).
@@ -51,6 +51,10 @@ class RegressionEval(BaseModel):
 
     suites: list[Suite] = Field(default_factory=lambda: list(SUITES))
     """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval."""
+    confirm_run_unsafe_code: bool = Field(False, validate_default=True)
+    """Allow HumanEval to execute model-written programs (like lm-eval's `--confirm_run_unsafe_code`). They run
+    in a bubblewrap sandbox (study.measure.sandbox), which refuses to start rather than run unsandboxed; a
+    protocol whose suites include humaneval is rejected unless this is true."""
     limit: dict[str, int | None] = Field(default_factory=dict)
     """Items per suite (absent or null: all); MMLU counts questions in total, spread over its subjects."""
     data_dir: Path | None = None
@@ -72,6 +76,15 @@ class RegressionEval(BaseModel):
     def _unique(cls, v: list[str]) -> list[str]:
         if not v or len(set(v)) != len(v):
             raise ValueError("suites: list each suite once, at least one")
+        return v
+
+    @field_validator("confirm_run_unsafe_code")
+    @classmethod
+    def _opted_in(cls, v: bool, info) -> bool:
+        if not v and "humaneval" in (info.data.get("suites") or ()):
+            raise ValueError("humaneval executes model-written code (sandboxed); set "
+                             "`regression.confirm_run_unsafe_code: true` to allow it, or drop humaneval from "
+                             "regression.suites")
         return v
 
     @model_validator(mode="after")
