@@ -139,7 +139,9 @@ def _dec(x):
 """
 
 # The candidate sandbox: exec the program, then answer calls on its pipe until EOF.
-_CANDIDATE = _CODEC + r"""
+_CANDIDATE = (
+    _CODEC
+    + r"""
 import json, os, sys, traceback
 _inp = os.fdopen(os.dup(0), "rb", buffering=0)
 _out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -167,9 +169,12 @@ while True:
     except BaseException as e:
         _send({"raised": "".join(traceback.format_exception_only(e)).strip()[-500:]})
 """
+)
 
 # The judge sandbox: trusted test code, the program's functions as proxies, the nonce on its stdin.
-_JUDGE = _CODEC + r"""
+_JUDGE = (
+    _CODEC
+    + r"""
 import json, os, sys
 job = json.loads(sys.stdin.read())
 _req = os.fdopen(job["req_fd"], "wb", buffering=0)
@@ -206,6 +211,7 @@ g["check"](_proxy(job["entry_point"]))
 sys.stdout.write("\n" + job["nonce"] + "\n")
 sys.stdout.flush()
 """
+)
 
 
 def _reachable(path: Path) -> bool:
@@ -230,26 +236,78 @@ def _interpreter() -> tuple[Path, Path]:
     for prefix, exe in candidates:
         if exe.is_relative_to(prefix) and (os.geteuid() != 0 or _reachable(exe)):
             return prefix, exe
-    raise SandboxUnavailable(f"no Python interpreter that the sandbox user can read: tried "
-                             f"{', '.join(str(e) for _, e in candidates)}")
+    raise SandboxUnavailable(
+        f"no Python interpreter that the sandbox user can read: tried "
+        f"{', '.join(str(e) for _, e in candidates)}"
+    )
 
 
-def _start(payload: str, limits: Limits, *, stdin, stdout, stderr, files: dict[str, str] | None = None,
-           pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+def _start(
+    payload: str,
+    limits: Limits,
+    *,
+    stdin,
+    stdout,
+    stderr,
+    files: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen:
     """Start `python -I -S -c PRELUDE+payload` in a fresh sandbox; `files` = {path inside: text} (read-only)."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise SandboxUnavailable("bubblewrap is not installed (Debian: apt-get install bubblewrap); "
-                                 "model-written code is never run without it")
+        raise SandboxUnavailable(
+            "bubblewrap is not installed (Debian: apt-get install bubblewrap); "
+            "model-written code is never run without it"
+        )
     prefix, exe = _interpreter()
     opened: list[int] = []
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--clearenv", "--hostname", "sandbox",
-            "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-            "--symlink", "usr/lib64", "/lib64", "--ro-bind", str(prefix), str(prefix),
-            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-            "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp",
-            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8"]
+    argv = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--hostname",
+        "sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--ro-bind",
+        str(prefix),
+        str(prefix),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--size",
+        str(limits.tmp_bytes),
+        "--tmpfs",
+        "/tmp",
+        "--chdir",
+        "/tmp",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        "/tmp",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+    ]
     try:
         for dest, text in (files or {}).items():
             with tempfile.TemporaryFile() as f:  # bwrap copies it in from the fd
@@ -257,13 +315,23 @@ def _start(payload: str, limits: Limits, *, stdin, stdout, stderr, files: dict[s
                 f.seek(0)
                 opened.append(os.dup(f.fileno()))
             argv += ["--ro-bind-data", str(opened[-1]), dest]
-        lim = json.dumps({k: getattr(limits, k) for k in ("memory_bytes", "cpu_s", "file_bytes",
-                                                          "open_files", "processes")})
+        lim = json.dumps(
+            {
+                k: getattr(limits, k)
+                for k in ("memory_bytes", "cpu_s", "file_bytes", "open_files", "processes")
+            }
+        )
         argv += ["--", str(exe), "-I", "-S", "-c", _PRELUDE + payload, lim]
         root = os.geteuid() == 0  # real root is exempt from RLIMIT_NPROC: run the sandbox as nobody
-        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
-                                pass_fds=(*pass_fds, *opened), start_new_session=True,
-                                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if root else {}))
+        return subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=(*pass_fds, *opened),
+            start_new_session=True,
+            **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if root else {}),
+        )
     finally:
         for fd in opened:
             os.close(fd)
@@ -305,16 +373,27 @@ def run_python(source: str, limits: Limits = Limits(), stdin: str = "") -> Outco
     with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         inp.write(stdin.encode())
         inp.seek(0)
-        proc = _start("exec(compile(open('/sandbox/program.py').read(), 'program.py', 'exec'))", limits,
-                      stdin=inp, stdout=out, stderr=err, files={"/sandbox/program.py": source})
+        proc = _start(
+            "exec(compile(open('/sandbox/program.py').read(), 'program.py', 'exec'))",
+            limits,
+            stdin=inp,
+            stdout=out,
+            stderr=err,
+            files={"/sandbox/program.py": source},
+        )
         try:
             proc.wait(timeout=limits.wall_s)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
         _kill(proc)
-        return Outcome(None if timed_out else proc.returncode, _tail(out, 65536), _tail(err),
-                       timed_out, time.monotonic() - t0)
+        return Outcome(
+            None if timed_out else proc.returncode,
+            _tail(out, 65536),
+            _tail(err),
+            timed_out,
+            time.monotonic() - t0,
+        )
 
 
 def check_program(program: str, test: str, entry_point: str, limits: Limits = Limits()) -> dict:
@@ -325,17 +404,40 @@ def check_program(program: str, test: str, entry_point: str, limits: Limits = Li
     nonce = secrets.token_hex(16)
     req_r, req_w = os.pipe()  # judge -> candidate
     ans_r, ans_w = os.pipe()  # candidate -> judge
-    with tempfile.TemporaryFile() as job, tempfile.TemporaryFile() as cand_err, \
-            tempfile.TemporaryFile() as judge_out, tempfile.TemporaryFile() as judge_err:
-        job.write(json.dumps({"test": test, "entry_point": entry_point, "nonce": nonce,
-                              "max_message": MAX_MESSAGE, "req_fd": req_w, "ans_fd": ans_r}).encode())
+    with (
+        tempfile.TemporaryFile() as job,
+        tempfile.TemporaryFile() as cand_err,
+        tempfile.TemporaryFile() as judge_out,
+        tempfile.TemporaryFile() as judge_err,
+    ):
+        job.write(
+            json.dumps(
+                {
+                    "test": test,
+                    "entry_point": entry_point,
+                    "nonce": nonce,
+                    "max_message": MAX_MESSAGE,
+                    "req_fd": req_w,
+                    "ans_fd": ans_r,
+                }
+            ).encode()
+        )
         job.seek(0)
         procs = []
         try:
-            procs.append(_start(_CANDIDATE, limits, stdin=req_r, stdout=ans_w, stderr=cand_err,
-                                files={"/sandbox/program.py": program}))
-            procs.append(_start(_JUDGE, limits, stdin=job, stdout=judge_out, stderr=judge_err,
-                                pass_fds=(ans_r, req_w)))
+            procs.append(
+                _start(
+                    _CANDIDATE,
+                    limits,
+                    stdin=req_r,
+                    stdout=ans_w,
+                    stderr=cand_err,
+                    files={"/sandbox/program.py": program},
+                )
+            )
+            procs.append(
+                _start(_JUDGE, limits, stdin=job, stdout=judge_out, stderr=judge_err, pass_fds=(ans_r, req_w))
+            )
         finally:
             for fd in (req_r, req_w, ans_r, ans_w):
                 os.close(fd)  # only the two sandboxes hold the pipes now: one dying gives the other EOF
@@ -399,8 +501,10 @@ def ensure_available() -> None:
     why = _probe()
     if why:
         _probe.cache_clear()
-        raise SandboxUnavailable(f"the code sandbox (bubblewrap with user, PID, mount and network "
-                                 f"namespaces) cannot be set up here, so no model code is run: {why}")
+        raise SandboxUnavailable(
+            f"the code sandbox (bubblewrap with user, PID, mount and network "
+            f"namespaces) cannot be set up here, so no model code is run: {why}"
+        )
 
 
 if __name__ == "__main__":
