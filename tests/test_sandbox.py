@@ -41,7 +41,7 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
 WRONG = "\ndef add(a, b):\n    return a - b\n"
 # A marker unique to this session in every sandbox's command line (the limits travel as JSON in argv), so
 # leftover sandbox processes can be found.
-LIMITS = Limits(wall_s=3.0, cpu_s=3, file_bytes=16 * 1024**2 + os.getpid() % 4096)
+LIMITS = Limits(wall_s=2.0, cpu_s=2, file_bytes=16 * 1024**2 + os.getpid() % 4096)
 SLACK = 3.0  # seconds past the wall-clock limit for start-up and kill, on a loaded 2-core machine
 
 FORK_LOOP = "while True:\n    try:\n        {fork}\n    except OSError:\n        pass\n"
@@ -73,6 +73,10 @@ HOSTILE = {
     + FORK_LOOP.format(fork="mp.get_context('fork').Process(target=time.sleep, args=(60,)).start()"),
     "fork bomb: ctypes libc.fork": "import ctypes\nlibc = ctypes.CDLL(None)\n"
     + FORK_LOOP.format(fork="libc.fork()"),
+    "thread bomb": "import threading, time\n"
+    + FORK_LOOP.format(fork="threading.Thread(target=time.sleep, args=(60,), daemon=True).start()").replace(
+        "except OSError", "except (OSError, RuntimeError)"
+    ),
     # killing
     "kill parent and grandparent": "import os\nfor p in (os.getppid(), {test_pid}, {parent_pid}):\n"
     "    try:\n        os.kill(p, 9)\n    except OSError:\n        pass\n" + WRONG,
@@ -123,6 +127,10 @@ HOSTILE = {
     + WRONG,
     "forge: write fake answers on the pipe": 'import os\nos.write(1, b\'{{"names": ["add"]}}\\n{{"value": '
     '"passed"}}\\n\')\n' + WRONG,
+    "forge: write 'passed' into every visible process's fds": "import os\nfor p in os.listdir('/proc'):\n"
+    "    for fd in ('0', '1', '2', '3', '4'):\n        try:\n"
+    "            open('/proc/' + p + '/fd/' + fd, 'w').write('passed\\n')\n        except Exception:\n"
+    "            pass\n" + WRONG,
     "forge: KeyboardInterrupt inside the call": "def add(a, b):\n    raise KeyboardInterrupt\n",
     "forge: answer too deep to encode": "def add(a, b):\n    x = []\n    for _ in range(100000):\n"
     "        x = [x]\n    return x\n",
@@ -215,8 +223,8 @@ def bait(tmp_path_factory):
     b.close()
 
 
-def leftover_sandbox_processes() -> list[int]:
-    marker = f'"file_bytes": {LIMITS.file_bytes}'.encode()
+def leftover_sandbox_processes(file_bytes: int = LIMITS.file_bytes) -> list[int]:
+    marker = f'"file_bytes": {file_bytes}'.encode()
     out = []
     for d in os.listdir("/proc"):
         try:
@@ -272,6 +280,25 @@ def test_correct_program_passes():
     assert r["passed"], r  # the test reaches the program's other functions (HumanEval's prompt helpers)
 
 
+def test_every_humaneval_canonical_solution_passes():
+    """The judge reaches programs only through plain values: all 164 canonical solutions still pass."""
+    import gzip
+    import json
+
+    from study.measure.humaneval import problems_file
+
+    with gzip.open(problems_file(), "rt") as f:
+        problems = [json.loads(line) for line in f]
+    failed = []
+    for p in problems:
+        r = check_program(
+            p["prompt"] + p["canonical_solution"], p["test"], p["entry_point"], Limits(wall_s=20)
+        )
+        if not r["passed"]:
+            failed.append((p["task_id"], r["result"]))
+    assert len(problems) == 164 and not failed, failed
+
+
 def test_bait_detects_the_same_attacks_unsandboxed(bait):
     """Control: the same sends and writes from an ordinary process do reach the bait."""
     stamp = f"pwned-{uuid.uuid4().hex[:8]}"
@@ -282,6 +309,30 @@ def test_bait_detects_the_same_attacks_unsandboxed(bait):
     bait.received.clear()
     assert got == ["AF_INET", "AF_UNIX", "udp"] and bait.stray_files(stamp)
     (bait.folder / stamp).unlink()
+
+
+def test_sandbox_dies_with_its_supervisor():
+    """SIGKILL of the harness (in a run: `study run`) takes both sandboxes with it (--die-with-parent)."""
+    limits = Limits(wall_s=60, cpu_s=60, file_bytes=LIMITS.file_bytes + 4096)
+    code = (
+        f"from study.measure.sandbox import check_program, Limits\n"
+        f"check_program('while True: pass', 'def check(c): pass', 'add', Limits(**{limits.__dict__!r}))"
+    )
+    supervisor = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+
+    def sandboxed():
+        return leftover_sandbox_processes(limits.file_bytes)
+
+    deadline = time.monotonic() + 30
+    while len(sandboxed()) < 4 and time.monotonic() < deadline:  # 2 x (outer bwrap, PID 1, python)
+        time.sleep(0.1)
+    assert len(sandboxed()) >= 4, "the sandboxes did not start"
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 5
+    while sandboxed() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sandboxed()
 
 
 def test_limits_hold_inside():

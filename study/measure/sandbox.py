@@ -46,7 +46,7 @@ candidate does (exit early, print anything, crash, hang, answer wrongly, kill ev
 worst outcome is a wrong answer, a timeout or a broken pipe, each a failure. The candidate's stdout is
 redirected to its stderr, kept (capped) only for the failure message. A call's arguments are copied, so a
 candidate that mutates an argument in place is not seen by the test (no HumanEval test relies on it: all
-164 canonical solutions pass, tests/test_sandbox.py).
+164 canonical solutions pass: tests/test_sandbox.py).
 
     python -m study.measure.sandbox   # probe the sandbox and check a canonical HumanEval solution
 """
@@ -469,7 +469,8 @@ _PROBE = r"""
 import os, socket
 assert os.getpid() <= 3, os.getpid()
 assert [n for _, n in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
-assert not os.path.exists("/root") and not os.path.exists("/work") and not os.path.exists("/run")
+visible = set(os.listdir("/")) - {"usr", "bin", "lib", "lib64", "proc", "dev", "tmp", "sandbox", "ALLOWED"}
+assert not visible, "host folders visible: " + str(sorted(visible))
 try:
     open("/usr/sandbox-probe", "w")
     raise AssertionError("/usr is writable")
@@ -483,12 +484,15 @@ print("sandbox ok")
 def _probe() -> str:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            proc = _start(_PROBE, Limits(), stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            top = _interpreter()[0].parts[1]  # the interpreter prefix's top folder is bound too
+            proc = _start(
+                _PROBE.replace("ALLOWED", top), Limits(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             _kill(proc)
             return "the probe did not finish in 60 s"
-        except OSError as e:
+        except (OSError, SandboxUnavailable) as e:
             return f"bwrap could not be started: {e}"
         out.seek(0)
         if proc.returncode == 0 and out.read().decode().strip() == "sandbox ok":
