@@ -261,28 +261,14 @@ def _start(
         )
     prefix, exe = _interpreter()
     opened: list[int] = []
-    argv = [
-        bwrap,
-        "--unshare-all",
-        "--unshare-user",
-        "--disable-userns",
-        "--die-with-parent",
-        "--new-session",
-        "--clearenv",
-        "--hostname",
-        "sandbox",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-        "--symlink",
-        "usr/bin",
-        "/bin",
-        "--symlink",
-        "usr/lib",
-        "/lib",
-        "--symlink",
-        "usr/lib64",
-        "/lib64",
+    argv = [bwrap, *"--unshare-all --unshare-user --disable-userns --die-with-parent --new-session".split()]
+    argv += ["--clearenv", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/lib", "/lib64"):  # merged /usr: symlinks; otherwise the real folders, read-only
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    argv += [
         "--ro-bind",
         str(prefix),
         str(prefix),
@@ -292,22 +278,10 @@ def _start(
         "/dev",
         "--remount-ro",
         "/dev",
-        "--size",
-        str(limits.tmp_bytes),
-        "--tmpfs",
-        "/tmp",
-        "--chdir",
-        "/tmp",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-        "--setenv",
-        "HOME",
-        "/tmp",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
     ]
+    argv += ["--size", str(limits.tmp_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    for name, value in (("PATH", "/usr/bin:/bin"), ("HOME", "/tmp"), ("LANG", "C.UTF-8")):
+        argv += ["--setenv", name, value]
     try:
         for dest, text in (files or {}).items():
             with tempfile.TemporaryFile() as f:  # bwrap copies it in from the fd
