@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Suite = Literal["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"]
 SUITES: tuple[str, ...] = ("mmlu", "hellaswag", "truthfulqa_mc2", "humaneval")
@@ -80,7 +80,7 @@ class RegressionEval(BaseModel):
 
     @field_validator("confirm_run_unsafe_code")
     @classmethod
-    def _opted_in(cls, v: bool, info) -> bool:
+    def _opted_in(cls, v: bool, info: ValidationInfo) -> bool:
         if not v and "humaneval" in (info.data.get("suites") or ()):
             raise ValueError("humaneval executes model-written code (sandboxed); set "
                              "`regression.confirm_run_unsafe_code: true` to allow it, or drop humaneval from "
