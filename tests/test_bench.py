@@ -67,7 +67,7 @@ def test_adapter_dirs_only_trained_sorted_first_n(tmp_path):
 
 
 def test_plain_samples_match_what_the_harness_scores():
-    cfg = RegressionEval(limit={"mmlu": 7, "hellaswag": 3, "humaneval": 500})  # truthfulqa: no limit
+    cfg = RegressionEval(confirm_run_unsafe_code=True, limit={"mmlu": 7, "hellaswag": 3, "humaneval": 500})  # truthfulqa: no limit
     mmlu_sizes = {"anatomy": 4, "astronomy": 4, "virology": 4}
     samples = bench.plain_samples(cfg, NAMES, mmlu_sizes, {"hellaswag": 10, "truthfulqa_mc2": 9,
                                                            "humaneval": 164})
@@ -79,22 +79,22 @@ def test_plain_samples_match_what_the_harness_scores():
     assert samples["study_hellaswag"] == [0, 1, 2]  # lm-eval's --limit 3: the first three documents
     assert samples["study_humaneval"] == list(range(164))  # capped at the suite's size, as islice does
     assert "study_truthfulqa_mc2" not in samples  # absent: lm-eval scores every document
-    assert bench.plain_samples(RegressionEval(), NAMES, mmlu_sizes, {}) == {}
+    assert bench.plain_samples(RegressionEval(confirm_run_unsafe_code=True), NAMES, mmlu_sizes, {}) == {}
 
 
 def test_plain_fewshot():
-    assert bench.plain_fewshot(RegressionEval()) is None
-    assert bench.plain_fewshot(RegressionEval(num_fewshot={"mmlu": 5, "hellaswag": 5})) == 5
+    assert bench.plain_fewshot(RegressionEval(confirm_run_unsafe_code=True)) is None
+    assert bench.plain_fewshot(RegressionEval(confirm_run_unsafe_code=True, num_fewshot={"mmlu": 5, "hellaswag": 5})) == 5
     only_mmlu = RegressionEval(suites=["mmlu", "truthfulqa_mc2"], num_fewshot={"mmlu": 2})
     assert bench.plain_fewshot(only_mmlu) == 2  # TruthfulQA pins 0 shots and ignores the flag
     with pytest.raises(ValueError, match="--skip-plain"):
-        bench.plain_fewshot(RegressionEval(num_fewshot={"mmlu": 5}))  # hellaswag would get 5 too
+        bench.plain_fewshot(RegressionEval(confirm_run_unsafe_code=True, num_fewshot={"mmlu": 5}))  # hellaswag would get 5 too
 
 
 def test_plain_command_parses_with_lm_evals_own_cli(tmp_path):
     from lm_eval._cli import HarnessCLI
 
-    cfg = RegressionEval(limit={"mmlu": 4, "hellaswag": 2, "truthfulqa_mc2": 2, "humaneval": 1},
+    cfg = RegressionEval(confirm_run_unsafe_code=True, limit={"mmlu": 4, "hellaswag": 2, "truthfulqa_mc2": 2, "humaneval": 1},
                          humaneval_max_new_tokens=128, batch_size=8)
     sizes = {"hellaswag": 10, "truthfulqa_mc2": 10, "humaneval": 164}
     samples = bench.plain_samples(cfg, NAMES, {"anatomy": 5, "virology": 5}, sizes)

@@ -149,9 +149,9 @@ def test_humaneval_task_matches_stock_fields():
 
 def test_config_rejects_unknown_and_pinned():
     with pytest.raises(ValueError, match="unknown suite"):
-        RegressionEval(limit={"mmlux": 3})
+        RegressionEval(limit={"mmlux": 3}, confirm_run_unsafe_code=True)
     with pytest.raises(ValueError, match="pins"):
-        RegressionEval(num_fewshot={"truthfulqa_mc2": 5})
+        RegressionEval(num_fewshot={"truthfulqa_mc2": 5}, confirm_run_unsafe_code=True)
     with pytest.raises(ValueError):
         RegressionEval(bogus=1)
     assert RegressionEval.model_fields["limit"].description  # the docstrings document the fields
@@ -219,10 +219,7 @@ def _problem():
         return json.loads(f.readline())
 
 
-@pytest.mark.parametrize("isolation", ["unshare if allowed", "socket guard only"])
-def test_humaneval_sandbox(isolation, monkeypatch):
-    if isolation == "socket guard only":
-        monkeypatch.setattr(humaneval, "_network_isolation", lambda: ())
+def test_humaneval_sandbox():
     p = _problem()
     net = ("    import socket\n    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
            "        return None\n    except OSError:\n        pass\n" + p["canonical_solution"])
@@ -231,6 +228,25 @@ def test_humaneval_sandbox(isolation, monkeypatch):
                                         (p, "    while True:\n        pass\n"), (p, net), (p, pid)], timeout=1.0)
     assert [r["passed"] for r in results] == [True, False, False, True, True]
     assert results[1]["result"].startswith("failed") and results[2]["result"] == "timed out"
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
+    import gzip
+
+    with gzip.open(humaneval.problems_file(), "rt") as f:
+        problems = [json.loads(line) for line in f][:: 164 // 8]  # 9 problems spread over the set
+    items = [(p, p["canonical_solution"]) for p in problems] + [(p, "    return None\n") for p in problems]
+    results = humaneval.check_programs(items, timeout=5.0)
+    assert [r["passed"] for r in results] == [True] * len(problems) + [False] * len(problems), results
+
+
+def test_humaneval_needs_opt_in():
+    with pytest.raises(ValueError, match=r"regression\.confirm_run_unsafe_code: true"):
+        RegressionEval(suites=["humaneval"])
+    with pytest.raises(ValueError, match="confirm_run_unsafe_code"):
+        RegressionEval()  # the default suites include humaneval
+    assert RegressionEval(suites=["mmlu"]).confirm_run_unsafe_code is False
+    assert RegressionEval(suites=["humaneval"], confirm_run_unsafe_code=True).suites == ["humaneval"]
 
 
 def test_humaneval_metric_contract():
@@ -252,7 +268,7 @@ def test_run_on_tiny_model():
     from study.models import tiny_model, tiny_tokenizer
 
     cfg = RegressionEval(data_dir=BENCH, limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
-                         humaneval_max_new_tokens=8)
+                         humaneval_max_new_tokens=8, confirm_run_unsafe_code=True)
     model = tiny_model()  # seeds torch itself
     torch.manual_seed(7)
     rng = torch.get_rng_state()
@@ -314,7 +330,8 @@ def _all_suites_on_bundled_model():
     model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
     limits = {"mmlu": 10, "hellaswag": 10, "truthfulqa_mc2": 10, "humaneval": 3}
     # 48 new tokens: the model rambles to the cap, so this bounds the slowest part (greedy decoding on a CPU).
-    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48))
+    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48,
+                                         confirm_run_unsafe_code=True))
     rows = {r["metric"]: r for r in out["rows"]}
     assert list(rows) == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
                           "lm_eval/humaneval/pass@1"]

@@ -227,6 +227,10 @@ class Protocol(Strict):
                 if spec.steps is not None or "steps" in spec.sweep:
                     raise ValueError(f"methods.{m}.steps: a method's own step count breaks the matched budget; "
                                      f"remove it, or set allow_unmatched: true")
+        if "humaneval" in self.regression.suites and not self.regression.confirm_run_unsafe_code:
+            raise ValueError("regression.confirm_run_unsafe_code: humaneval executes model-written code (in a "
+                             "sandbox); set `regression.confirm_run_unsafe_code: true` to allow it, or drop "
+                             "humaneval from regression.suites")
         names = {t.name for t in self.tasks}
         if self.persona is not None and "snark" not in names:
             raise ValueError("persona: the persona stage measures the snark task; add it to tasks or remove persona")

@@ -77,6 +77,10 @@ class RegressionEval(Strict):
 
     suites: list[Suite] = Field(default_factory=lambda: list(SUITES))
     """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval."""
+    confirm_run_unsafe_code: bool = False
+    """Allow HumanEval to execute model-written programs (like lm-eval's `--confirm_run_unsafe_code`). They run
+    in a bubblewrap sandbox (study.measure.sandbox), which refuses to start rather than run unsandboxed; a
+    protocol whose suites include humaneval is rejected unless this is true."""
     limit: dict[str, int | None] = Field(default_factory=dict)
     """Items per suite (absent or null: all); MMLU counts questions in total, spread over its subjects."""
     data_dir: Path | None = None

