@@ -75,13 +75,34 @@ def check_trl_options(proto: Protocol) -> list[str]:
             if (cell.method, json.dumps(cell.options, sort_keys=True)) in seen:
                 continue
             seen.add((cell.method, json.dumps(cell.options, sort_keys=True)))
+            name = cell.method.trl_config[1]
             try:
-                trl_config(cell, Path(tmp), runtime)
+                args = trl_config(cell, Path(tmp), runtime)
             except (TypeError, ValueError) as e:
                 msg = " ".join(str(e).split())
-                problems.append(f"methods.{cell.method}: TRL's {cell.method.trl_config[1]} rejects the options: "
-                                f"{msg}; fix the option (see the TRL docs of that class)")
+                problems.append(f"methods.{cell.method}: TRL's {name} rejects the options: {msg}; fix the "
+                                f"option (see the TRL docs of that class)")
+                continue
+            problems += _outside_choices(cell, args, name)
     return problems
+
+
+def _outside_choices(cell: Cell, args, name: str) -> list[str]:
+    """Values TRL lists `choices` for but does not check itself (e.g. KTO's loss_type)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(args):
+        choices = f.metadata.get("choices")
+        given = trl_options(cell.method, cell.method_options)
+        if not choices or f.name not in given:
+            continue
+        values = given[f.name] if isinstance(given[f.name], list) else [given[f.name]]
+        bad = [v for v in values if v not in choices]
+        if bad:
+            out.append(f"methods.{cell.method}.{f.name}: {bad[0]!r} is not one of TRL's {name} choices "
+                       f"{list(choices)}; use one of them")
+    return out
 
 
 def make_trainer(cell: Cell, args, data: TaskData, model, tok, peft):

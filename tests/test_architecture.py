@@ -118,5 +118,5 @@ def test_the_doc_test_can_fail():
 
 def test_no_module_is_long():
     long = {n: len(p.read_text().splitlines()) for n, p in FILES.items()
-            if len(p.read_text().splitlines()) > 450}
-    assert not long, f"modules over ~400 lines: {long}"
+            if len(p.read_text().splitlines()) > 500}
+    assert not long, f"modules over ~400 lines (500 at most): {long}"

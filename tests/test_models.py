@@ -25,9 +25,19 @@ def test_offline_hub_model_fails_at_once_naming_it(monkeypatch):
     assert time.time() - t < 30  # no retries against an unreachable hub
 
 
-def test_runtime_defaults_to_machine():
-    rt = models.resolve_runtime()
-    assert rt.device in ("cpu", "cuda") and rt.dtype in ("float32", "bfloat16")
+def test_runtime_defaults_to_machine(monkeypatch):
+    """`auto` follows what the machine has: CUDA with bf16 when a GPU supports it, else the CPU in fp32 —
+    checked against a faked GPU both ways, so a rule that ignores the machine fails."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_runtime() == models.Runtime("cpu", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert models.resolve_runtime() == models.Runtime("cuda", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert models.resolve_runtime() == models.Runtime("cuda", "float32")
+    assert models.resolve_runtime("cpu", "bfloat16") == models.Runtime("cpu", "bfloat16")  # explicit wins
 
 
 def test_tiny_model_generates_and_scores():

@@ -267,7 +267,7 @@ TRAIN_OVERRIDES = ("learning_rate", "warmup_ratio", "steps")  # method options t
 
 def _token(value: Any) -> str:
     """A sweep value as a folder-name token: only [A-Za-z0-9.+-], so nothing can leave the run folder."""
-    return re.sub(r"[^A-Za-z0-9.+-]", "_", str(value))[:24].strip(".") or "_"
+    return re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", str(value)))[:24].strip(".") or "_"
 
 
 class Cell(Strict):
@@ -333,6 +333,8 @@ RENAMED = {("train", "batch_size"): "renamed to train.prompts_per_step (prompts 
 def _fix_hint(loc: tuple, msg: str, err_type: str, raw: dict) -> str:
     parts = [str(p) for p in loc]
     field = ".".join(parts) or "(top level)"
+    if not parts and re.match(r"[a-z_]+(\.[a-z0-9_]+)*: ", msg):  # a cross-field check names its own field
+        return msg
     if tuple(parts[-2:]) in RENAMED and err_type == "extra_forbidden":
         return f"{field}: {RENAMED[tuple(parts[-2:])]}"
     if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 2:

@@ -39,7 +39,7 @@ from study.report.data import (
 )
 
 COLUMN, PAGE = 3.4, 7.0
-_PALETTE = sns.color_palette("colorblind", 10)
+_PALETTE = sns.color_palette("colorblind", 10)[:8] + sns.color_palette("colorblind", 10)[8:]
 COLORS = {m: _PALETTE[i] for i, m in enumerate(METHODS)} | {"base": (0.35, 0.35, 0.35)}
 MARKERS = dict(zip(METHODS, "osD^vPXp", strict=False)) | {"base": "*"}
 RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
