@@ -39,8 +39,9 @@ from study.report.data import (
 )
 
 COLUMN, PAGE = 3.4, 7.0
-_PALETTE = sns.color_palette("colorblind", 10)[:8] + sns.color_palette("colorblind", 10)[8:]
-COLORS = {m: _PALETTE[i] for i, m in enumerate(METHODS)} | {"base": (0.35, 0.35, 0.35)}
+_PALETTE = sns.color_palette("colorblind", 10)
+_FIRST = ["sft", "dpo", "kto", "grpo"]  # their colours stay fixed as arms are added
+COLORS = {m: _PALETTE[i] for i, m in enumerate(_FIRST + [m for m in METHODS if m not in _FIRST])} | {"base": (0.35, 0.35, 0.35)}
 MARKERS = dict(zip(METHODS, "osD^vPXp", strict=False)) | {"base": "*"}
 RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
       "legend.fontsize": 7, "legend.title_fontsize": 7, "axes.spines.top": False, "axes.spines.right": False,
