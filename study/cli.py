@@ -59,12 +59,32 @@ def validate(protocol: Path) -> None:
         console.print("[yellow]allow_unmatched: the methods' budgets differ; the report says so[/]")
 
 
+def budget_table(proto) -> Table:
+    """The matched budget per method: prompts per optimizer step are the same for all; TRL's rows follow."""
+    from study.config import rows_per_prompt
+
+    t = proto.train
+    title = "matched budget" + (" (allow_unmatched: budgets differ)" if proto.allow_unmatched else "")
+    table = Table(title=title)
+    for col in ("method", "prompts/step", "TRL rows/step", "steps", "prompts seen", "max length", "LoRA r",
+                "learning rate(s)"):
+        table.add_column(col)
+    for method, spec in proto.methods.items():
+        steps = spec.steps or t.steps
+        lrs = spec.sweep.get("learning_rate") or [spec.learning_rate or t.learning_rate]
+        rows = t.prompts_per_step * rows_per_prompt(method, spec)
+        table.add_row(method.value, str(t.prompts_per_step), str(rows), str(steps), str(steps * t.prompts_per_step),
+                      str(t.max_length), str(t.lora.r), ", ".join(f"{x:g}" for x in lrs))
+    return table
+
+
 @app.command()
 def plan(protocol: Path) -> None:
     """Print every cell with an estimate of its time (and GPU memory for GPU protocols); loads no model."""
     from study.plan import plan_rows
 
     proto = _load(protocol)
+    console.print(budget_table(proto))
     rows = plan_rows(proto)
     gpu = rows and rows[0]["device"] == "gpu"
     table = Table(title=f"{protocol}: {len(rows)} cells on {'a GPU (rough)' if gpu else 'this CPU'}")
