@@ -136,6 +136,9 @@ class MethodSpec(Strict):
     """GRPO: sampling temperature."""
     loss_type: str | None = None
     """The TRL loss variant, passed through (e.g. DPO `sigmoid`, KTO `kto`, GRPO `dapo`)."""
+    reward: Literal["combined", "markers_only"] | None = None
+    """GRPO, persona task: the optimised reward (study.rewards). None/`combined`: markers + classifier +
+    length - diversity, capped; `markers_only`: the marker heuristic alone, the surface-learning control."""
     learning_rate: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
     sweep: dict[str, list[Any]] = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from study.models import Runtime, load_model, load_tokenizer
 from study.paths import CellPaths
 from study.protocol import Cell, Method
-from study.rewards import REWARDS
+from study.rewards import reward_functions
 from study.tasks import ROWS, TaskData, build
 
 log = logging.getLogger("study")
@@ -85,14 +85,16 @@ def _grpo(cell, common, data, model, tok, peft):
     from trl import GRPOConfig, GRPOTrainer
 
     extra = {k: cell.options[k] for k in ("beta", "loss_type", "temperature") if k in cell.options}
+    # the optimised reward at weight 1, each persona component at weight 0: TRL then logs every component
+    funcs, weights = reward_functions(data, cell.options.get("reward"))
     args = GRPOConfig(
         num_generations=cell.options.get("num_generations", 4),
         max_completion_length=cell.train.max_completion_length,
+        reward_weights=weights,
         **extra,
         **common,
     )
-    reward = REWARDS[data.name](data)
-    return GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=_dataset(cell, data),
+    return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=_dataset(cell, data),
                        processing_class=tok, peft_config=peft)
 
 
