@@ -65,7 +65,7 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,6 +128,26 @@ class PersonaEval(BaseModel):
     """Seeds the direction's prompt sample and its cross-fitting split."""
     judge: str | None = None
     """Model source of an optional LLM judge (as model.source); None: no judge, the row is absent."""
+    self_report_min_mass: float = Field(0.5, ge=0, le=1)
+    """Self-report validity gate: the BASE model's mean probability mass on the options "1".."5" must reach
+    this; below it the questionnaire is not answered in its format and `persona/self_report` is not reported."""
+    self_report_min_alpha: float = 0.0
+    """Self-report validity gate: the BASE model's Cronbach's alpha across items must exceed this."""
+    mask_reward_ngrams: int = Field(20, ge=0)
+    """`probe_masked` also strips the GRPO reward classifier's this many most persona-weighted n-grams
+    (study.rewards.reward_ngrams) besides the lexicon markers; 0: markers only."""
+    anchor_max_repetition: float = Field(0.25, ge=0, le=1)
+    """Direction anchors: an answer shorter than 3 words, or whose share of repeated word 3-grams exceeds this,
+    is degenerate, and its prompt's persona/plain pair is dropped (as is a pair of identical answers)."""
+    causal: bool = True
+    """The causal test: generate again with `steer_alpha` x the direction added at its layer (persona/steer_*)
+    and with the direction projected out there (persona/ablate_*)."""
+    steer_alpha: float = Field(2.0, gt=0)
+    """Steering strength in units of the direction (1 = the base's persona-minus-plain mean difference)."""
+    causal_prompts: int = Field(12, ge=2)
+    """Held-out prompts (balanced over domains) answered again under steering and under ablation."""
+    external_auc_min: float = Field(0.85, ge=0, le=1)
+    """`check_probe`: the least probe AUC on the external pairs (persona_external.jsonl) before a study runs."""
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -293,7 +313,42 @@ def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval,
         out["alpha"], out["alpha_ci"] = float(alpha), [float(ci[0]), float(ci[1])]
     else:
         out["alpha_reason"] = "an item (or the total) does not vary across respondents"
+    rev = np.asarray(out["reverse"], bool)
+    # Per respondent: the keyed mean, and forward-minus-reverse raw agreement (a trait pushes it up;
+    # acquiescence, agreeing with everything, leaves it near 0 while lifting both raw means).
+    out["respondent_means"] = m.mean(1).tolist()
+    fmr = raw[:, ~rev].mean(1) - raw[:, rev].mean(1)
+    out["raw_forward_mean"], out["raw_reverse_mean"] = float(raw[:, ~rev].mean()), float(raw[:, rev].mean())
+    out["forward_minus_reverse"] = [float(fmr.mean()), *respondent_ci(fmr)]
+    out["mean"] = [float(m.mean()), *respondent_ci(m.mean(1))]
     return out
+
+
+def respondent_ci(values) -> list[float]:
+    """95% CI of a mean over respondents (scipy's BCa bootstrap; the respondents are the units that vary,
+    not the items, whose forward / reverse keying differs systematically)."""
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, float)
+    if len(x) < 2 or np.ptp(x) < 1e-12:
+        return [float(x.mean()), float(x.mean())] if len(x) else [math.nan, math.nan]
+    ci = bootstrap((x,), np.mean, n_resamples=2000, method="BCa", random_state=0).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
+def self_report_gate(base_sr: dict, cfg: PersonaEval) -> dict:
+    """Whether the questionnaire measures anything on this base model: enough probability on the options
+    and a positive internal consistency. Judged on the BASE, so every cell of a protocol shares the verdict."""
+    mass, alpha = base_sr["option_mass"], base_sr["alpha"]
+    reasons = []
+    if not mass >= cfg.self_report_min_mass:
+        reasons.append(f"option mass {mass:.3f} < {cfg.self_report_min_mass}")
+    if not (np.isfinite(alpha) and alpha > cfg.self_report_min_alpha):
+        reasons.append(f"Cronbach's alpha {alpha:.3f} <= {cfg.self_report_min_alpha}"
+                       if np.isfinite(alpha) else "Cronbach's alpha undefined (" + base_sr.get("alpha_reason", "") + ")")
+    return {"valid": not reasons, "option_mass": float(mass), "alpha": float(alpha),
+            "min_mass": cfg.self_report_min_mass, "min_alpha": cfg.self_report_min_alpha,
+            "reason": ("self-report invalid for this base model: " + "; ".join(reasons)) if reasons else ""}
 
 
 # ---------------------------------------------------------------------------------------- direction
@@ -319,15 +374,41 @@ def direction_items(data: TaskData, n: int, seed: int) -> list:
     return out[:n]
 
 
+def degenerate(text: str, max_repetition: float) -> bool:
+    """An anchor answer not worth averaging: under 3 words, or more than `max_repetition` of its word
+    3-grams repeat an earlier one (a small model's loops: "the the the", a sentence said four times)."""
+    w = text.lower().split()
+    if len(w) < 3:
+        return True
+    grams = list(zip(w, w[1:], w[2:]))
+    return bool(grams) and 1 - len(set(grams)) / len(grams) > max_repetition
+
+
+def anchor_pairs(persona: list[str], plain: list[str], max_repetition: float) -> tuple[list[int], list[dict]]:
+    """Indices of the prompts whose persona-prompted and plain answers both pass the quality filter and
+    differ; the dropped ones with their reason."""
+    keep, dropped = [], []
+    for i, (p, n) in enumerate(zip(persona, plain)):
+        why = ("identical answers" if p.strip() == n.strip() else "degenerate persona answer"
+               if degenerate(p, max_repetition) else "degenerate plain answer" if degenerate(n, max_repetition) else "")
+        (dropped.append({"index": i, "reason": why, "persona_prompted": p, "plain": n}) if why else keep.append(i))
+    return keep, dropped
+
+
+MIN_ANCHORS = 4  # pairs: fewer leave no held-out half for choosing the layer
+
+
 def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
                       ) -> tuple[Direction, dict]:
-    """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file)."""
+    """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file).
+    Anchors: the base's answers with and without the persona system prompt, pairs failing the quality
+    filter (`anchor_pairs`) dropped."""
     from study.measure.persona_stats import Direction, choose_layer
     from study.models import generate
 
     items = direction_items(data, cfg.direction_prompts, cfg.seed)
     spec = [fingerprint(model), cfg.persona_system_prompt, cfg.max_new_tokens, cfg.layer, cfg.seed,
-            data.system_prompt, [it.prompt for it in items]]
+            data.system_prompt, [it.prompt for it in items], cfg.anchor_max_repetition]
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     if key in _DIRECTIONS:
         return _DIRECTIONS[key], {"key": key, "source": "memory"}
@@ -343,22 +424,114 @@ def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache:
     with base_policy(model):
         a_persona = generate(model, tokenizer, prompted, cfg.max_new_tokens, cfg.batch_size)
         a_plain = generate(model, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size)
+        keep, dropped = anchor_pairs(a_persona, a_plain, cfg.anchor_max_repetition)
         # Both answer sets are read in the plain context, the one every model is measured in later:
         # the direction then reflects the answers (and the weights), not the system prompt's presence.
-        s_p = response_states(model, tokenizer, plain, a_persona, cfg.batch_size)
-        s_n = response_states(model, tokenizer, plain, a_plain, cfg.batch_size)
-    layer, sep = choose_layer(s_p, s_n, cfg.seed)
-    layer = cfg.layer if cfg.layer is not None else layer
-    if layer >= s_p.shape[1]:
-        raise ValueError(f"persona.layer={layer} but the model has {s_p.shape[1] - 1} layers")
-    d = Direction(layer, s_p[:, layer].mean(0) - s_n[:, layer].mean(0), s_n[:, layer].mean(0), sep, key)
+        ctx = [plain[i] for i in keep or range(1)]  # one pair when none pass: only the shapes are used then
+        s_p = response_states(model, tokenizer, ctx, [a_persona[i] for i in keep or range(1)], cfg.batch_size)
+        s_n = response_states(model, tokenizer, ctx, [a_plain[i] for i in keep or range(1)], cfg.batch_size)
+    info = {"key": key, "source": "computed", "n_prompts": len(items), "n_anchors": len(keep),
+            "anchor_rule": f"drop a pair when either answer has < 3 words or > {cfg.anchor_max_repetition:.0%} "
+                           "repeated word 3-grams, or both answers are identical",
+            "dropped": dropped[:8], "n_dropped": len(dropped),
+            "examples": [{"prompt": items[i].prompt, "persona_prompted": a_persona[i], "plain": a_plain[i]}
+                         for i in keep[:4]]}
+    if len(keep) < MIN_ANCHORS:
+        d = Direction(cfg.layer or 1, np.zeros(s_p.shape[-1]), np.zeros(s_p.shape[-1]), [], key)
+        info["reason"] = f"only {len(keep)} anchor pairs pass the quality filter (need {MIN_ANCHORS})"
+    else:
+        layer, sep = choose_layer(s_p, s_n, cfg.seed)
+        layer = cfg.layer if cfg.layer is not None else layer
+        if layer >= s_p.shape[1]:
+            raise ValueError(f"persona.layer={layer} but the model has {s_p.shape[1] - 1} layers")
+        d = Direction(layer, s_p[:, layer].mean(0) - s_n[:, layer].mean(0), s_n[:, layer].mean(0), sep, key)
     _DIRECTIONS[key] = d
     if cache is not None:
         d.save(Path(cache))
-    info = {"key": key, "source": "computed", "n_prompts": len(items),
-            "examples": [{"prompt": it.prompt, "persona_prompted": p, "plain": n}
-                         for it, p, n in list(zip(items, a_persona, a_plain))[:4]]}
     return d, info
+
+
+_BASE_ANSWERS: dict[str, list[str]] = {}  # key -> the base's greedy answers, for the process
+
+
+def base_answers(model, tokenizer, data: TaskData, items: list, cfg: PersonaEval) -> list[str]:
+    """The base model's greedy answers to `items` (adapter disabled), memoised per base weights: the
+    weights-only projection reads them through each adapter, and they are the base's self-report contexts."""
+    from study.models import generate
+
+    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.max_new_tokens, data.system_prompt,
+                                     [it.prompt for it in items]]).encode()).hexdigest()[:16]
+    if key not in _BASE_ANSWERS:
+        with base_policy(model):
+            _BASE_ANSWERS[key] = generate(model, tokenizer, [data.messages(it.prompt) for it in items],
+                                          cfg.max_new_tokens, cfg.batch_size)
+    return _BASE_ANSWERS[key]
+
+
+_BASE_SELF_REPORT: dict[str, dict] = {}
+
+
+def base_self_report(model, tokenizer, data: TaskData, cfg: PersonaEval, contexts) -> dict:
+    """The questionnaire answered by the base (adapter disabled), memoised per base weights and config."""
+    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.model_dump(mode="json"), contexts]).encode()
+                         ).hexdigest()[:16]
+    if key not in _BASE_SELF_REPORT:
+        with base_policy(model):
+            _BASE_SELF_REPORT[key] = self_report(model, tokenizer, data, cfg, contexts)
+    return _BASE_SELF_REPORT[key]
+
+
+# ---------------------------------------------------------------------------------------------- causal
+
+
+def _layer_module(model, layer: int):
+    """The module whose output is hidden_states[layer]: decoder block layer-1, or the final norm for the
+    last layer (HF returns the normed state there)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = next(m for n, m in base.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers"))
+    if layer == len(blocks):
+        return base.model.norm
+    return blocks[layer - 1]
+
+
+@contextmanager
+def edit_hidden(model, layer: int, fn):
+    """Applies `fn(h) -> h` to hidden_states[layer] of every forward pass (generation included)."""
+    def hook(_module, _inputs, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    # prepend: transformers records hidden_states with its own forward hooks; ours must run first, so that
+    # the recorded states (read by response_states) are the edited ones
+    handle = _layer_module(model, layer).register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def steering(model, direction: Direction, alpha: float):
+    """Adds alpha x the direction at its layer: +1 alpha moves a state by the base's persona-minus-plain gap."""
+    import torch
+
+    v = torch.tensor(direction.vector, dtype=torch.float32)
+    return edit_hidden(model, direction.layer, lambda h: h + alpha * v.to(h.device, h.dtype))
+
+
+def ablation(model, direction: Direction):
+    """Projects the direction out of the hidden states at its layer: h - (h . u) u, u = v / |v|."""
+    import torch
+
+    u = torch.tensor(direction.vector / np.linalg.norm(direction.vector), dtype=torch.float32)
+
+    def fn(h):
+        uu = u.to(h.device, h.dtype)
+        return h - (h @ uu)[..., None] * uu
+
+    return edit_hidden(model, direction.layer, fn)
 
 
 # --------------------------------------------------------------------------------------------- judge
@@ -413,18 +586,56 @@ def reusable_answers(previous: dict | None, cfg: PersonaEval) -> dict[tuple[str,
             if r.get("metric") in sets and "response" in r}
 
 
+def _score(probe, texts: list[str], ngrams) -> dict[str, np.ndarray]:
+    from study.measure import persona_stats as ps
+
+    return {"markers": np.array([ps.snark.marker_count(x) for x in texts], float), "probe": probe.prob(texts),
+            "probe_masked": probe.prob([ps.mask(x, ngrams) for x in texts])}
+
+
+def _activation(model, tokenizer, data, direction, its, texts, cfg) -> np.ndarray:
+    if not len(its):
+        return np.zeros(0)
+    states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts, cfg.batch_size,
+                             layer=direction.layer)
+    return direction.project(states[:, 0])
+
+
+def causal_test(model, tokenizer, data: TaskData, cfg: PersonaEval, direction: Direction, its: list,
+                plain: list[str], probe, ngrams) -> dict:
+    """The model's answers to `its` generated again with the direction added (steer) and projected out
+    (ablate) at its layer; each set scored by the text indicators and read, unhooked, by the model itself."""
+    from study.models import generate
+
+    convs = [data.messages(it.prompt) for it in its]
+    out = {"plain": {**_score(probe, plain, ngrams),
+                     "activation": _activation(model, tokenizer, data, direction, its, plain, cfg)}}
+    texts = {"plain": plain}
+    for name, ctx in (("steer", lambda: steering(model, direction, cfg.steer_alpha)),
+                      ("ablate", lambda: ablation(model, direction))):
+        with ctx():
+            texts[name] = generate(model, tokenizer, convs, cfg.max_new_tokens, cfg.batch_size)
+        out[name] = _score(probe, texts[name], ngrams)
+        out[name]["activation"] = _activation(model, tokenizer, data, direction, its, texts[name], cfg)
+    return {"scores": out, "texts": texts}
+
+
 def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
         previous: dict | None = None) -> dict:
-    """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}.
-    `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
+    """Returns {"rows", "responses", "probe", "self_report", "direction", "causal", "judge", "coherence",
+    "timing"}. `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
     `previous`: results of earlier stages on this model ({"newtask": ...}); its greedy answers are reused."""
+    from peft import PeftModel
+
+    from study import rewards
     from study.measure import persona_stats as ps
     from study.models import generate
 
     if data.name != "snark":
         return {"rows": [], "responses": [], "note": "the persona stage applies to the snark task only"}
-    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "judge"), 0.0)
+    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "causal", "judge"), 0.0)
     clock = time.perf_counter
+    is_adapter = isinstance(model, PeftModel)
     held = _balanced(data.heldout, cfg.limit_per_domain)
     indom = _balanced(data.split("test_in"), cfg.limit_per_domain)
     per = math.ceil(cfg.retest_prompts / max(1, len({it.domain for it in held})))
@@ -448,29 +659,64 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
         sets[f"retest-{s}"] = (retest, generate(model, tokenizer, [data.messages(it.prompt) for it in retest],
                                                 cfg.max_new_tokens, cfg.batch_size, do_sample=True,
                                                 temperature=cfg.retest_temperature, seed=s))
+    base_held = base_answers(model, tokenizer, data, held, cfg) if is_adapter else sets["heldout"][1]
     timing["generation"] = clock() - t
 
     t = clock()
     probe = ps.fitted_probe(data, cfg.probe_c)
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    for name, (_, texts) in sets.items():
-        scores[name] = {"markers": np.array([ps.snark.marker_count(x) for x in texts], float),
-                        "probe": probe.prob(texts), "probe_masked": probe.prob([ps.mask(x) for x in texts])}
+    ngrams = rewards.reward_ngrams(data, cfg.mask_reward_ngrams) if cfg.mask_reward_ngrams else ()
+    scores = {name: _score(probe, texts, ngrams) for name, (_, texts) in sets.items()}
+    probe_info = probe.summary() | {
+        "masked_reward_ngrams": list(ngrams),
+        "heldout_auc_markers_and_reward_ngrams_removed": ps.heldout_auc_masked(probe, data, ngrams),
+        **ps.external_check(probe, cfg.external_auc_min)}
     timing["embedding"] = clock() - t
 
     t = clock()
     its, texts = sets["heldout"]
-    sr = self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, texts)][: cfg.self_report_contexts])
+    k = cfg.self_report_contexts
+    base_sr = base_self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, base_held)][:k])
+    gate = self_report_gate(base_sr, cfg)
+    if not gate["valid"]:
+        sr = {"gate": gate, "base_option_mass": base_sr["option_mass"], "base_alpha": base_sr["alpha"]}
+    elif is_adapter:
+        sr = self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, texts)][:k])
+        sr["gate"] = gate
+    else:
+        sr = base_sr | {"gate": gate}
     timing["questionnaire"] = clock() - t
 
     t = clock()
     direction, dir_info = persona_direction(model, tokenizer, data, cfg, cache)
     timing["direction"] = clock() - t if dir_info["source"] == "computed" else 0.0
     for name, (its, texts) in sets.items() if direction.defined else ():
-        states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts,
-                                 cfg.batch_size, layer=direction.layer)
-        scores[name]["activation"] = direction.project(states[:, 0]) if len(its) else np.zeros(0)
+        scores[name]["activation"] = _activation(model, tokenizer, data, direction, its, texts, cfg)
+    if direction.defined and is_adapter:
+        its, texts = sets["heldout"]
+        with base_policy(model):  # content only: the adapter's answers read by the base
+            scores["heldout"]["activation_content"] = _activation(model, tokenizer, data, direction, its, texts, cfg)
+        # weights only: the base's answers read by the adapter
+        scores["heldout"]["activation_weights"] = _activation(model, tokenizer, data, direction, its, base_held, cfg)
+    elif direction.defined:  # the base: its own answers through its own weights, all three coincide
+        scores["heldout"]["activation_content"] = scores["heldout"]["activation_weights"] = scores["heldout"]["activation"]
     timing["activations"] = clock() - t  # includes "direction" when it was computed here
+
+    causal: dict = {"available": False, "reason": "persona.causal is off"}
+    if cfg.causal and direction.defined:
+        t = clock()
+        its, texts = sets["heldout"]
+        pick = _balanced(its, math.ceil(cfg.causal_prompts / max(1, len({it.domain for it in its}))))
+        pick = pick[: cfg.causal_prompts]
+        index = {it.id: i for i, it in enumerate(its)}
+        ct = causal_test(model, tokenizer, data, cfg, direction, pick, [texts[index[it.id]] for it in pick],
+                         probe, ngrams)
+        causal = {"available": True, "alpha": cfg.steer_alpha, "layer": direction.layer,
+                  "ids": [it.id for it in pick], "texts": ct["texts"],
+                  "effects": ps.causal_effects(ct["scores"])}
+        causal["_scores"] = ct["scores"]
+        timing["causal"] = clock() - t
+    elif cfg.causal:
+        causal["reason"] = "no persona direction on this base (see direction.reason)"
 
     judge_info: dict = {"available": False, "reason": "no judge configured (persona.judge)"}
     if cfg.judge:
@@ -493,7 +739,12 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
 
     domains = [it.domain for it in held]
     coherence: dict = {}
-    rows = ps.indicator_rows(domains, scores["heldout"], sr) + ps.coherence_rows(domains, scores, sr, coherence)
+    rows = ps.indicator_rows(domains, scores["heldout"], sr)
+    rows += ps.causal_rows(causal.pop("_scores", None))
+    if not is_adapter and np.isfinite(probe_info["external_auc"]):
+        rows.append(ps.scalar_row("persona/probe_auc_external", probe_info["external_auc"],
+                                  *probe_info["external_auc_ci"], probe_info["external_pairs"] * 2))
+    rows += ps.coherence_rows(domains, scores, coherence)
     records = []
     for name, (its, texts) in sets.items():
         metric = {"heldout": "persona/probe", "test_in": "persona/probe_indomain"}.get(name, "persona/probe_retest")
@@ -501,12 +752,11 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
             vals = {k: float(v[i]) for k, v in scores[name].items()}
             records.append({"metric": metric, "set": name, "id": it.id, "domain": it.domain, "response": text,
                             **vals, "score": vals["probe"]})
-    undefined = {} if direction.defined else {"reason": "the base answered identically with and without the "
-                                                          "persona prompt: no direction, no activation rows"}
+    undefined = {} if direction.defined else {"reason": dir_info.get("reason") or "the base answered identically "
+                                              "with and without the persona prompt: no direction, no activation rows"}
     return {"rows": [r for r in rows if r is not None], "responses": records, "indicators": INDICATORS,
-            "probe": probe.summary(), "probe_warning": not probe.ok, "self_report": sr,
+            "probe": probe_info, "probe_warning": not probe.ok, "self_report": sr,
             "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
                                      "defined": direction.defined, **undefined},
-            "judge": judge_info, "coherence": coherence, "timing": timing,
+            "causal": causal, "judge": judge_info, "coherence": coherence, "timing": timing,
             "greedy_answers_from_newtask": reused}
-
