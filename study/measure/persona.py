@@ -8,51 +8,67 @@ Indicators, per response (the model's greedy answers to held-out-domain prompts)
                            logistic regression fitted on the training split's persona vs neutral answers;
                            persona_stats). No method optimised it: GRPO's classifier is a bag of words on
                            its own half of the data. Its held-out-domain AUC is stored; < 0.9 warns.
-    persona/probe_masked   the same probe on the response with every lexicon marker stripped
-                           (persona_stats.mask: strip_markers and the punctuation it orphans): a
-                           surface-only persona collapses here.
+    persona/probe_masked   the same probe on the response with every lexicon marker AND the GRPO reward
+                           classifier's `mask_reward_ngrams` most persona-weighted n-grams stripped
+                           (persona_stats.mask, study.rewards.reward_ngrams): what the reward could see is
+                           gone, so a surface-only persona collapses here.
     persona/self_report    a questionnaire (questionnaire.yaml: 20 Likert items, half reverse-keyed),
                            each item's score the expected value of the softmax over the log-likelihoods
-                           of the options "1".."5", reverse-keyed items as 6 - x; the mean over items
-                           (CI: bootstrap over items). "Respondents" for Cronbach's alpha are the model
-                           under each paraphrased instruction of the questionnaire, asked cold and after
-                           each of `self_report_contexts` held-out exchanges (a prompt and the model's own
-                           answer as the previous turn): 6 x 3 = 18 by default. Alpha asks whether the
-                           items move together when framing and context move the answers; pure
-                           acquiescence (agreeing more with everything) makes it negative.
+                           of the options "1".."5", reverse-keyed items as 6 - x; the mean over items and
+                           respondents (CI: BCa bootstrap over respondents, never over items, whose keying
+                           differs systematically). "Respondents" are the model under each paraphrased
+                           instruction, asked cold and after each of `self_report_contexts` held-out
+                           exchanges: 6 x 3 = 18 by default. The JSON also keeps the forward-minus-reverse
+                           raw agreement (a trait raises it; acquiescence does not).
+                           VALIDITY GATE, judged on the base: option mass >= self_report_min_mass and
+                           Cronbach's alpha > self_report_min_alpha. Below it (SmolLM2-135M: mass 0.36,
+                           alpha < 0) no self-report value row is written, only `persona/self_report_valid`
+                           = 0 with the reason in `flag` and in the JSON (`self_report.gate`).
     persona/activation     a persona direction in the BASE model: at one layer, the mean hidden state of
                            the base's answers to training prompts generated WITH a persona system prompt
                            minus that of its answers WITHOUT it (both teacher-forced in the plain
                            evaluation context, mean-pooled over answer tokens); the layer is the one whose
-                           direction best separates the two on the other half of those prompts. Each
-                           model's own held-out responses are projected on it, in base units:
+                           direction best separates the two on the other half of those prompts. Anchors
+                           pass a quality filter first (`anchor_pairs`: a pair is dropped when either
+                           answer has < 3 words or more than `anchor_max_repetition` repeated word
+                           3-grams, or the two answers are identical; < 4 pairs left: no direction).
+                           Each model's own held-out responses are projected on it, in base units:
                            0 = the base's plain answers, 1 = its persona-prompted answers.
+    persona/activation_content   the adapter's answers read by the BASE (what the text carries)
+    persona/activation_weights   the base's answers read by the ADAPTER (what the weights add); on the
+                           base all three coincide.
+    persona/steer_<ind>, persona/ablate_<ind>   the causal test, ind in marker_rate, probe, probe_masked,
+                           activation: the model's answers to `causal_prompts` held-out prompts generated
+                           again with steer_alpha x the direction added at its layer (forward hook), and
+                           with the direction projected out there. If the direction carries the trait,
+                           steering raises the indicators and ablation lowers them; paired deltas with CIs
+                           in the JSON (`causal.effects`).
+    persona/probe_auc_external   (base only) the probe's AUC on persona_external.jsonl: 54 persona/neutral
+                           pairs in other domains and another voice, never fitted on; `check_probe`
+                           (persona_stats) fails below `external_auc_min` before a study runs.
     persona/judge          optional: an LLM judge named in the config rates each response 1-5 under both
                            scale orders (scaled to 0-1). Absent (no row) when no judge is configured or it
                            cannot be loaded; the JSON says why.
     persona/<ind>/<domain> each per-response indicator per held-out domain.
 
 Per response the JSON keeps the text and `markers` (the marker count), `probe`, `probe_masked`,
-`activation` (and `judge`), for the held-out, in-domain test and retest answers.
+`activation` (and `activation_content`, `activation_weights`, `judge`), for the held-out, in-domain test
+and retest answers.
 
-Coherence statistics per cell, in the family `coherence/` (the report reads `persona/<x>` as an indicator
-and `persona/<x>/<y>` as its value in a domain, so they cannot live there):
+Within-cell coherence, `coherence/*` (the statistics that need per-response data; the report's coherence
+table computes the rest from metrics.csv, and prints these in its `coherence_within` table and macros):
 
-    coherence/indicator_alpha, coherence/indicator_mean_r   agreement among the per-response indicators
-        (Cronbach's alpha across standardised indicators; mean Spearman r), over the independent ones:
-        marker count, probe_masked, activation (and judge); the full matrix, probe included, is in the JSON
+    coherence/indicator_alpha      Cronbach's alpha across the standardised independent indicators
+                                   (marker count, probe_masked, activation, judge), responses as subjects
     coherence/context_icc1/<ind>   ICC(1), domains as targets: share of variance due to the held-out domain
-    coherence/domain_kendall_w     Kendall's W, the indicators ranking the held-out domains
-    coherence/gap/<ind>            in-domain test prompts minus held-out prompts (generalisation gap)
-    coherence/masked_ratio         probe_masked / probe (the share of the probe signal that is not markers)
     coherence/retest_r/<ind>       test-retest: the same held-out prompts sampled under two seeds,
-                                   Pearson r across prompts (Fisher CI)
-    coherence/self_report_alpha    Cronbach's alpha of the questionnaire (pingouin CI)
+                                   Pearson r across prompts (scipy's Fisher CI)
 
 A statistic that is undefined for a cell (e.g. no marker anywhere) has no row; the JSON says why. The
 direction is computed once per base model (`with model.disable_adapter()` on a PeftModel), memoised in the
 process and, given `cache` (the runner passes results/<protocol>/base/<task>/persona_direction.npz), stored
-on disk and reused when its key (base weights fingerprint + config) matches.
+on disk and reused when its key (base weights fingerprint + config) matches. The base's held-out answers
+and questionnaire (for the weights-only projection and the gate) are memoised per process.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_persona.py
 """
@@ -88,6 +104,10 @@ INDICATORS = {
     "probe_masked": "not optimised: the probe on the response with the lexicon markers removed",
     "self_report": "not optimised: option likelihoods on a questionnaire no method saw",
     "activation": "not optimised: projection on a direction of the base model's hidden states",
+    "activation_content": "not optimised: the model's answers read by the base (content only)",
+    "activation_weights": "not optimised: the base's answers read by the model (weights only)",
+    "steer_probe": "causal: the probe on answers generated with the direction added",
+    "ablate_probe": "causal: the probe on answers generated with the direction projected out",
     "judge": "not optimised: an external LLM judge (only where configured and loadable)",
 }
 
