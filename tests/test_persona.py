@@ -536,10 +536,13 @@ def test_bundled_cell_time_split(smol, data):
     cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=48, direction_prompts=16, retest_prompts=6)
     out = persona.run(model, tok, data, cfg)
     rows = {r["metric"] for r in out["rows"]}
-    assert {"persona/probe", "persona/probe_masked", "persona/self_report", "persona/activation"} <= rows
+    assert {"persona/probe", "persona/probe_masked", "persona/activation", "persona/steer_probe",
+            "persona/ablate_probe", "persona/probe_auc_external"} <= rows
+    # the self-report: a value row or the invalidity flag, never both (SmolLM2-135M: flagged, mass ~0.32)
+    assert ("persona/self_report" in rows) != ("persona/self_report_valid" in rows)
+    gate = out["self_report"]["gate"]
     print("\ntiming (s):", {k: round(v, 1) for k, v in out["timing"].items()},
-          "\nself-report option mass:", round(out["self_report"]["option_mass"], 3),
-          "alpha:", out["self_report"]["alpha"],
+          "\nself-report option mass:", round(gate["option_mass"], 3), "alpha:", gate["alpha"], gate["reason"],
           "\nrows:", {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1})
 
 
