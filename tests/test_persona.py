@@ -376,6 +376,7 @@ def test_stage_rows_and_records(tok, data, scripted):
                                 "activation_content", "activation_weights"} <= set(held[0])
     assert set(out["timing"]) >= {"generation", "embedding", "questionnaire", "activations", "causal"}
     assert out["causal"]["available"] and len(out["causal"]["ids"]) == 3
+    assert set(out["causal"]["degenerate_share"]) == {"plain", "steer", "ablate"}
     assert out["probe"]["external_ok"] and out["probe"]["masked_reward_ngrams"]
     # content only = the adapter's answers read by the base
     d, _ = persona.persona_direction(model, tok, data, cfg)

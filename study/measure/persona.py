@@ -489,9 +489,13 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
         index = {it.id: i for i, it in enumerate(its)}
         ct = causal_test(model, tokenizer, data, cfg, direction, pick, [texts[index[it.id]] for it in pick],
                          probe, ngrams)
+        # A strong push makes a small model loop ("I I I I"), which the probe may score as persona: the share
+        # of degenerate answers per arm says whether a steering effect is a style or a breakdown.
         causal = {"available": True, "alpha": cfg.steer_alpha, "layer": direction.layer,
                   "ids": [it.id for it in pick], "texts": ct["texts"],
-                  "effects": ps.causal_effects(ct["scores"])}
+                  "effects": ps.causal_effects(ct["scores"]),
+                  "degenerate_share": {arm: float(np.mean([degenerate(x, cfg.anchor_max_repetition) for x in tx]))
+                                       for arm, tx in ct["texts"].items()}}
         causal["_scores"] = ct["scores"]
         timing["causal"] = clock() - t
     elif cfg.causal:

@@ -397,7 +397,10 @@ def persona_validity_fmt(run: Run, st: Stats, task: str) -> Table:
         e = c["effects"]
         rows.append(["causal test", "ok" if e.get("steer_probe", {}).get("delta", 0) > 0 else "no effect",
                      f"α {fmt(c['alpha'])}: steering Δprobe {fmt_ci(e['steer_probe']['delta'], *e['steer_probe']['ci'])}, "
-                     f"ablation Δprobe {fmt_ci(e['ablate_probe']['delta'], *e['ablate_probe']['ci'])}"])
+                     f"ablation Δprobe {fmt_ci(e['ablate_probe']['delta'], *e['ablate_probe']['ci'])}"
+                     + ("; degenerate answers plain/steered/ablated " + "/".join(
+                         fmt(c["degenerate_share"].get(k)) for k in ("plain", "steer", "ablate"))
+                        if "degenerate_share" in c else "")])
     t.frame = pd.DataFrame(rows, columns=["instrument", "verdict", "detail"])
     if gate and not gate["valid"]:
         t.note = gate["reason"] + ": no persona/self_report rows are reported."
