@@ -447,6 +447,22 @@ def test_causal_effects_and_rows():
     assert math.isclose(rows["persona/steer_probe"]["value"], 0.7) and rows["persona/steer_marker_rate"]["value"] == 1
 
 
+def test_causal_effect_intervals_null_and_planted():
+    """Null: steering that changes nothing but noise; the paired 95% interval of Δprobe covers 0 in ~95% of
+    400 simulated cells of 12 prompts (Monte-Carlo SE ~1.1 points). Planted: a +0.15 shift is found (CI > 0)
+    in most of them."""
+    rng = np.random.default_rng(0)
+    covered, found = 0, 0
+    for _ in range(400):
+        plain = {"markers": np.zeros(12), "probe": rng.uniform(0.1, 0.5, 12)}
+        null = {"markers": np.zeros(12), "probe": plain["probe"] + rng.normal(0, 0.1, 12)}
+        planted = {"markers": np.zeros(12), "probe": plain["probe"] + 0.15 + rng.normal(0, 0.1, 12)}
+        lo, hi = ps.causal_effects({"plain": plain, "steer": null, "ablate": null})["steer_probe"]["ci"]
+        covered += lo <= 0 <= hi
+        found += ps.causal_effects({"plain": plain, "steer": planted, "ablate": null})["steer_probe"]["ci"][0] > 0
+    assert 0.92 <= covered / 400 <= 0.98 and found / 400 > 0.95
+
+
 def test_anchor_quality_filter():
     loop = "The answer is yes. The answer is yes. The answer is yes. The answer is yes."
     assert persona.degenerate(loop, 0.25) and persona.degenerate("Yes.", 0.25)
