@@ -35,7 +35,9 @@ def base_policy(model):
 
 
 def _prefix_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    chats = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    chats = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
     return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
 
 
@@ -48,8 +50,9 @@ def _right_padded(seqs: list[list[int]], pad: int, device):
     return ids, mask
 
 
-def response_states(model, tokenizer, conversations, responses, batch_size: int = 16,
-                    layer: int | None = None) -> np.ndarray:
+def response_states(
+    model, tokenizer, conversations, responses, batch_size: int = 16, layer: int | None = None
+) -> np.ndarray:
     """Hidden states mean-pooled over each response's tokens, teacher-forced after its chat prefix:
     (n, layers + 1, hidden), or (n, 1, hidden) for one `layer`. An empty response pools the last prefix
     token (where the answer would start)."""
@@ -67,7 +70,9 @@ def response_states(model, tokenizer, conversations, responses, batch_size: int 
         ids, mask = _right_padded(seqs, pad, model.device)
         with torch.no_grad():
             # logits_to_keep=1: the states are wanted, not a (B, T, vocab) logits tensor
-            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+            hs = model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states
         h = torch.stack(hs if layer is None else (hs[layer],), dim=1).float()  # (B, L, T, H)
         for i, (a, b) in enumerate(spans):
             out.append(h[i, :, a:b].mean(1).cpu().numpy())
@@ -85,14 +90,21 @@ def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
         lcp += 1
     with torch.no_grad():
         if lcp >= MIN_SHARED:
-            cache = model(input_ids=torch.tensor([seqs[0][:lcp]], device=model.device), use_cache=True).past_key_values
+            cache = model(
+                input_ids=torch.tensor([seqs[0][:lcp]], device=model.device), use_cache=True
+            ).past_key_values
             cache.batch_repeat_interleave(len(seqs))
             ids, mask = _right_padded([s[lcp:] for s in seqs], pad, model.device)
             mask = torch.cat([torch.ones(len(seqs), lcp, dtype=mask.dtype, device=mask.device), mask], 1)
             ends = torch.tensor([len(s) - lcp - 1 for s in seqs])
             keep, row = torch.unique(ends, return_inverse=True)  # logits only where some row ends
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           logits_to_keep=keep.to(model.device)).logits
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep.to(model.device),
+            ).logits
         else:
             ids, mask = _right_padded(seqs, pad, model.device)
             ends = torch.tensor([len(s) - 1 for s in seqs])
@@ -101,8 +113,15 @@ def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
         return torch.log_softmax(logits[torch.arange(len(seqs)), row].float(), -1)
 
 
-def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"), batch_size: int = 16,
-           fast: bool = True, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def likert(
+    model,
+    tokenizer,
+    conversations,
+    options=("1", "2", "3", "4", "5"),
+    batch_size: int = 16,
+    fast: bool = True,
+    share_prefix: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """(expected option value, probability mass on the options) per conversation: softmax over the
     options' log-likelihoods as the assistant's answer, values 1..len(options). Options that are single
     tokens are read from one forward pass of the prefix (`fast`); otherwise each option is teacher-forced."""
@@ -116,7 +135,11 @@ def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"), b
     for s in range(0, len(prefixes), batch_size):
         chunk = prefixes[s : s + batch_size]
         if single:
-            lps.append(_next_token_logprobs(model, chunk, pad, share_prefix)[:, [o[0] for o in opt_ids]].cpu().numpy())
+            lps.append(
+                _next_token_logprobs(model, chunk, pad, share_prefix)[:, [o[0] for o in opt_ids]]
+                .cpu()
+                .numpy()
+            )
             continue
         seqs = [p + o for p in chunk for o in opt_ids]
         ids, mask = _right_padded(seqs, pad, model.device)
@@ -149,8 +172,10 @@ def load_questionnaire(path: Path | None = None) -> dict:
 
 def item_prompt(q: dict, instruction: str, statement: str) -> str:
     # The statement comes last, so that all items of a respondent share the rest (see _next_token_logprobs).
-    return (f"{instruction}\n{q['scale']['anchors']}\nAnswer with a single number from "
-            f"{q['scale']['options'][0]} to {q['scale']['options'][-1]}.\n\nStatement: \"{statement}\"")
+    return (
+        f"{instruction}\n{q['scale']['anchors']}\nAnswer with a single number from "
+        f'{q["scale"]["options"][0]} to {q["scale"]["options"][-1]}.\n\nStatement: "{statement}"'
+    )
 
 
 def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.ndarray:
@@ -159,8 +184,9 @@ def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.nda
     return np.where(rev, n_options + 1 - scores, scores)
 
 
-def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval,
-                contexts: list[tuple[str, str]] = ()) -> dict:
+def self_report(
+    model, tokenizer, data: TaskData, cfg: PersonaEval, contexts: list[tuple[str, str]] = ()
+) -> dict:
     """The questionnaire: respondents x items, keyed; mean, per-item means, Cronbach's alpha. A respondent
     is one paraphrased instruction, asked either cold or after one of `contexts` (a held-out prompt and the
     model's own answer to it, as the previous turn): paraphrases x (1 + len(contexts)) respondents."""
@@ -172,16 +198,40 @@ def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval,
     before = [[]] + [data.messages(p)[-1:] + [{"role": "assistant", "content": a}] for p, a in contexts]
     resp = [f"{r} | " + (f"after: {c[0]['content']}" if c else "cold") for c in before for r in phrasings]
     items = q["items"]
-    convs = [data.messages("")[:-1] + c + [{"role": "user", "content": item_prompt(q, r, it["text"])}]
-             for c in before for r in phrasings for it in items]
+    convs = [
+        data.messages("")[:-1] + c + [{"role": "user", "content": item_prompt(q, r, it["text"])}]
+        for c in before
+        for r in phrasings
+        for it in items
+    ]
     per = len(items)  # one respondent's items per batch: they share everything but the statement
-    ev, mass = map(np.concatenate, zip(*(likert(model, tokenizer, convs[i : i + per], tuple(q["scale"]["options"]),
-                                                max(cfg.batch_size, per)) for i in range(0, len(convs), per))))
+    ev, mass = map(
+        np.concatenate,
+        zip(
+            *(
+                likert(
+                    model,
+                    tokenizer,
+                    convs[i : i + per],
+                    tuple(q["scale"]["options"]),
+                    max(cfg.batch_size, per),
+                )
+                for i in range(0, len(convs), per)
+            )
+        ),
+    )
     raw = ev.reshape(len(resp), len(items))
     m = keyed(raw, [it["reverse"] for it in items], len(q["scale"]["options"]))
-    out = {"items": [it["id"] for it in items], "reverse": [bool(it["reverse"]) for it in items],
-           "respondents": resp, "raw": raw.tolist(), "keyed": m.tolist(), "item_means": m.mean(0).tolist(),
-           "option_mass": float(mass.mean()), "alpha": math.nan}
+    out = {
+        "items": [it["id"] for it in items],
+        "reverse": [bool(it["reverse"]) for it in items],
+        "respondents": resp,
+        "raw": raw.tolist(),
+        "keyed": m.tolist(),
+        "item_means": m.mean(0).tolist(),
+        "option_mass": float(mass.mean()),
+        "alpha": math.nan,
+    }
     if m.std(0).min() > 1e-9 and m.sum(1).std() > 1e-9:
         alpha, ci = pg.cronbach_alpha(data=pd.DataFrame(m, columns=out["items"]))
         out["alpha"], out["alpha_ci"] = float(alpha), [float(ci[0]), float(ci[1])]
@@ -218,11 +268,19 @@ def self_report_gate(base_sr: dict, cfg: PersonaEval) -> dict:
     if not mass >= cfg.self_report_min_mass:
         reasons.append(f"option mass {mass:.3f} < {cfg.self_report_min_mass}")
     if not (np.isfinite(alpha) and alpha > cfg.self_report_min_alpha):
-        reasons.append(f"Cronbach's alpha {alpha:.3f} <= {cfg.self_report_min_alpha}"
-                       if np.isfinite(alpha) else "Cronbach's alpha undefined (" + base_sr.get("alpha_reason", "") + ")")
-    return {"valid": not reasons, "option_mass": float(mass), "alpha": float(alpha),
-            "min_mass": cfg.self_report_min_mass, "min_alpha": cfg.self_report_min_alpha,
-            "reason": ("self-report invalid for this base model: " + "; ".join(reasons)) if reasons else ""}
+        reasons.append(
+            f"Cronbach's alpha {alpha:.3f} <= {cfg.self_report_min_alpha}"
+            if np.isfinite(alpha)
+            else "Cronbach's alpha undefined (" + base_sr.get("alpha_reason", "") + ")"
+        )
+    return {
+        "valid": not reasons,
+        "option_mass": float(mass),
+        "alpha": float(alpha),
+        "min_mass": cfg.self_report_min_mass,
+        "min_alpha": cfg.self_report_min_alpha,
+        "reason": ("self-report invalid for this base model: " + "; ".join(reasons)) if reasons else "",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- causal
@@ -234,7 +292,9 @@ def _layer_module(model, layer: int):
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    blocks = next(m for n, m in base.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers"))
+    blocks = next(
+        m for n, m in base.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers")
+    )
     if layer == len(blocks):
         return base.model.norm
     return blocks[layer - 1]
@@ -243,6 +303,7 @@ def _layer_module(model, layer: int):
 @contextmanager
 def edit_hidden(model, layer: int, fn):
     """Applies `fn(h) -> h` to hidden_states[layer] of every forward pass (generation included)."""
+
     def hook(_module, _inputs, out):
         if isinstance(out, tuple):
             return (fn(out[0]), *out[1:])
