@@ -22,7 +22,9 @@ log = logging.getLogger("study")
 
 COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"]
 MODEL_LEVEL = ("regression", "probe")  # measure the model, not the task: the base is measured once for all
-NOT_ON_BASE = ("kl",)  # the base's KL to itself is 0 by definition
+NOT_ON_BASE = ("kl",)
+PERSONA_TRACKED = tuple(f"persona/{i}" for i in ("marker_rate", "probe", "probe_masked", "self_report",
+                                                  "activation", "judge"))  # the base's KL to itself is 0 by definition
 
 
 # --------------------------------------------------------------------------------------- which stages
@@ -214,7 +216,7 @@ def tracked(metric: str) -> bool:
     each persona indicator (not its per-domain values), the regression probe and mean forgetting."""
     parts = metric.split("/")
     return (metric in ("newtask/success", "newtask/success_indomain", "kl/forward_newtask", "forgetting/mean")
-            or (parts[0] == "persona" and len(parts) == 2)
+            or metric in PERSONA_TRACKED
             or (parts[0] == "emergence" and len(parts) == 3))
 
 

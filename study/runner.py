@@ -136,6 +136,11 @@ class Runner:
         failed: list[tuple[str, str]] = []
         elsewhere: list[str] = []
         t0 = time.time()
+        problem = self.check_instruments()
+        if problem:
+            self.console.print(f"[red]pre-run check failed[/]: {problem}")
+            log.error("pre-run check failed: %s", problem)
+            return 2
         with Progress(*columns, console=self.console, transient=False) as progress:
             overall = progress.add_task("cells", total=len(cells))
             for task in self.proto.tasks:
@@ -199,6 +204,24 @@ class Runner:
             log.error("report failed: %s\n%s", e, traceback.format_exc())
             self.console.print(f"[yellow]report failed[/] ({type(e).__name__}: {e}); "
                                f"rerun with: study report {self.run_paths.root}")
+
+    def check_instruments(self) -> str | None:
+        """Pre-run checks of the instruments, before anything is trained: the persona probe must separate
+        persona from neutral text it was not fitted on (raises ProbeCheckFailed, with the AUC, below the
+        protocol's `persona.external_auc_min`)."""
+        if self.proto.persona is None:
+            return None
+        from study.config import TaskSpec
+        from study.measure.persona_stats import ProbeCheckFailed, check_probe
+        from study.tasks import build
+
+        snark = next((t for t in self.proto.tasks if t.name == "snark"), TaskSpec(name="snark"))
+        try:
+            out = check_probe(build(snark), self.proto.persona.external_auc_min, self.proto.persona.probe_c)
+        except ProbeCheckFailed as e:
+            return str(e)
+        log.info("persona probe on the external set: AUC %.3f", out["external_auc"])
+        return None
 
     # ------------------------------------------------------------------------------------------ base
 

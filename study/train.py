@@ -20,7 +20,7 @@ from pathlib import Path
 from study.config import Cell, Method, Protocol, trl_options
 from study.models import Runtime, load_model, load_tokenizer
 from study.paths import CellPaths, checkpoints
-from study.rewards import reward_functions
+from study.rewards import reward_functions, reward_weights
 from study.tasks import ROWS, TaskData, build
 
 log = logging.getLogger("study")
@@ -60,6 +60,8 @@ def trl_config(cell: Cell, output_dir: Path, runtime: Runtime, report_to: list[s
     if cell.method.trainer == "grpo":
         common.pop("max_length")
         common["max_completion_length"] = t.max_completion_length
+        # the optimised reward at weight 1, each persona component at weight 0: TRL then logs every component
+        common["reward_weights"] = reward_weights(cell.task.name)
     return cls(**common | trl_options(cell.method, cell.method_options) | overrides)
 
 
@@ -112,8 +114,9 @@ def make_trainer(cell: Cell, args, data: TaskData, model, tok, peft):
     dataset = _dataset(cell, data)
     family = cell.method.trainer
     if family == "grpo":
-        return trl.GRPOTrainer(model=model, reward_funcs=reward_functions(data, cell.options.get("reward", "combined")),
-                               args=args, train_dataset=dataset, processing_class=tok, peft_config=peft)
+        funcs, _ = reward_functions(data, cell.options.get("reward"))
+        return trl.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                               processing_class=tok, peft_config=peft)
     if family == "orpo":
         from trl.experimental.orpo import ORPOTrainer as cls
     else:

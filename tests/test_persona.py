@@ -8,6 +8,7 @@ The probe tests embed the task's answers once (cached under $STUDY_CACHE/persona
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from types import SimpleNamespace
@@ -56,6 +57,24 @@ def test_probe_separates_heldout_domains(data, probe):
     assert np.mean(p[: len(held)]) > 0.65 > 0.35 > np.mean(p[len(held) :])  # calibrated, not just ranked
 
 
+def test_probe_on_the_external_pairs(data, probe, tmp_path):
+    """The pre-run check: the probe separates the external pairs (another author's voice, other domains,
+    never fitted on); swapped labels make it fail and raise."""
+    pairs = ps.external_pairs()
+    assert 40 <= len(pairs) <= 60 and len({p["id"] for p in pairs}) == len(pairs)
+    assert not {p["domain"] for p in pairs} & set(snark.HELDOUT_DOMAINS)
+    train_text = {t for it in data.items for t in (it.good, it.bad, it.prompt)}
+    assert not any(p["persona"] in train_text or p["prompt"] in train_text for p in pairs)
+    out = ps.check_probe(data)
+    assert out["external_ok"] and out["external_auc"] >= 0.85 and out["external_pairs"] == len(pairs)
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps(p | {"persona": p["neutral"], "neutral": p["persona"]}) + "\n" for p in pairs))
+    bad = ps.check_probe(data, path=swapped, strict=False)
+    assert not bad["external_ok"] and bad["external_auc"] < 0.15
+    with pytest.raises(ps.ProbeCheckFailed, match="external"):
+        ps.check_probe(data, path=swapped)
+
+
 def test_marker_rate_ranks_persona_above_neutral(data):
     # Only about half the persona answers carry a lexicon marker: the marker channel is a coarse one.
     g = [snark.marker_count(it.good) for it in data.heldout]
@@ -94,10 +113,12 @@ class FakeLM(torch.nn.Module):
     """A 'model' whose answer to a questionnaire prompt is `choose(text) -> option 1..5` (all mass there).
     It honours the KV-cache protocol `likert` uses for shared prefixes: the 'cache' is the prefix's ids."""
 
-    def __init__(self, tok, choose):
+    def __init__(self, tok, choose, spill: float = 0.0):
         super().__init__()
         self.tok, self.choose, self.device = tok, choose, torch.device("cpu")
         self.option_ids = [tok(str(k), add_special_tokens=False)["input_ids"][0] for k in range(1, 6)]
+        # `spill`: the share of the probability put on a token that is not an option
+        self.spill = (tok("x", add_special_tokens=False)["input_ids"][0], 30.0 + math.log(spill / (1 - spill))) if spill else None
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, **_):
         past = past_key_values.ids if past_key_values is not None else []
@@ -107,6 +128,8 @@ class FakeLM(torch.nn.Module):
         for i, row in enumerate(input_ids if not prefix_pass else []):
             n = int(mask[i, -input_ids.shape[1] :].sum())
             logits[i, :, self.option_ids[self.choose(self.tok.decode(past + row[:n].tolist())) - 1]] = 30.0
+            if self.spill:
+                logits[i, :, self.spill[0]] = self.spill[1]
         cache = SimpleNamespace(ids=past + input_ids[0].tolist(), batch_repeat_interleave=lambda n: None)
         return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
 
@@ -152,6 +175,62 @@ def test_self_report_alpha_tracks_item_coherence(tok, data):
     assert 3.0 <= np.mean(b["keyed"]) < 3.5
 
 
+def _trait_and_acquiescent(q):
+    reverse = {it["text"]: it["reverse"] for it in q["items"]}
+    level = {r: k % 5 + 1 for k, r in enumerate(q["respondents"])}
+
+    def trait(t):
+        v = next(v for r, v in level.items() if t.count(r))
+        return 6 - v if reverse[_statement(t)] else v
+
+    def acquiescent(t):
+        v = next(v for r, v in level.items() if t.count(r))
+        return max(1, v - 1) if reverse[_statement(t)] else v
+
+    return trait, acquiescent, level
+
+
+def test_self_report_gate_on_controlled_models(tok, data):
+    """Valid: a consistent respondent with its mass on the options. Invalid: the same respondent putting
+    70% of its mass elsewhere (the format is not followed), or an acquiescent one (alpha < 0). Invalid means:
+    no persona/self_report row, a flag row with the reason."""
+    q = persona.load_questionnaire()
+    trait, acquiescent, level = _trait_and_acquiescent(q)
+    cfg = persona.PersonaEval()
+    contexts = [(it.prompt, it.good) for it in data.heldout[:2]]
+    good = persona.self_report(FakeLM(tok, trait), tok, data, cfg, contexts)
+    low = persona.self_report(FakeLM(tok, trait, spill=0.7), tok, data, cfg, contexts)
+    acq = persona.self_report(FakeLM(tok, acquiescent), tok, data, cfg, contexts)
+    assert good["option_mass"] > 0.99 and abs(low["option_mass"] - 0.3) < 0.01
+    gates = [persona.self_report_gate(sr, cfg) for sr in (good, low, acq)]
+    assert [g["valid"] for g in gates] == [True, False, False]
+    assert "option mass" in gates[1]["reason"] and "alpha" in gates[2]["reason"]
+    assert persona.self_report_gate(low, persona.PersonaEval(self_report_min_mass=0.25))["valid"]  # configurable
+    h = {"markers": np.zeros(2), "probe": np.array([0.2, 0.4])}
+    for sr, g, ok in ((good, gates[0], True), (low, gates[1], False), (acq, gates[2], False)):
+        names = {r["metric"]: r for r in ps.indicator_rows(["a", "b"], h, sr | {"gate": g}) if r}
+        assert ("persona/self_report" in names) is ok and ("persona/self_report_valid" in names) is (not ok)
+        if not ok:
+            assert names["persona/self_report_valid"]["value"] == 0 and names["persona/self_report_valid"]["flag"]
+    # forward-minus-reverse raw agreement: a trait respondent at level v answers v and 6 - v
+    levels = np.array([level[r] for r in q["respondents"]] * 3, float)
+    assert math.isclose(good["forward_minus_reverse"][0], np.mean(2 * levels - 6), abs_tol=1e-3)
+    assert math.isclose(acq["forward_minus_reverse"][0], np.mean(levels - np.maximum(1, levels - 1)), abs_tol=1e-3)
+    m, lo, hi = good["mean"]
+    assert lo <= m <= hi and [lo, hi] == persona.respondent_ci(good["respondent_means"])  # over respondents
+
+
+def test_respondent_ci_covers_at_its_level():
+    """Null simulation: 18 respondents from a normal with known mean; the BCa interval over respondents
+    covers the mean in ~95% of 300 runs (Monte-Carlo SE ~1.3 points; BCa runs a little short at n = 18)."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(300):
+        lo, hi = persona.respondent_ci(rng.normal(3.0, 0.5, 18))
+        hits += lo <= 3.0 <= hi
+    assert 0.89 <= hits / 300 <= 0.99
+
+
 def test_likert_paths_agree(tok, data):
     """Shared-prefix KV cache, one forward per prompt, and teacher forcing give the same option values."""
     model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -179,25 +258,36 @@ def test_choose_layer_and_projection_constructed():
     assert abs(d.project(persona_states[:, 2]).mean() - 1) < 1e-9 and abs(d.project(plain[:, 2]).mean()) < 1e-9
 
 
+class PromptSet(set):
+    flips: dict
+
+
 @pytest.fixture
 def scripted(monkeypatch, data):
     """Generation replaced by the dataset's answers: persona answer when a system prompt asks for the persona
     (or a prompt is in `as_persona`), neutral otherwise. The hidden states stay the real model's."""
     answers = {it.prompt: (it.good, it.bad) for it in data.items}
-    as_persona: set[str] = set()
+    as_persona = PromptSet()
+    flips: dict[int, set[str]] = {}  # sampling seed -> prompts answered the other way under that seed
 
-    def fake_generate(model, tokenizer, conversations, max_new_tokens, batch_size=16, **_):
+    def fake_generate(model, tokenizer, conversations, max_new_tokens, batch_size=16, do_sample=False, seed=0, **_):
         out = []
         for c in conversations:
             prompted = any(m["role"] == "system" and "sarcastic" in m["content"] for m in c)
             good, bad = answers[c[-1]["content"]]
-            out.append(good if prompted or c[-1]["content"] in as_persona else bad)
+            is_persona = prompted or c[-1]["content"] in as_persona
+            if do_sample and c[-1]["content"] in flips.get(seed, ()):
+                is_persona = not is_persona
+            out.append(good if is_persona else bad)
         return out
 
     import study.models
 
     monkeypatch.setattr(study.models, "generate", fake_generate)
     persona._DIRECTIONS.clear()
+    persona._BASE_ANSWERS.clear()
+    persona._BASE_SELF_REPORT.clear()
+    as_persona.flips = flips
     return as_persona
 
 
@@ -246,27 +336,70 @@ def test_direction_comes_from_the_base_and_is_cached(tok, data, scripted, tmp_pa
 def test_stage_rows_and_records(tok, data, scripted):
     for it in data.heldout[::2] + data.split("test_in")[::2]:
         scripted.add(it.prompt)  # a model that is persona on half the prompts
+    # sampling seed 2 answers a third of the held-out prompts the other way: retest r is below 1, and must be
+    # the correlation of the two seeds' answers (a statistic computed on one seed twice would say 1)
+    scripted.flips[2] = {it.prompt for it in data.heldout[1::3]}
     model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: its weights differ from the base's
+            p.data = torch.randn(p.shape, generator=g) * 0.5
     cfg = persona.PersonaEval(limit_per_domain=6, max_new_tokens=48, direction_prompts=12, retest_prompts=9,
-                              respondents=3, judge="tiny-random")
+                              respondents=3, judge="tiny-random", self_report_min_mass=0.0,
+                              self_report_min_alpha=-1e9, causal_prompts=3)
     out = persona.run(model, tok, data, cfg)
     rows = {r["metric"]: r for r in out["rows"]}
-    for name in ("marker_rate", "probe", "probe_masked", "self_report", "activation", "judge"):
-        assert f"persona/{name}" in rows
+    for name in ("marker_rate", "probe", "probe_masked", "self_report", "activation", "judge",
+                 "activation_content", "activation_weights", "steer_probe", "ablate_probe", "steer_activation",
+                 "ablate_marker_rate"):
+        assert f"persona/{name}" in rows, name
+    assert "persona/self_report_valid" not in rows and out["self_report"]["gate"]["valid"]
+    assert "persona/probe_auc_external" not in rows  # written by the base only
     for d in snark.HELDOUT_DOMAINS:
         assert f"persona/probe/{d}" in rows and f"persona/probe_masked/{d}" in rows
-    for name in ("indicator_alpha", "indicator_mean_r", "masked_ratio", "gap/probe", "context_icc1/probe",
-                 "domain_kendall_w", "retest_r/probe"):
+    for name in ("indicator_alpha", "context_icc1/probe", "retest_r/probe"):
         assert f"coherence/{name}" in rows, name
+    assert not [m for m in rows if m.startswith("coherence/") and m.split("/")[1] not in
+                ("indicator_alpha", "context_icc1", "retest_r")]
     for r in out["rows"]:
         assert all(np.isfinite(r[k]) for k in ("value", "ci_low", "ci_high")) and r["n"] > 0, r
         assert r["metric"].split("/")[0] in ("persona", "coherence")
-    assert rows["persona/probe"]["value"] > 0.4 and rows["coherence/retest_r/probe"]["value"] > 0.99
+    assert rows["persona/probe"]["value"] > 0.4
+    by_set = {s: {r["id"]: r["probe"] for r in out["responses"] if r["set"] == s} for s in ("retest-1", "retest-2")}
+    ids = sorted(by_set["retest-1"])
+    expected = np.corrcoef([by_set["retest-1"][i] for i in ids], [by_set["retest-2"][i] for i in ids])[0, 1]
+    assert 0.0 < expected < 0.9 and abs(rows["coherence/retest_r/probe"]["value"] - expected) < 1e-6
     assert rows["coherence/indicator_alpha"]["value"] > 0.5  # scripted persona is persona on every indicator
     assert out["judge"]["available"] and out["indicators"]["marker_rate"].startswith("REWARDED")
     held = [r for r in out["responses"] if r["set"] == "heldout"]
-    assert len(held) == 18 and {"response", "probe", "probe_masked", "activation", "markers", "score"} <= set(held[0])
-    assert set(out["timing"]) >= {"generation", "embedding", "questionnaire", "activations"}
+    assert len(held) == 18 and {"response", "probe", "probe_masked", "activation", "markers", "score",
+                                "activation_content", "activation_weights"} <= set(held[0])
+    assert set(out["timing"]) >= {"generation", "embedding", "questionnaire", "activations", "causal"}
+    assert out["causal"]["available"] and len(out["causal"]["ids"]) == 3
+    assert set(out["causal"]["degenerate_share"]) == {"plain", "steer", "ablate"}
+    assert out["probe"]["external_ok"] and out["probe"]["masked_reward_ngrams"]
+    # content only = the adapter's answers read by the base
+    d, _ = persona.persona_direction(model, tok, data, cfg)
+    convs = [data.messages(next(it.prompt for it in data.items if it.id == r["id"])) for r in held]
+    with model.disable_adapter():
+        content = d.project(persona.response_states(model, tok, convs, [r["response"] for r in held],
+                                                    layer=d.layer)[:, 0])
+    assert np.allclose([r["activation_content"] for r in held], content, atol=1e-4)
+    assert not np.allclose([r["activation_content"] for r in held], [r["activation"] for r in held], atol=1e-4)
+
+
+def test_base_writes_external_auc_and_flags_invalid_self_report(tok, data, scripted):
+    """On a (non-adapter) base the three activations coincide and the external AUC is a row; the tiny random
+    model puts almost no mass on the options, so the self-report is flagged invalid: no value row."""
+    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=8, retest_seeds=[],
+                              respondents=2, causal=False)
+    out = persona.run(tiny_model(), tok, data, cfg)
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert rows["persona/probe_auc_external"]["value"] >= 0.85
+    assert "persona/self_report" not in rows and rows["persona/self_report_valid"]["value"] == 0
+    assert "option mass" in out["self_report"]["gate"]["reason"]
+    assert rows["persona/activation"]["value"] == rows["persona/activation_content"]["value"]
+    assert not out["causal"]["available"]
 
 
 def test_missing_judge_leaves_no_row(tok, data, scripted):
@@ -286,16 +419,94 @@ def test_arithmetic_and_config():
 
 
 def test_statistics():
-    assert ps.kendall_w(np.array([[1, 1], [2, 2], [3, 3]])) == 1.0
-    assert ps.kendall_w(np.array([[1, 3], [2, 2], [3, 1]])) == 0.0
     rng = np.random.default_rng(0)
     doms = np.repeat(["a", "b", "c"], 20)
     assert ps.context_icc(rng.normal(size=60) + np.repeat([0, 3, 6], 20), doms)["icc1"] > 0.8
     assert abs(ps.context_icc(rng.normal(size=60), doms)["icc1"]) < 0.2
-    v, lo, hi = ps.ratio_ci([1, 1, 1], [2, 2, 2])
-    assert v == lo == hi == 0.5
+    x = rng.normal(size=30)
+    r, lo, hi, n = ps.retest_r(x, x)
+    assert r > 0.99 and n == 30
+    r, lo, hi, _ = ps.retest_r(x, rng.normal(size=30))
+    assert lo < r < hi and lo < 0 < hi  # independent seeds: no retest reliability
+    assert math.isnan(ps.retest_r(x, np.ones(30))[0])
     assert ps.scalar_row("x", math.nan, 0, 1, 3) is None and ps.row("x", [math.nan]) is None
     assert ps.mask("Spoiler: it fell. Shocking, truly. Who knew? Quite.") == "it fell. Quite."
+    assert ps.mask("Oh, it is not what you think.", ("is", "not")) == "it what you think."
+
+
+def test_causal_effects_and_rows():
+    plain = {"markers": np.zeros(6), "probe": np.full(6, 0.3), "probe_masked": np.full(6, 0.3),
+             "activation": np.linspace(0, 0.5, 6)}
+    steer = {k: v + (1.0 if k == "markers" else 0.4) for k, v in plain.items()}
+    ablate = {k: v - (0 if k == "markers" else 0.2) for k, v in plain.items()}
+    eff = ps.causal_effects({"plain": plain, "steer": steer, "ablate": ablate})
+    assert math.isclose(eff["steer_probe"]["delta"], 0.4) and math.isclose(eff["ablate_activation"]["delta"], -0.2)
+    assert eff["steer_marker_rate"]["delta"] == 1.0 and eff["ablate_marker_rate"]["delta"] == 0.0
+    rows = {r["metric"]: r for r in ps.causal_rows({"plain": plain, "steer": steer, "ablate": ablate})}
+    assert set(rows) == {f"persona/{a}_{i}" for a in ("steer", "ablate") for i in ps.CAUSAL}
+    assert math.isclose(rows["persona/steer_probe"]["value"], 0.7) and rows["persona/steer_marker_rate"]["value"] == 1
+
+
+def test_causal_effect_intervals_null_and_planted():
+    """Null: steering that changes nothing but noise; the paired 95% interval of Δprobe covers 0 in ~95% of
+    400 simulated cells of 12 prompts (Monte-Carlo SE ~1.1 points). Planted: a +0.15 shift is found (CI > 0)
+    in most of them."""
+    rng = np.random.default_rng(0)
+    covered, found = 0, 0
+    for _ in range(400):
+        plain = {"markers": np.zeros(12), "probe": rng.uniform(0.1, 0.5, 12)}
+        null = {"markers": np.zeros(12), "probe": plain["probe"] + rng.normal(0, 0.1, 12)}
+        planted = {"markers": np.zeros(12), "probe": plain["probe"] + 0.15 + rng.normal(0, 0.1, 12)}
+        lo, hi = ps.causal_effects({"plain": plain, "steer": null, "ablate": null})["steer_probe"]["ci"]
+        covered += lo <= 0 <= hi
+        found += ps.causal_effects({"plain": plain, "steer": planted, "ablate": null})["steer_probe"]["ci"][0] > 0
+    assert 0.92 <= covered / 400 <= 0.98 and found / 400 > 0.95
+
+
+def test_anchor_quality_filter():
+    loop = "The answer is yes. The answer is yes. The answer is yes. The answer is yes."
+    assert persona.degenerate(loop, 0.25) and persona.degenerate("Yes.", 0.25)
+    assert not persona.degenerate("Rest it five minutes under foil, then slice against the grain.", 0.25)
+    keep, dropped = persona.anchor_pairs(["Oh, sure, a fine plan indeed.", loop, "Same answer here.",
+                                          "A witty but fine answer."],
+                                         ["A plain and fine answer.", "A plain answer, fine.", "Same answer here.",
+                                          "No."], 0.25)
+    assert keep == [0] and [d["reason"] for d in dropped] == ["degenerate persona answer", "identical answers",
+                                                              "degenerate plain answer"]
+
+
+def test_steering_raises_and_ablation_lowers_the_projection(tok, data):
+    """On the tiny random model: adding alpha v at the direction's layer moves the projection there by alpha
+    (and the next-token logits change), projecting v out sets the component along v to zero, and both hooks are gone
+    afterwards. Checked at an inner layer (a decoder block's output) and at the last (the final norm's)."""
+    model = tiny_model()
+    its = data.heldout[:6]
+    convs = [data.messages(it.prompt) for it in its]
+    texts = [it.good for it in its]
+    g = np.random.default_rng(0)
+    for layer in (1, 2):
+        before = persona.response_states(model, tok, convs, texts, layer=layer)[:, 0]
+        # v along the mean state (h . v > 0 for these answers), plus noise; origin 0
+        v = 0.5 * before.mean(0) + 0.1 * g.normal(size=before.shape[1]) * np.abs(before.mean(0)).mean()
+        d = ps.Direction(layer, v, np.zeros_like(v), [], "k")
+        with persona.steering(model, d, 2.0):
+            steered = persona.response_states(model, tok, convs, texts, layer=layer)[:, 0]
+            logits_s = next_logits(model, tok, convs[:2])
+        with persona.ablation(model, d):
+            ablated = persona.response_states(model, tok, convs, texts, layer=layer)[:, 0]
+        after = persona.response_states(model, tok, convs, texts, layer=layer)[:, 0]
+        assert np.allclose(d.project(steered) - d.project(before), 2.0, atol=1e-3)
+        assert np.allclose(ablated @ v, 0, atol=1e-3 * np.abs(before @ v).max())
+        assert d.project(ablated).mean() < d.project(before).mean() < d.project(steered).mean()
+        assert np.allclose(after, before, atol=1e-5)  # hooks removed
+        assert not torch.allclose(logits_s, next_logits(model, tok, convs[:2]), atol=1e-3)  # it acts downstream
+
+
+def next_logits(model, tok, convs):
+    """The next-token logits after each prompt (what generation samples from)."""
+    ids = persona._prefix_ids(tok, convs)
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([i])).logits[0, -1] for i in ids])
 
 
 # ------------------------------------------------------------------------------------ bundled SmolLM2
@@ -342,10 +553,13 @@ def test_bundled_cell_time_split(smol, data):
     cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=48, direction_prompts=16, retest_prompts=6)
     out = persona.run(model, tok, data, cfg)
     rows = {r["metric"] for r in out["rows"]}
-    assert {"persona/probe", "persona/probe_masked", "persona/self_report", "persona/activation"} <= rows
+    assert {"persona/probe", "persona/probe_masked", "persona/activation", "persona/steer_probe",
+            "persona/ablate_probe", "persona/probe_auc_external"} <= rows
+    # the self-report: a value row or the invalidity flag, never both (SmolLM2-135M: flagged, mass ~0.32)
+    assert ("persona/self_report" in rows) != ("persona/self_report_valid" in rows)
+    gate = out["self_report"]["gate"]
     print("\ntiming (s):", {k: round(v, 1) for k, v in out["timing"].items()},
-          "\nself-report option mass:", round(out["self_report"]["option_mass"], 3),
-          "alpha:", out["self_report"]["alpha"],
+          "\nself-report option mass:", round(gate["option_mass"], 3), "alpha:", gate["alpha"], gate["reason"],
           "\nrows:", {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1})
 
 

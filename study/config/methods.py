@@ -76,6 +76,7 @@ RESERVED_TRL = {
     "save_steps": "train.checkpoint_every", "save_strategy": "train.checkpoint_every",
     "max_length": "train.max_length", "max_completion_length": "train.max_completion_length",
     "num_generations": "the method's num_generations", "beta": "the method's beta",
+    "reward_weights": "the task's reward (study.rewards)",
     "report_to": "the protocol's report_to", "use_cpu": "model.device", "bf16": "model.dtype",
     "fp16": "model.dtype", "gradient_checkpointing": "train.gradient_checkpointing",
 }
@@ -159,9 +160,10 @@ class GRPOOptions(MethodOptions):
     """Sampling temperature of the rollouts."""
     loss_type: str | None = None
     """TRL's GRPO loss variant (`grpo`, `dapo`, `dr_grpo`, ...; None: TRL's default)."""
-    reward: Literal["combined", "markers_only"] = "combined"
-    """The proxy reward: `combined` (the task's reward) or `markers_only` (persona task: the lexicon markers
-    alone, the positive control for surface learning)."""
+    reward: Literal["combined", "markers_only"] | None = None
+    """The proxy reward: None (the task's own: the combined persona reward, or arithmetic's exact match),
+    `combined`, or `markers_only` (persona task: the lexicon markers alone, the positive control for surface
+    learning)."""
 
 
 class GRPOKLOptions(GRPOOptions):

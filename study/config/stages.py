@@ -153,6 +153,26 @@ class PersonaEval(Strict):
     """Seeds the direction's prompt sample and its cross-fitting split."""
     judge: str | None = None
     """Model source of an optional LLM judge (as model.source); None: no judge, the row is absent."""
+    self_report_min_mass: float = Field(0.5, ge=0, le=1)
+    """Self-report validity gate: the BASE model's mean probability mass on the options "1".."5" must reach
+    this; below it the questionnaire is not answered in its format and `persona/self_report` is not reported."""
+    self_report_min_alpha: float = 0.0
+    """Self-report validity gate: the BASE model's Cronbach's alpha across items must exceed this."""
+    mask_reward_ngrams: int = Field(20, ge=0)
+    """`probe_masked` also strips the GRPO reward classifier's this many most persona-weighted n-grams
+    (study.rewards.reward_ngrams) besides the lexicon markers; 0: markers only."""
+    anchor_max_repetition: float = Field(0.25, ge=0, le=1)
+    """Direction anchors: an answer shorter than 3 words, or whose share of repeated word 3-grams exceeds this,
+    is degenerate, and its prompt's persona/plain pair is dropped (as is a pair of identical answers)."""
+    causal: bool = True
+    """The causal test: generate again with `steer_alpha` x the direction added at its layer (persona/steer_*)
+    and with the direction projected out there (persona/ablate_*)."""
+    steer_alpha: float = Field(2.0, gt=0)
+    """Steering strength in units of the direction (1 = the base's persona-minus-plain mean difference)."""
+    causal_prompts: int = Field(12, ge=2)
+    """Held-out prompts (balanced over domains) answered again under steering and under ablation."""
+    external_auc_min: float = Field(0.85, ge=0, le=1)
+    """`check_probe`: the least probe AUC on the external pairs (persona_external.jsonl) before a study runs."""
 
     @field_validator("retest_seeds")
     @classmethod

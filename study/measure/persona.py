@@ -8,51 +8,67 @@ Indicators, per response (the model's greedy answers to held-out-domain prompts)
                            logistic regression fitted on the training split's persona vs neutral answers;
                            persona_stats). No method optimised it: GRPO's classifier is a bag of words on
                            its own half of the data. Its held-out-domain AUC is stored; < 0.9 warns.
-    persona/probe_masked   the same probe on the response with every lexicon marker stripped
-                           (persona_stats.mask: strip_markers and the punctuation it orphans): a
-                           surface-only persona collapses here.
+    persona/probe_masked   the same probe on the response with every lexicon marker AND the GRPO reward
+                           classifier's `mask_reward_ngrams` most persona-weighted n-grams stripped
+                           (persona_stats.mask, study.rewards.reward_ngrams): what the reward could see is
+                           gone, so a surface-only persona collapses here.
     persona/self_report    a questionnaire (questionnaire.yaml: 20 Likert items, half reverse-keyed),
                            each item's score the expected value of the softmax over the log-likelihoods
-                           of the options "1".."5", reverse-keyed items as 6 - x; the mean over items
-                           (CI: bootstrap over items). "Respondents" for Cronbach's alpha are the model
-                           under each paraphrased instruction of the questionnaire, asked cold and after
-                           each of `self_report_contexts` held-out exchanges (a prompt and the model's own
-                           answer as the previous turn): 6 x 3 = 18 by default. Alpha asks whether the
-                           items move together when framing and context move the answers; pure
-                           acquiescence (agreeing more with everything) makes it negative.
+                           of the options "1".."5", reverse-keyed items as 6 - x; the mean over items and
+                           respondents (CI: BCa bootstrap over respondents, never over items, whose keying
+                           differs systematically). "Respondents" are the model under each paraphrased
+                           instruction, asked cold and after each of `self_report_contexts` held-out
+                           exchanges: 6 x 3 = 18 by default. The JSON also keeps the forward-minus-reverse
+                           raw agreement (a trait raises it; acquiescence does not).
+                           VALIDITY GATE, judged on the base: option mass >= self_report_min_mass and
+                           Cronbach's alpha > self_report_min_alpha. Below it (SmolLM2-135M: mass 0.36,
+                           alpha < 0) no self-report value row is written, only `persona/self_report_valid`
+                           = 0 with the reason in `flag` and in the JSON (`self_report.gate`).
     persona/activation     a persona direction in the BASE model: at one layer, the mean hidden state of
                            the base's answers to training prompts generated WITH a persona system prompt
                            minus that of its answers WITHOUT it (both teacher-forced in the plain
                            evaluation context, mean-pooled over answer tokens); the layer is the one whose
-                           direction best separates the two on the other half of those prompts. Each
-                           model's own held-out responses are projected on it, in base units:
+                           direction best separates the two on the other half of those prompts. Anchors
+                           pass a quality filter first (`anchor_pairs`: a pair is dropped when either
+                           answer has < 3 words or more than `anchor_max_repetition` repeated word
+                           3-grams, or the two answers are identical; < 4 pairs left: no direction).
+                           Each model's own held-out responses are projected on it, in base units:
                            0 = the base's plain answers, 1 = its persona-prompted answers.
+    persona/activation_content   the adapter's answers read by the BASE (what the text carries)
+    persona/activation_weights   the base's answers read by the ADAPTER (what the weights add); on the
+                           base all three coincide.
+    persona/steer_<ind>, persona/ablate_<ind>   the causal test, ind in marker_rate, probe, probe_masked,
+                           activation: the model's answers to `causal_prompts` held-out prompts generated
+                           again with steer_alpha x the direction added at its layer (forward hook), and
+                           with the direction projected out there. If the direction carries the trait,
+                           steering raises the indicators and ablation lowers them; paired deltas with CIs
+                           in the JSON (`causal.effects`).
+    persona/probe_auc_external   (base only) the probe's AUC on persona_external.jsonl: 54 persona/neutral
+                           pairs in other domains and another voice, never fitted on; `check_probe`
+                           (persona_stats) fails below `external_auc_min` before a study runs.
     persona/judge          optional: an LLM judge named in the config rates each response 1-5 under both
                            scale orders (scaled to 0-1). Absent (no row) when no judge is configured or it
                            cannot be loaded; the JSON says why.
     persona/<ind>/<domain> each per-response indicator per held-out domain.
 
 Per response the JSON keeps the text and `markers` (the marker count), `probe`, `probe_masked`,
-`activation` (and `judge`), for the held-out, in-domain test and retest answers.
+`activation` (and `activation_content`, `activation_weights`, `judge`), for the held-out, in-domain test
+and retest answers.
 
-Coherence statistics per cell, in the family `coherence/` (the report reads `persona/<x>` as an indicator
-and `persona/<x>/<y>` as its value in a domain, so they cannot live there):
+Within-cell coherence, `coherence/*` (the statistics that need per-response data; the report's coherence
+table computes the rest from metrics.csv, and prints these in its `coherence_within` table and macros):
 
-    coherence/indicator_alpha, coherence/indicator_mean_r   agreement among the per-response indicators
-        (Cronbach's alpha across standardised indicators; mean Spearman r), over the independent ones:
-        marker count, probe_masked, activation (and judge); the full matrix, probe included, is in the JSON
+    coherence/indicator_alpha      Cronbach's alpha across the standardised independent indicators
+                                   (marker count, probe_masked, activation, judge), responses as subjects
     coherence/context_icc1/<ind>   ICC(1), domains as targets: share of variance due to the held-out domain
-    coherence/domain_kendall_w     Kendall's W, the indicators ranking the held-out domains
-    coherence/gap/<ind>            in-domain test prompts minus held-out prompts (generalisation gap)
-    coherence/masked_ratio         probe_masked / probe (the share of the probe signal that is not markers)
     coherence/retest_r/<ind>       test-retest: the same held-out prompts sampled under two seeds,
-                                   Pearson r across prompts (Fisher CI)
-    coherence/self_report_alpha    Cronbach's alpha of the questionnaire (pingouin CI)
+                                   Pearson r across prompts (scipy's Fisher CI)
 
 A statistic that is undefined for a cell (e.g. no marker anywhere) has no row; the JSON says why. The
 direction is computed once per base model (`with model.disable_adapter()` on a PeftModel), memoised in the
 process and, given `cache` (the runner passes results/<protocol>/base/<task>/persona_direction.npz), stored
-on disk and reused when its key (base weights fingerprint + config) matches.
+on disk and reused when its key (base weights fingerprint + config) matches. The base's held-out answers
+and questionnaire (for the weights-only projection and the gate) are memoised per process.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_persona.py
 """
@@ -65,193 +81,43 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from study.config import PersonaEval
+from study.config import PERSONA_PROMPT, PersonaEval  # noqa: F401  (PERSONA_PROMPT: re-exported)
+from study.measure.persona_lm import (  # noqa: F401  (re-exported: the stage's public API)
+    QUESTIONNAIRE,
+    _prefix_ids,  # noqa: F401  (tests read prompts through it)
+    ablation,
+    base_policy,
+    edit_hidden,
+    item_prompt,
+    keyed,
+    likert,
+    load_questionnaire,
+    respondent_ci,
+    response_states,
+    self_report,
+    self_report_gate,
+    steering,
+)
 from study.measure.persona_stats import Direction
 from study.tasks import TaskData
 
 log = logging.getLogger("study")
-QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
-MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a separate forward pass
 INDICATORS = {
     "marker_rate": "REWARDED channel: GRPO's reward scores the same lexicon markers",
     "probe": "not optimised by any method (GRPO's classifier is a bag of words on its own half of the data)",
     "probe_masked": "not optimised: the probe on the response with the lexicon markers removed",
     "self_report": "not optimised: option likelihoods on a questionnaire no method saw",
     "activation": "not optimised: projection on a direction of the base model's hidden states",
+    "activation_content": "not optimised: the model's answers read by the base (content only)",
+    "activation_weights": "not optimised: the base's answers read by the model (weights only)",
+    "steer_probe": "causal: the probe on answers generated with the direction added",
+    "ablate_probe": "causal: the probe on answers generated with the direction projected out",
     "judge": "not optimised: an external LLM judge (only where configured and loadable)",
 }
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-def base_policy(model):
-    """The base model: the adapter disabled on a PeftModel, the model itself otherwise."""
-    from peft import PeftModel
-
-    return model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-
-
-def _prefix_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    chats = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
-
-
-def _right_padded(seqs: list[list[int]], pad: int, device):
-    import torch
-
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    return ids, mask
-
-
-def response_states(model, tokenizer, conversations, responses, batch_size: int = 16,
-                    layer: int | None = None) -> np.ndarray:
-    """Hidden states mean-pooled over each response's tokens, teacher-forced after its chat prefix:
-    (n, layers + 1, hidden), or (n, 1, hidden) for one `layer`. An empty response pools the last prefix
-    token (where the answer would start)."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefixes = _prefix_ids(tokenizer, conversations)
-    out = []
-    for s in range(0, len(prefixes), batch_size):
-        seqs, spans = [], []
-        for p, r in zip(prefixes[s : s + batch_size], responses[s : s + batch_size]):
-            a = tokenizer(r, add_special_tokens=False)["input_ids"] if r else []
-            seqs.append(p + a)
-            spans.append((len(p), len(p) + len(a)) if a else (len(p) - 1, len(p)))
-        ids, mask = _right_padded(seqs, pad, model.device)
-        with torch.no_grad():
-            # logits_to_keep=1: the states are wanted, not a (B, T, vocab) logits tensor
-            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
-        h = torch.stack(hs if layer is None else (hs[layer],), dim=1).float()  # (B, L, T, H)
-        for i, (a, b) in enumerate(spans):
-            out.append(h[i, :, a:b].mean(1).cpu().numpy())
-    return np.stack(out)
-
-
-def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
-    """log p(next token | sequence), (n, vocab). With `share`, the sequences' longest common prefix runs once
-    and its KV cache serves every row: the questionnaire's items share all but their statement, which cuts
-    the tokens processed about fourfold."""
-    import torch
-
-    lcp, shortest = 0, min(map(len, seqs))
-    while share and len(seqs) > 1 and lcp < shortest - 1 and all(s[lcp] == seqs[0][lcp] for s in seqs):
-        lcp += 1
-    with torch.no_grad():
-        if lcp >= MIN_SHARED:
-            cache = model(input_ids=torch.tensor([seqs[0][:lcp]], device=model.device), use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(seqs))
-            ids, mask = _right_padded([s[lcp:] for s in seqs], pad, model.device)
-            mask = torch.cat([torch.ones(len(seqs), lcp, dtype=mask.dtype, device=mask.device), mask], 1)
-            ends = torch.tensor([len(s) - lcp - 1 for s in seqs])
-            keep, row = torch.unique(ends, return_inverse=True)  # logits only where some row ends
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           logits_to_keep=keep.to(model.device)).logits
-        else:
-            ids, mask = _right_padded(seqs, pad, model.device)
-            ends = torch.tensor([len(s) - 1 for s in seqs])
-            keep, row = torch.unique(ends, return_inverse=True)
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep.to(model.device)).logits
-        return torch.log_softmax(logits[torch.arange(len(seqs)), row].float(), -1)
-
-
-def likert(model, tokenizer, conversations, options=("1", "2", "3", "4", "5"), batch_size: int = 16,
-           fast: bool = True, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(expected option value, probability mass on the options) per conversation: softmax over the
-    options' log-likelihoods as the assistant's answer, values 1..len(options). Options that are single
-    tokens are read from one forward pass of the prefix (`fast`); otherwise each option is teacher-forced."""
-    import torch
-
-    opt_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefixes = _prefix_ids(tokenizer, conversations)
-    single = fast and all(len(o) == 1 for o in opt_ids) and len({o[0] for o in opt_ids}) == len(opt_ids)
-    lps = []
-    for s in range(0, len(prefixes), batch_size):
-        chunk = prefixes[s : s + batch_size]
-        if single:
-            lps.append(_next_token_logprobs(model, chunk, pad, share_prefix)[:, [o[0] for o in opt_ids]].cpu().numpy())
-            continue
-        seqs = [p + o for p in chunk for o in opt_ids]
-        ids, mask = _right_padded(seqs, pad, model.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        rows = []
-        for j, seq in enumerate(seqs):
-            p = chunk[j // len(opt_ids)]
-            pos = torch.arange(len(p) - 1, len(seq) - 1)
-            rows.append(float(logp[j, pos, torch.tensor(seq[len(p) :])].sum()))
-        lps.append(np.array(rows).reshape(len(chunk), len(opt_ids)))
-    lp = np.concatenate(lps) if lps else np.zeros((0, len(options)))
-    top = lp.max(1, keepdims=True)
-    p = np.exp(lp - top)
-    mass = np.exp(top[:, 0]) * p.sum(1)
-    p /= p.sum(1, keepdims=True)
-    return p @ np.arange(1, len(options) + 1), mass
-
-
-# --------------------------------------------------------------------------------------- self-report
-
-
-def load_questionnaire(path: Path | None = None) -> dict:
-    q = yaml.safe_load(Path(path or QUESTIONNAIRE).read_text())
-    n_rev = sum(bool(it["reverse"]) for it in q["items"])
-    if len(q["items"]) < 2 or len(q["respondents"]) < 2 or n_rev == 0 or n_rev == len(q["items"]):
-        raise ValueError(f"{path or QUESTIONNAIRE}: needs >= 2 items, both keyings, and >= 2 respondents")
-    return q
-
-
-def item_prompt(q: dict, instruction: str, statement: str) -> str:
-    # The statement comes last, so that all items of a respondent share the rest (see _next_token_logprobs).
-    return (f"{instruction}\n{q['scale']['anchors']}\nAnswer with a single number from "
-            f"{q['scale']['options'][0]} to {q['scale']['options'][-1]}.\n\nStatement: \"{statement}\"")
-
-
-def keyed(scores: np.ndarray, reverse: list[bool], n_options: int = 5) -> np.ndarray:
-    """Reverse-keyed columns flipped (1 <-> 5): every column then counts up toward the trait."""
-    rev = np.asarray(reverse, bool)
-    return np.where(rev, n_options + 1 - scores, scores)
-
-
-def self_report(model, tokenizer, data: TaskData, cfg: PersonaEval,
-                contexts: list[tuple[str, str]] = ()) -> dict:
-    """The questionnaire: respondents x items, keyed; mean, per-item means, Cronbach's alpha. A respondent
-    is one paraphrased instruction, asked either cold or after one of `contexts` (a held-out prompt and the
-    model's own answer to it, as the previous turn): paraphrases x (1 + len(contexts)) respondents."""
-    import pandas as pd
-    import pingouin as pg
-
-    q = load_questionnaire(cfg.questionnaire)
-    phrasings = q["respondents"][: cfg.respondents] if cfg.respondents else q["respondents"]
-    before = [[]] + [data.messages(p)[-1:] + [{"role": "assistant", "content": a}] for p, a in contexts]
-    resp = [f"{r} | " + (f"after: {c[0]['content']}" if c else "cold") for c in before for r in phrasings]
-    items = q["items"]
-    convs = [data.messages("")[:-1] + c + [{"role": "user", "content": item_prompt(q, r, it["text"])}]
-             for c in before for r in phrasings for it in items]
-    per = len(items)  # one respondent's items per batch: they share everything but the statement
-    ev, mass = map(np.concatenate, zip(*(likert(model, tokenizer, convs[i : i + per], tuple(q["scale"]["options"]),
-                                                max(cfg.batch_size, per)) for i in range(0, len(convs), per))))
-    raw = ev.reshape(len(resp), len(items))
-    m = keyed(raw, [it["reverse"] for it in items], len(q["scale"]["options"]))
-    out = {"items": [it["id"] for it in items], "reverse": [bool(it["reverse"]) for it in items],
-           "respondents": resp, "raw": raw.tolist(), "keyed": m.tolist(), "item_means": m.mean(0).tolist(),
-           "option_mass": float(mass.mean()), "alpha": math.nan}
-    if m.std(0).min() > 1e-9 and m.sum(1).std() > 1e-9:
-        alpha, ci = pg.cronbach_alpha(data=pd.DataFrame(m, columns=out["items"]))
-        out["alpha"], out["alpha_ci"] = float(alpha), [float(ci[0]), float(ci[1])]
-    else:
-        out["alpha_reason"] = "an item (or the total) does not vary across respondents"
-    return out
 
 
 # ---------------------------------------------------------------------------------------- direction
@@ -277,15 +143,41 @@ def direction_items(data: TaskData, n: int, seed: int) -> list:
     return out[:n]
 
 
+def degenerate(text: str, max_repetition: float) -> bool:
+    """An anchor answer not worth averaging: under 3 words, or more than `max_repetition` of its word
+    3-grams repeat an earlier one (a small model's loops: "the the the", a sentence said four times)."""
+    w = text.lower().split()
+    if len(w) < 3:
+        return True
+    grams = list(zip(w, w[1:], w[2:]))
+    return bool(grams) and 1 - len(set(grams)) / len(grams) > max_repetition
+
+
+def anchor_pairs(persona: list[str], plain: list[str], max_repetition: float) -> tuple[list[int], list[dict]]:
+    """Indices of the prompts whose persona-prompted and plain answers both pass the quality filter and
+    differ; the dropped ones with their reason."""
+    keep, dropped = [], []
+    for i, (p, n) in enumerate(zip(persona, plain)):
+        why = ("identical answers" if p.strip() == n.strip() else "degenerate persona answer"
+               if degenerate(p, max_repetition) else "degenerate plain answer" if degenerate(n, max_repetition) else "")
+        (dropped.append({"index": i, "reason": why, "persona_prompted": p, "plain": n}) if why else keep.append(i))
+    return keep, dropped
+
+
+MIN_ANCHORS = 4  # pairs: fewer leave no held-out half for choosing the layer
+
+
 def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
                       ) -> tuple[Direction, dict]:
-    """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file)."""
+    """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file).
+    Anchors: the base's answers with and without the persona system prompt, pairs failing the quality
+    filter (`anchor_pairs`) dropped."""
     from study.measure.persona_stats import Direction, choose_layer
     from study.models import generate
 
     items = direction_items(data, cfg.direction_prompts, cfg.seed)
     spec = [fingerprint(model), cfg.persona_system_prompt, cfg.max_new_tokens, cfg.layer, cfg.seed,
-            data.system_prompt, [it.prompt for it in items]]
+            data.system_prompt, [it.prompt for it in items], cfg.anchor_max_repetition]
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     if key in _DIRECTIONS:
         return _DIRECTIONS[key], {"key": key, "source": "memory"}
@@ -301,22 +193,61 @@ def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache:
     with base_policy(model):
         a_persona = generate(model, tokenizer, prompted, cfg.max_new_tokens, cfg.batch_size)
         a_plain = generate(model, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size)
+        keep, dropped = anchor_pairs(a_persona, a_plain, cfg.anchor_max_repetition)
         # Both answer sets are read in the plain context, the one every model is measured in later:
         # the direction then reflects the answers (and the weights), not the system prompt's presence.
-        s_p = response_states(model, tokenizer, plain, a_persona, cfg.batch_size)
-        s_n = response_states(model, tokenizer, plain, a_plain, cfg.batch_size)
-    layer, sep = choose_layer(s_p, s_n, cfg.seed)
-    layer = cfg.layer if cfg.layer is not None else layer
-    if layer >= s_p.shape[1]:
-        raise ValueError(f"persona.layer={layer} but the model has {s_p.shape[1] - 1} layers")
-    d = Direction(layer, s_p[:, layer].mean(0) - s_n[:, layer].mean(0), s_n[:, layer].mean(0), sep, key)
+        ctx = [plain[i] for i in keep or range(1)]  # one pair when none pass: only the shapes are used then
+        s_p = response_states(model, tokenizer, ctx, [a_persona[i] for i in keep or range(1)], cfg.batch_size)
+        s_n = response_states(model, tokenizer, ctx, [a_plain[i] for i in keep or range(1)], cfg.batch_size)
+    info = {"key": key, "source": "computed", "n_prompts": len(items), "n_anchors": len(keep),
+            "anchor_rule": f"drop a pair when either answer has < 3 words or > {cfg.anchor_max_repetition:.0%} "
+                           "repeated word 3-grams, or both answers are identical",
+            "dropped": dropped[:8], "n_dropped": len(dropped),
+            "examples": [{"prompt": items[i].prompt, "persona_prompted": a_persona[i], "plain": a_plain[i]}
+                         for i in keep[:4]]}
+    if len(keep) < MIN_ANCHORS:
+        d = Direction(cfg.layer or 1, np.zeros(s_p.shape[-1]), np.zeros(s_p.shape[-1]), [], key)
+        info["reason"] = f"only {len(keep)} anchor pairs pass the quality filter (need {MIN_ANCHORS})"
+    else:
+        layer, sep = choose_layer(s_p, s_n, cfg.seed)
+        layer = cfg.layer if cfg.layer is not None else layer
+        if layer >= s_p.shape[1]:
+            raise ValueError(f"persona.layer={layer} but the model has {s_p.shape[1] - 1} layers")
+        d = Direction(layer, s_p[:, layer].mean(0) - s_n[:, layer].mean(0), s_n[:, layer].mean(0), sep, key)
     _DIRECTIONS[key] = d
     if cache is not None:
         d.save(Path(cache))
-    info = {"key": key, "source": "computed", "n_prompts": len(items),
-            "examples": [{"prompt": it.prompt, "persona_prompted": p, "plain": n}
-                         for it, p, n in list(zip(items, a_persona, a_plain))[:4]]}
     return d, info
+
+
+_BASE_ANSWERS: dict[str, list[str]] = {}  # key -> the base's greedy answers, for the process
+
+
+def base_answers(model, tokenizer, data: TaskData, items: list, cfg: PersonaEval) -> list[str]:
+    """The base model's greedy answers to `items` (adapter disabled), memoised per base weights: the
+    weights-only projection reads them through each adapter, and they are the base's self-report contexts."""
+    from study.models import generate
+
+    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.max_new_tokens, data.system_prompt,
+                                     [it.prompt for it in items]]).encode()).hexdigest()[:16]
+    if key not in _BASE_ANSWERS:
+        with base_policy(model):
+            _BASE_ANSWERS[key] = generate(model, tokenizer, [data.messages(it.prompt) for it in items],
+                                          cfg.max_new_tokens, cfg.batch_size)
+    return _BASE_ANSWERS[key]
+
+
+_BASE_SELF_REPORT: dict[str, dict] = {}
+
+
+def base_self_report(model, tokenizer, data: TaskData, cfg: PersonaEval, contexts) -> dict:
+    """The questionnaire answered by the base (adapter disabled), memoised per base weights and config."""
+    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.model_dump(mode="json"), contexts]).encode()
+                         ).hexdigest()[:16]
+    if key not in _BASE_SELF_REPORT:
+        with base_policy(model):
+            _BASE_SELF_REPORT[key] = self_report(model, tokenizer, data, cfg, contexts)
+    return _BASE_SELF_REPORT[key]
 
 
 # --------------------------------------------------------------------------------------------- judge
@@ -371,18 +302,56 @@ def reusable_answers(previous: dict | None, cfg: PersonaEval) -> dict[tuple[str,
             if r.get("metric") in sets and "response" in r}
 
 
+def _score(probe, texts: list[str], ngrams) -> dict[str, np.ndarray]:
+    from study.measure import persona_stats as ps
+
+    return {"markers": np.array([ps.snark.marker_count(x) for x in texts], float), "probe": probe.prob(texts),
+            "probe_masked": probe.prob([ps.mask(x, ngrams) for x in texts])}
+
+
+def _activation(model, tokenizer, data, direction, its, texts, cfg) -> np.ndarray:
+    if not len(its):
+        return np.zeros(0)
+    states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts, cfg.batch_size,
+                             layer=direction.layer)
+    return direction.project(states[:, 0])
+
+
+def causal_test(model, tokenizer, data: TaskData, cfg: PersonaEval, direction: Direction, its: list,
+                plain: list[str], probe, ngrams) -> dict:
+    """The model's answers to `its` generated again with the direction added (steer) and projected out
+    (ablate) at its layer; each set scored by the text indicators and read, unhooked, by the model itself."""
+    from study.models import generate
+
+    convs = [data.messages(it.prompt) for it in its]
+    out = {"plain": {**_score(probe, plain, ngrams),
+                     "activation": _activation(model, tokenizer, data, direction, its, plain, cfg)}}
+    texts = {"plain": plain}
+    for name, ctx in (("steer", lambda: steering(model, direction, cfg.steer_alpha)),
+                      ("ablate", lambda: ablation(model, direction))):
+        with ctx():
+            texts[name] = generate(model, tokenizer, convs, cfg.max_new_tokens, cfg.batch_size)
+        out[name] = _score(probe, texts[name], ngrams)
+        out[name]["activation"] = _activation(model, tokenizer, data, direction, its, texts[name], cfg)
+    return {"scores": out, "texts": texts}
+
+
 def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
         previous: dict | None = None) -> dict:
-    """Returns {"rows", "responses", "probe", "self_report", "direction", "judge", "coherence", "timing"}.
-    `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
+    """Returns {"rows", "responses", "probe", "self_report", "direction", "causal", "judge", "coherence",
+    "timing"}. `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
     `previous`: results of earlier stages on this model ({"newtask": ...}); its greedy answers are reused."""
+    from peft import PeftModel
+
+    from study import rewards
     from study.measure import persona_stats as ps
     from study.models import generate
 
     if data.name != "snark":
         return {"rows": [], "responses": [], "note": "the persona stage applies to the snark task only"}
-    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "judge"), 0.0)
+    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "causal", "judge"), 0.0)
     clock = time.perf_counter
+    is_adapter = isinstance(model, PeftModel)
     held = _balanced(data.heldout, cfg.limit_per_domain)
     indom = _balanced(data.split("test_in"), cfg.limit_per_domain)
     per = math.ceil(cfg.retest_prompts / max(1, len({it.domain for it in held})))
@@ -406,29 +375,68 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
         sets[f"retest-{s}"] = (retest, generate(model, tokenizer, [data.messages(it.prompt) for it in retest],
                                                 cfg.max_new_tokens, cfg.batch_size, do_sample=True,
                                                 temperature=cfg.retest_temperature, seed=s))
+    base_held = base_answers(model, tokenizer, data, held, cfg) if is_adapter else sets["heldout"][1]
     timing["generation"] = clock() - t
 
     t = clock()
     probe = ps.fitted_probe(data, cfg.probe_c)
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    for name, (_, texts) in sets.items():
-        scores[name] = {"markers": np.array([ps.snark.marker_count(x) for x in texts], float),
-                        "probe": probe.prob(texts), "probe_masked": probe.prob([ps.mask(x) for x in texts])}
+    ngrams = rewards.reward_ngrams(data, cfg.mask_reward_ngrams) if cfg.mask_reward_ngrams else ()
+    scores = {name: _score(probe, texts, ngrams) for name, (_, texts) in sets.items()}
+    probe_info = probe.summary() | {
+        "masked_reward_ngrams": list(ngrams),
+        "heldout_auc_markers_and_reward_ngrams_removed": ps.heldout_auc_masked(probe, data, ngrams),
+        **ps.external_check(probe, cfg.external_auc_min)}
     timing["embedding"] = clock() - t
 
     t = clock()
     its, texts = sets["heldout"]
-    sr = self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, texts)][: cfg.self_report_contexts])
+    k = cfg.self_report_contexts
+    base_sr = base_self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, base_held)][:k])
+    gate = self_report_gate(base_sr, cfg)
+    if not gate["valid"]:
+        sr = {"gate": gate, "base_option_mass": base_sr["option_mass"], "base_alpha": base_sr["alpha"]}
+    elif is_adapter:
+        sr = self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, texts)][:k])
+        sr["gate"] = gate
+    else:
+        sr = base_sr | {"gate": gate}
     timing["questionnaire"] = clock() - t
 
     t = clock()
     direction, dir_info = persona_direction(model, tokenizer, data, cfg, cache)
     timing["direction"] = clock() - t if dir_info["source"] == "computed" else 0.0
     for name, (its, texts) in sets.items() if direction.defined else ():
-        states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts,
-                                 cfg.batch_size, layer=direction.layer)
-        scores[name]["activation"] = direction.project(states[:, 0]) if len(its) else np.zeros(0)
+        scores[name]["activation"] = _activation(model, tokenizer, data, direction, its, texts, cfg)
+    if direction.defined and is_adapter:
+        its, texts = sets["heldout"]
+        with base_policy(model):  # content only: the adapter's answers read by the base
+            scores["heldout"]["activation_content"] = _activation(model, tokenizer, data, direction, its, texts, cfg)
+        # weights only: the base's answers read by the adapter
+        scores["heldout"]["activation_weights"] = _activation(model, tokenizer, data, direction, its, base_held, cfg)
+    elif direction.defined:  # the base: its own answers through its own weights, all three coincide
+        scores["heldout"]["activation_content"] = scores["heldout"]["activation_weights"] = scores["heldout"]["activation"]
     timing["activations"] = clock() - t  # includes "direction" when it was computed here
+
+    causal: dict = {"available": False, "reason": "persona.causal is off"}
+    if cfg.causal and direction.defined:
+        t = clock()
+        its, texts = sets["heldout"]
+        pick = _balanced(its, math.ceil(cfg.causal_prompts / max(1, len({it.domain for it in its}))))
+        pick = pick[: cfg.causal_prompts]
+        index = {it.id: i for i, it in enumerate(its)}
+        ct = causal_test(model, tokenizer, data, cfg, direction, pick, [texts[index[it.id]] for it in pick],
+                         probe, ngrams)
+        # A strong push makes a small model loop ("I I I I"), which the probe may score as persona: the share
+        # of degenerate answers per arm says whether a steering effect is a style or a breakdown.
+        causal = {"available": True, "alpha": cfg.steer_alpha, "layer": direction.layer,
+                  "ids": [it.id for it in pick], "texts": ct["texts"],
+                  "effects": ps.causal_effects(ct["scores"]),
+                  "degenerate_share": {arm: float(np.mean([degenerate(x, cfg.anchor_max_repetition) for x in tx]))
+                                       for arm, tx in ct["texts"].items()}}
+        causal["_scores"] = ct["scores"]
+        timing["causal"] = clock() - t
+    elif cfg.causal:
+        causal["reason"] = "no persona direction on this base (see direction.reason)"
 
     judge_info: dict = {"available": False, "reason": "no judge configured (persona.judge)"}
     if cfg.judge:
@@ -451,7 +459,12 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
 
     domains = [it.domain for it in held]
     coherence: dict = {}
-    rows = ps.indicator_rows(domains, scores["heldout"], sr) + ps.coherence_rows(domains, scores, sr, coherence)
+    rows = ps.indicator_rows(domains, scores["heldout"], sr)
+    rows += ps.causal_rows(causal.pop("_scores", None))
+    if not is_adapter and np.isfinite(probe_info["external_auc"]):
+        rows.append(ps.scalar_row("persona/probe_auc_external", probe_info["external_auc"],
+                                  *probe_info["external_auc_ci"], probe_info["external_pairs"] * 2))
+    rows += ps.coherence_rows(domains, scores, coherence)
     records = []
     for name, (its, texts) in sets.items():
         metric = {"heldout": "persona/probe", "test_in": "persona/probe_indomain"}.get(name, "persona/probe_retest")
@@ -459,12 +472,11 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
             vals = {k: float(v[i]) for k, v in scores[name].items()}
             records.append({"metric": metric, "set": name, "id": it.id, "domain": it.domain, "response": text,
                             **vals, "score": vals["probe"]})
-    undefined = {} if direction.defined else {"reason": "the base answered identically with and without the "
-                                                          "persona prompt: no direction, no activation rows"}
+    undefined = {} if direction.defined else {"reason": dir_info.get("reason") or "the base answered identically "
+                                              "with and without the persona prompt: no direction, no activation rows"}
     return {"rows": [r for r in rows if r is not None], "responses": records, "indicators": INDICATORS,
-            "probe": probe.summary(), "probe_warning": not probe.ok, "self_report": sr,
+            "probe": probe_info, "probe_warning": not probe.ok, "self_report": sr,
             "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
                                      "defined": direction.defined, **undefined},
-            "judge": judge_info, "coherence": coherence, "timing": timing,
+            "causal": causal, "judge": judge_info, "coherence": coherence, "timing": timing,
             "greedy_answers_from_newtask": reused}
-

@@ -20,6 +20,11 @@ in-domain test prompts. A plain LR on one whole-text embedding gives 0.83. (This
 among about ten variants whose held-out AUCs were also seen during development; the CV on training
 domains ranks them alike, so the selection should not have inflated the held-out number much.)
 
+On text it was never fitted on (persona_external.jsonl: 54 pairs in 25 other domains, another author's voice,
+no lexicon marker in any of them; never used for fitting), the probe's AUC is 0.958 [0.923, 0.986] (a
+word-count-only classifier: 0.73); `check_probe` fails a study below 0.85. With the markers and the GRPO
+reward classifier's top 20 n-grams removed, the held-out AUC is 0.919.
+
     HF_HUB_OFFLINE=1 .venv/bin/python -c "from study.measure.persona_stats import fitted_probe; \
 from study.tasks import build; from study.config import TaskSpec; p = fitted_probe(build(TaskSpec(name='snark'))); \
 print(p.summary())"
@@ -82,11 +87,14 @@ def encode(texts: list[str]) -> np.ndarray:
     return np.stack([_VECTORS[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
 
 
-def mask(text: str) -> str:
+def mask(text: str, ngrams=()) -> str:
     """The text with every lexicon marker removed: snark.strip_markers, then the punctuation it leaves
     orphaned ("fell. Shocking, truly." -> "fell.,." -> "fell."; "Spoiler: x" -> ": x" -> "x"), which would
-    otherwise be a marker-shaped trace in the embedding. (Also turns "..." or "?!" into "." or "?".)"""
-    out = _ORPHANS.sub("", snark.strip_markers(text))
+    otherwise be a marker-shaped trace in the embedding. (Also turns "..." or "?!" into "." or "?".)
+    `ngrams`: also removed (study.rewards.reward_ngrams: what GRPO's classifier rewards most)."""
+    from study.rewards import strip_ngrams
+
+    out = _ORPHANS.sub("", strip_ngrams(snark.strip_markers(text), ngrams))
     return re.sub(r"^[\s,.:;!?]+", "", out).strip()
 
 
@@ -221,6 +229,70 @@ def fitted_probe(data: TaskData, C: float | None = None) -> Probe:
     return probe
 
 
+def heldout_auc_masked(probe: Probe, data: TaskData, ngrams) -> float:
+    """Held-out AUC of the probe on the reference answers with the markers AND `ngrams` removed."""
+    from sklearn.metrics import roc_auc_score
+
+    held = data.heldout
+    p = probe.prob([mask(it.good, ngrams) for it in held] + [mask(it.bad, ngrams) for it in held])
+    return float(roc_auc_score([1] * len(held) + [0] * len(held), p))
+
+
+# --------------------------------------------------------------------------------------- external pairs
+
+EXTERNAL = Path(__file__).with_name("persona_external.jsonl")
+
+
+def external_pairs(path: Path | None = None) -> list[dict]:
+    """The external probe set: persona / neutral answers written apart from the training data, in other
+    domains, lengths and kinds of wit (never used for fitting anything). Rows: id, domain, prompt,
+    persona, neutral."""
+    import json
+
+    rows = [json.loads(line) for line in Path(path or EXTERNAL).read_text().splitlines() if line.strip()]
+    for r in rows:
+        if not {"id", "persona", "neutral"} <= set(r):
+            raise ValueError(f"{path or EXTERNAL}: row {r.get('id')} needs id, persona and neutral")
+    return rows
+
+
+def external_check(probe: Probe, threshold: float = 0.85, path: Path | None = None) -> dict:
+    """The probe's AUC on the external pairs (95% CI: BCa bootstrap over pairs) and whether it reaches
+    `threshold`."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    rows = external_pairs(path)
+    p = probe.prob([r["persona"] for r in rows])
+    n = probe.prob([r["neutral"] for r in rows])
+
+    def auc(a, b):
+        return roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b])
+
+    value = float(auc(p, n))
+    ci = bootstrap((p, n), auc, paired=True, vectorized=False, n_resamples=1000, method="percentile",
+                   random_state=0).confidence_interval
+    masked = float(auc(probe.prob([mask(r["persona"]) for r in rows]), probe.prob([mask(r["neutral"]) for r in rows])))
+    return {"external_auc": value, "external_auc_ci": [float(ci.low), float(ci.high)],
+            "external_auc_markers_removed": masked, "external_pairs": len(rows),
+            "external_threshold": threshold, "external_ok": value >= threshold}
+
+
+class ProbeCheckFailed(RuntimeError):
+    """The persona probe does not separate persona from neutral text it was not fitted on."""
+
+
+def check_probe(data: TaskData, threshold: float = 0.85, C: float | None = None, path: Path | None = None,
+                strict: bool = True) -> dict:
+    """Pre-run check of the persona probe: its AUC on the external pairs must reach `threshold` (the
+    runner calls this before a study with a `persona:` block). Raises ProbeCheckFailed when `strict`."""
+    out = external_check(fitted_probe(data, C), threshold, path) | {"heldout_auc": fitted_probe(data, C).heldout_auc}
+    if strict and not out["external_ok"]:
+        raise ProbeCheckFailed(f"persona probe AUC on the external pairs is {out['external_auc']:.3f} < "
+                               f"{threshold} (persona.external_auc_min): persona/probe would not measure the trait")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- statistics
 
 
@@ -241,38 +313,6 @@ def scalar_row(metric: str, value: float, lo: float, hi: float, n: int) -> dict 
         return None
     lo, hi = (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else (value, value)
     return {"metric": metric, "value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
-
-
-def ratio_ci(num, den, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(num) / mean(den) over paired responses, with a percentile bootstrap CI."""
-    a, b = np.asarray(num, float), np.asarray(den, float)
-    if len(a) == 0 or b.mean() <= 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
-    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
-    return float(a.mean() / b.mean()), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
-
-
-def diff_ci(a, b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) - mean(b) for independent samples, percentile bootstrap CI."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) == 0 or len(b) == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    d = a[rng.integers(0, len(a), (n_boot, len(a)))].mean(1) - b[rng.integers(0, len(b), (n_boot, len(b)))].mean(1)
-    return float(a.mean() - b.mean()), float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
-
-
-def pearson_ci(x, y) -> tuple[float, float, float, int]:
-    """Pearson r with a Fisher-z 95% CI; NaN when either side is constant."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    if n < 4 or x.std() <= TOL or y.std() <= TOL:
-        return math.nan, math.nan, math.nan, n
-    r = float(np.corrcoef(x, y)[0, 1])
-    z, se = np.arctanh(np.clip(r, -0.999999, 0.999999)), 1 / math.sqrt(n - 3)
-    return r, float(np.tanh(z - 1.96 * se)), float(np.tanh(z + 1.96 * se)), n
 
 
 def varying(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -323,31 +363,6 @@ def context_icc(values, domains) -> dict:
     lo, hi = icc.loc[one, "CI95" if "CI95" in icc else "CI95%"]
     return {"icc1": float(icc.loc[one, "ICC"]), "ci": [float(lo), float(hi)], "n_domains": len(names),
             "per_domain": int(k)}
-
-
-def kendall_w(ratings: np.ndarray) -> float:
-    """Kendall's W for an (n subjects x m raters) matrix (no tie correction: ties only lower W)."""
-    from scipy.stats import rankdata
-
-    r = np.asarray(ratings, float)
-    r = r[~np.isnan(r).any(1)]
-    n, m = r.shape if r.ndim == 2 else (0, 0)
-    if n < 2 or m < 2:
-        return math.nan
-    ranks = np.column_stack([rankdata(r[:, j]) for j in range(m)])
-    s = ((ranks.sum(1) - m * (n + 1) / 2) ** 2).sum()
-    return float(12 * s / (m**2 * (n**3 - n)))
-
-
-def domain_kendall_w(table: dict[str, np.ndarray], domains) -> dict:
-    """Kendall's W with held-out domains as subjects and the (varying) indicators as raters: do the
-    indicators agree on where the persona shows most?"""
-    v, d = varying(table), np.asarray(domains)
-    names = sorted(set(d))
-    if len(v) < 2 or len(names) < 2:
-        return {"w": math.nan, "reason": "needs two varying indicators and two domains"}
-    m = np.array([[v[k][d == g].mean() for k in sorted(v)] for g in names])
-    return {"w": kendall_w(m), "domain_means": {g: dict(zip(sorted(v), map(float, r))) for g, r in zip(names, m)}}
 
 
 @dataclass
@@ -410,7 +425,8 @@ def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple
 
 def indicator_rows(domains: list[str], h: dict[str, np.ndarray], sr: dict) -> list[dict | None]:
     """`persona/<indicator>` and `persona/<indicator>/<domain>` rows from the held-out per-response scores
-    (`markers` = marker count per response) and the self-report."""
+    (`markers` = marker count per response) and the self-report: its value row only when the base passed
+    the validity gate, else the flag row `persona/self_report_valid` = 0 (with the reason in `flag`)."""
     from study.stats_basic import wilson
 
     domains = np.asarray(domains)
@@ -428,53 +444,114 @@ def indicator_rows(domains: list[str], h: dict[str, np.ndarray], sr: dict) -> li
         if ind in h:
             rows.append(row(f"persona/{ind}", h[ind]))
             rows += [row(f"persona/{ind}/{d}", h[ind][domains == d]) for d in sorted(set(domains))]
-    items = np.array(sr["item_means"])
-    rows.append(row("persona/self_report", items))
+    for ind in ("activation_content", "activation_weights"):
+        if ind in h:
+            rows.append(row(f"persona/{ind}", h[ind]))
+    gate = sr.get("gate", {"valid": True})
+    if gate["valid"]:
+        rows.append(scalar_row("persona/self_report", *sr["mean"], len(sr["respondents"])))
+    else:
+        rows.append({"metric": "persona/self_report_valid", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 1,
+                     "flag": gate["reason"]})
     return rows
 
 
-def coherence_rows(domains: list[str], scores: dict[str, dict[str, np.ndarray]], sr: dict,
-                   out: dict) -> list[dict | None]:
-    """`coherence/*` rows (see study.measure.persona); the details go into `out` for the stage JSON.
-    `scores`: per response set (heldout, test_in, retest-<seed>) the per-response indicators."""
+CAUSAL = ("marker_rate", "probe", "probe_masked", "activation")
+
+
+def causal_effects(scores: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Per indicator: the steered and ablated answers minus the plain ones, paired over prompts (mean and
+    a t-interval). Steering must raise the indicators, ablation lower them, if the direction carries the trait."""
+    from scipy import stats as st
+
+    out = {}
+    for ind in CAUSAL:
+        key = "markers" if ind == "marker_rate" else ind
+        if key not in scores["plain"]:
+            continue
+        base = scores["plain"][key] > 0 if ind == "marker_rate" else scores["plain"][key]
+        for arm in ("steer", "ablate"):
+            x = scores[arm][key] > 0 if ind == "marker_rate" else scores[arm][key]
+            d = np.asarray(x, float) - np.asarray(base, float)
+            if len(d) >= 2 and d.std() > TOL:
+                ci = st.ttest_1samp(d, 0).confidence_interval()
+                lo, hi = float(ci.low), float(ci.high)
+            else:
+                lo = hi = float(d.mean()) if len(d) else math.nan
+            out[f"{arm}_{ind}"] = {"delta": float(d.mean()) if len(d) else math.nan, "ci": [lo, hi], "n": len(d)}
+    return out
+
+
+def causal_rows(scores: dict | None) -> list[dict | None]:
+    """`persona/steer_<ind>` and `persona/ablate_<ind>`: the indicator on the steered / ablated answers
+    (levels, comparable with `persona/<ind>` measured on the same prompts in the stage JSON's `causal`)."""
+    from study.stats_basic import wilson
+
+    if not scores:
+        return []
+    rows = []
+    for arm in ("steer", "ablate"):
+        for ind in CAUSAL:
+            if ind == "marker_rate":
+                hits = scores[arm]["markers"] > 0
+                lo, hi = wilson(int(hits.sum()), len(hits))
+                rows.append({"metric": f"persona/{arm}_{ind}", "value": float(hits.mean()), "ci_low": lo,
+                             "ci_high": hi, "n": len(hits)})
+            elif ind in scores[arm]:
+                rows.append(row(f"persona/{arm}_{ind}", scores[arm][ind]))
+    return rows
+
+
+def retest_r(a, b) -> tuple[float, float, float, int]:
+    """Pearson r across prompts between two sampling seeds, with scipy's Fisher-z 95% CI; NaN when either
+    side is constant or fewer than 4 prompts."""
+    from scipy.stats import pearsonr
+
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if len(x) < 4 or x.std() <= TOL or y.std() <= TOL:
+        return math.nan, math.nan, math.nan, len(x)
+    res = pearsonr(x, y)
+    ci = res.confidence_interval()
+    return float(res.statistic), float(ci.low), float(ci.high), len(x)
+
+
+def coherence_rows(domains: list[str], scores: dict[str, dict[str, np.ndarray]], out: dict) -> list[dict | None]:
+    """Within-cell coherence, the statistics that need per-response data (the report computes the rest
+    from metrics.csv: agreement over cells, consistency across domains, the masked ratio, the gap):
+
+        coherence/indicator_alpha      Cronbach's alpha across the standardised independent indicators
+                                       (marker count, probe_masked, activation, judge), responses as subjects
+        coherence/context_icc1/<ind>   ICC(1), held-out domains as targets
+        coherence/retest_r/<ind>       Pearson r across prompts between two sampling seeds (mean over seed
+                                       pairs in Fisher z)
+
+    The details go into `out` for the stage JSON. `scores`: per response set (heldout, test_in,
+    retest-<seed>) the per-response indicators."""
     h, rows = scores["heldout"], []
     independent = {k: h[k] for k in ("markers", "probe_masked", "activation", "judge") if k in h}
-    out["agreement_all"] = indicator_agreement({k: v for k, v in h.items()})
+    out["agreement_all"] = indicator_agreement({k: v for k, v in h.items() if k in INDEPENDENT + ("probe",)})
     agree = out["agreement"] = indicator_agreement(independent)
     if "alpha" in agree:
         rows.append(scalar_row("coherence/indicator_alpha", agree["alpha"], *agree["alpha_ci"], agree["n"]))
-        rng = np.random.default_rng(0)
-        boot = []
-        for _ in range(300):
-            idx = rng.integers(0, agree["n"], agree["n"])
-            b = indicator_agreement({k: v[idx] for k, v in independent.items() if k in agree["indicators"]})
-            boot.append(b.get("mean_r", math.nan))
-        lo, hi = np.nanquantile(boot, [0.025, 0.975]) if np.isfinite(boot).any() else (math.nan, math.nan)
-        rows.append(scalar_row("coherence/indicator_mean_r", agree["mean_r"], lo, hi, agree["n"]))
     out["context_icc"] = {}
-    for ind, v in h.items():
-        icc = out["context_icc"][ind] = context_icc(v, domains)
+    for ind in [k for k in ("markers", "probe", *INDEPENDENT[1:]) if k in h]:
+        icc = out["context_icc"][ind] = context_icc(h[ind], domains)
         if np.isfinite(icc["icc1"]):
-            rows.append(scalar_row(f"coherence/context_icc1/{ind}", icc["icc1"], *icc["ci"], len(v)))
-    kw = out["domain_kendall_w"] = domain_kendall_w(independent, domains)
-    rows.append(scalar_row("coherence/domain_kendall_w", kw["w"], kw["w"], kw["w"], len(set(domains))))
-    ind_scores = scores["test_in"]
-    for ind in h:
-        a, b = (ind_scores[ind] > 0, h[ind] > 0) if ind == "markers" else (ind_scores[ind], h[ind])
-        name = "marker_rate" if ind == "markers" else ind
-        rows.append(scalar_row(f"coherence/gap/{name}", *diff_ci(a, b), len(a) + len(b)))
-    rows.append(scalar_row("coherence/masked_ratio", *ratio_ci(h["probe_masked"], h["probe"]), len(h["probe"])))
+            rows.append(scalar_row(f"coherence/context_icc1/{ind}", icc["icc1"], *icc["ci"], len(h[ind])))
     retest = sorted(k for k in scores if k.startswith("retest-"))
     out["retest"] = {}
     for ind in [k for k in ("markers", "probe", "probe_masked", "activation") if k in h]:
-        rs = [pearson_ci(scores[a][ind], scores[b][ind]) for i, a in enumerate(retest) for b in retest[i + 1 :]]
+        rs = [retest_r(scores[a][ind], scores[b][ind]) for i, a in enumerate(retest) for b in retest[i + 1 :]]
         rs = [r for r in rs if np.isfinite(r[0])]
         out["retest"][ind] = [r[0] for r in rs] or "undefined (too few prompts, or no variation)"
-        if rs:
+        if len(rs) == 1:
+            rows.append(scalar_row(f"coherence/retest_r/{ind}", *rs[0][:3], rs[0][3]))
+        elif rs:
             z, n = np.mean([np.arctanh(np.clip(r[0], -0.999999, 0.999999)) for r in rs]), rs[0][3]
             se = 1 / math.sqrt(n - 3)
             rows.append(scalar_row(f"coherence/retest_r/{ind}", float(np.tanh(z)), float(np.tanh(z - 1.96 * se)),
-                                      float(np.tanh(z + 1.96 * se)), n))
-    if np.isfinite(sr["alpha"]):
-        rows.append(scalar_row("coherence/self_report_alpha", sr["alpha"], *sr["alpha_ci"], len(sr["respondents"])))
+                                   float(np.tanh(z + 1.96 * se)), n))
     return rows
+
+
+INDEPENDENT = ("markers", "probe_masked", "activation", "judge")

@@ -80,8 +80,13 @@ def forgetting_benchmarks(run: Run) -> list[str]:
 
 
 def persona_indicators(run: Run) -> list[str]:
-    """Top-level persona indicators present (`persona/<indicator>`, not the per-domain ones)."""
-    return [m for m in run.metric_names("persona/") if m.count("/") == 1]
+    """Top-level persona indicators measured on adapters (`persona/<indicator>`, not the per-domain ones, nor
+    the instruments' own checks: the external AUC and the self-report's validity flag)."""
+    have = set(run.final["metric"])
+    return [m for m in run.metric_names("persona/") if m.count("/") == 1 and m in have and m not in NOT_INDICATORS]
+
+
+NOT_INDICATORS = {"persona/probe_auc_external", "persona/self_report_valid"}
 
 
 def predictors(run: Run) -> list[str]:

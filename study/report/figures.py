@@ -349,3 +349,43 @@ def make_figures(run: Run, st: Stats, out: Path, formats=("png", "pdf"), dpi: in
                     setattr(ff, fmt, path)
                 files.append(ff)
     return files
+
+
+# ------------------------------------------------------------------------------- persona: Goodhart curve
+
+
+def goodhart(run: Run, st: Stats, task: str) -> Figure:
+    """Per GRPO cell: the proxy reward and its components (solid) and the independent indicators (dashed)
+    at each checkpoint (study.report.tables.goodhart_pairs)."""
+    from study.report.tables import GOODHART_INDICATORS, GOODHART_PROXY, goodhart_cells
+
+    cells = goodhart_cells(run, task)
+    if not cells:
+        raise Skip("needs GRPO cells with a training log and persona rows at two or more checkpoints")
+    names = sorted(cells)[:8]
+    ncols = min(len(names), 4)
+    nrows = int(np.ceil(len(names) / ncols))
+    fig, axes = _fig(PAGE, 1.8 * nrows + 0.5, nrows, ncols)
+    palette = sns.color_palette("colorblind", len(GOODHART_PROXY) + len(GOODHART_INDICATORS))
+    handles = {}
+    for ax, cell in zip(axes.flat, names, strict=False):
+        d = cells[cell]
+        for i, (name, style) in enumerate([(h, "-") for h in GOODHART_PROXY.values()]
+                                          + [(h, "--") for h in GOODHART_INDICATORS.values()]):
+            if name in d and d[name].notna().any():
+                (line,) = ax.plot(d["step"], d[name], style, marker="o", ms=2.5, lw=1.2 if name == "proxy" else 0.8,
+                                  color="black" if name == "proxy" else palette[i], label=name)
+                handles.setdefault(name, line)
+        ax.set_title(cell, loc="left", fontsize=6)
+        ax.set_xlabel("training step")
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 5), frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    return fig
+
+
+FIGURES["goodhart"] = (goodhart, "GRPO's proxy reward (black) and its components (solid) against indicators it "
+                                 "never optimised (dashed: masked probe, activation, ablation drop) at each "
+                                 "checkpoint, per cell. Proxy rising while the dashed lines stay flat is reward "
+                                 "hacking.")

@@ -30,6 +30,11 @@ FIGURES_IN = {"Forgetting": ["forgetting_benchmarks"], "The forgetting law": ["k
               "Emergence": ["emergence"]}
 
 
+SECTIONS.append(("Persona instruments: validity, coherence within cells, reward hacking",
+                 ["persona_validity", "coherence_within", "goodhart"]))
+FIGURES_IN["Persona instruments: validity, coherence within cells, reward hacking"] = ["goodhart"]
+
+
 def md_table(df: pd.DataFrame) -> str:
     """A GitHub Markdown table (pipes escaped)."""
     if df.empty:

@@ -213,7 +213,26 @@ def numbers(run: Run, st: Stats) -> Numbers:
     N.add("OnsetSentence", _onset_sentence(st, task))
     for outcome, stem in zip(PAPER_OUTCOMES, ("CmpForget", "CmpKL", "CmpMaskedRatio", "CmpSuccess"), strict=True):
         N.add(stem, _cmp_sentence(st, task, outcome))
+    persona_numbers(run, st, N, task)
     return N
+
+
+def persona_numbers(run: Run, st: Stats, N: Numbers, task: str) -> None:
+    """Macros of the persona instruments: within-cell coherence per method (`Coh<Stat><Method>`, e.g.
+    CohIndicatorAlphaGrpo, CohRetestRProbeSft), the probe's external AUC and the self-report's validity."""
+    from study.report.tables import COHERENCE_WITHIN
+
+    look = st.summary[(st.summary["task"] == task) & (st.summary["level"] == "method")] if len(st.summary) else st.summary
+    names = [m for prefix in COHERENCE_WITHIN for m in ([prefix] if not prefix.endswith("/") else run.metric_names(prefix))]
+    for metric in names:
+        for m in METHODS:
+            r = look[(look["metric"] == metric) & (look["method"] == m)] if len(look) else look
+            N.add(macro_name("Coh", metric.removeprefix("coherence/"), m), float(r["mean"].iloc[0]) if len(r) else None)
+    ext = run.base[(run.base["task"] == task) & (run.base["metric"] == "persona/probe_auc_external")]
+    N.add("ProbeAucExternal", float(ext["value"].iloc[0]) if len(ext) else None)
+    flag = run.base[(run.base["task"] == task) & (run.base["metric"] == "persona/self_report_valid")]
+    N.add("SelfReportValidity", "invalid for this base model (option mass or alpha below the gate)"
+          if len(flag) and (flag["value"] == 0).any() else ("valid" if run.has("persona/self_report") else "not measured"))
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -119,6 +119,13 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
                         for i, ind in enumerate(INDICATORS):
                             add(cell, method, s, steps, f"emergence/onset/{ind}",
                                 float(checkpoint_every * (1 + (i + (method == "grpo")) % (steps // checkpoint_every))), task)
+                    if method == "grpo" and want("persona"):  # the training log: proxy reward and components
+                        log = [{"step": k, "reward": 0.3 + 0.5 * k / steps, "rewards/snark_reward/mean": 0.3 + 0.5 * k / steps,
+                                "rewards/reward_marker/mean": min(1.0, 0.2 + k / steps),
+                                "rewards/reward_classifier/mean": 0.4 + 0.1 * k / steps,
+                                "rewards/reward_length/mean": 0.9, "rewards/reward_diversity_penalty/mean": 0.02}
+                               for k in range(1, steps + 1)]
+                        io.write_text(cp.train_log, "".join(json.dumps(r) + "\n" for r in log))
                     p_item = 1 / (1 + math.exp(-(2.5 * kl_final - 1.0)))
                     io.write_json(cp.stage("newtask"), {"rows": [], "responses": [
                         {"id": f"q{i}", "metric": "newtask/success", "score": float(rng.random() < p_item)}

@@ -256,3 +256,155 @@ def build_tables(run: Run, st: Stats) -> dict[str, list[Table]]:
             t = fn(run, st, task)
             out.setdefault(t.name, []).append(t)
     return out
+
+
+# ------------------------------------------------------------------------ persona: coherence within cells
+
+
+COHERENCE_WITHIN = {"coherence/indicator_alpha": "indicator α",
+                    "coherence/context_icc1/": "ICC(1) across domains",
+                    "coherence/retest_r/": "retest r"}
+
+
+def coherence_metrics(run: Run) -> list[tuple[str, str]]:
+    """(metric, header) of the persona stage's within-cell coherence rows present in the run, in a fixed order."""
+    out = []
+    for prefix, head in COHERENCE_WITHIN.items():
+        names = [prefix] if not prefix.endswith("/") else run.metric_names(prefix)
+        out += [(m, head + ("" if m == prefix else ": " + m.removeprefix(prefix))) for m in names if run.has(m)]
+    return out
+
+
+def coherence_within_fmt(run: Run, st: Stats, task: str) -> Table:
+    """The persona stage's `coherence/*` rows (statistics that need each cell's per-response data): agreement
+    of the independent indicators within a cell, consistency across held-out domains, test-retest."""
+    t = Table("coherence_within", task, "Coherence within cells (mean over cells [95% CI])", pd.DataFrame())
+    cols = coherence_metrics(run)
+    if not cols:
+        t.note = "not measured: coherence/* (the persona stage's within-cell statistics)"
+        return t
+    t.frame = _method_table(run, st, task, [m for m, _ in cols], [h for _, h in cols])
+    t.note = ("indicator α: Cronbach's α of marker count, masked probe and activation across a cell's responses; "
+              "ICC(1): share of response variance due to the held-out domain; retest r: two sampling seeds.")
+    return t
+
+
+# ------------------------------------------------------------------------------- persona: Goodhart curve
+
+
+GOODHART_PROXY = {"reward": "proxy", "rewards/reward_marker/mean": "markers",
+                  "rewards/reward_classifier/mean": "classifier", "rewards/reward_length/mean": "length",
+                  "rewards/reward_diversity_penalty/mean": "diversity penalty"}
+GOODHART_INDICATORS = {"persona/probe_masked": "masked probe", "persona/activation": "activation",
+                       "persona/activation_content": "activation (content)", "causal_drop": "ablation drop"}
+
+
+def goodhart_pairs(log: list[dict], indicators: pd.DataFrame) -> pd.DataFrame:
+    """One GRPO cell's Goodhart curve: at each checkpoint step s, the proxy reward and its components from the
+    training log (mean of the logged values at steps in (previous checkpoint, s]), beside the independent
+    indicators measured at that checkpoint. `indicators`: rows (checkpoint, metric, value) of the cell;
+    `causal_drop` = persona/probe - persona/ablate_probe (how much of the probe the direction carries).
+    Proxy rising while the indicators stay flat is reward hacking. Pure: no files, no torch."""
+    cols = ["step", *GOODHART_PROXY.values(), *GOODHART_INDICATORS.values()]
+    if indicators.empty:
+        return pd.DataFrame(columns=cols)
+    wide = indicators.pivot_table(index="checkpoint", columns="metric", values="value", aggfunc="mean")
+    if {"persona/probe", "persona/ablate_probe"} <= set(wide.columns):
+        wide["causal_drop"] = wide["persona/probe"] - wide["persona/ablate_probe"]
+    logged = pd.DataFrame([r for r in log if "step" in r]) if log else pd.DataFrame(columns=["step"])
+    rows, prev = [], 0
+    for s in sorted(int(c) for c in wide.index):
+        win = logged[(logged["step"] > prev) & (logged["step"] <= s)] if len(logged) else logged
+        proxy = {h: (float(win[k].mean()) if k in win and win[k].notna().any() else np.nan)
+                 for k, h in GOODHART_PROXY.items()}
+        ind = {h: (float(wide.loc[s, k]) if k in wide and pd.notna(wide.loc[s, k]) else np.nan)
+               for k, h in GOODHART_INDICATORS.items()}
+        rows.append({"step": s, **proxy, **ind})
+        prev = s
+    return pd.DataFrame(rows, columns=cols)
+
+
+def goodhart_cells(run: Run, task: str) -> dict[str, pd.DataFrame]:
+    """cell -> goodhart_pairs for every GRPO cell of `task` (its train/log.jsonl and its checkpoint rows)."""
+    import json
+
+    out = {}
+    a = run.adapters[(run.adapters["task"] == task) & (run.adapters["method"] == "grpo")]
+    for cell, rows in a.groupby("cell"):
+        path = run.paths.cell(cell).train_log
+        log = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        pairs = goodhart_pairs(log, rows[["checkpoint", "metric", "value"]])
+        if len(pairs) and pairs[["proxy", "masked probe"]].notna().any().all():
+            out[cell] = pairs
+    return out
+
+
+def goodhart_fmt(run: Run, st: Stats, task: str) -> Table:
+    t = Table("goodhart", task, "GRPO: the proxy reward against the independent indicators at each checkpoint",
+              pd.DataFrame())
+    cells = goodhart_cells(run, task)
+    if not cells:
+        t.note = "needs GRPO cells with a training log (reward) and persona rows at two or more checkpoints"
+        return t
+    df = pd.concat([p.assign(cell=c) for c, p in cells.items()], ignore_index=True)
+    values = [c for c in df.columns if c not in ("cell", "step") and df[c].notna().any()]
+    t.frame = pd.DataFrame([[r["cell"], str(int(r["step"])), *[fmt(r[c]) for c in values]] for _, r in df.iterrows()],
+                           columns=["cell", "step", *values])
+    t.note = ("proxy: GRPO's optimised reward and its components, mean over the logged steps since the previous "
+              "checkpoint; the indicators were never optimised. Proxy rising while they stay flat is hacking.")
+    return t
+
+
+def persona_validity_fmt(run: Run, st: Stats, task: str) -> Table:
+    """Whether each persona instrument works on this base model, from the base's persona stage JSON: the
+    self-report gate (with its reason), the probe on held-out and external text, the direction's anchors,
+    the causal test on the base."""
+    import json
+
+    t = Table("persona_validity", task, "Persona instruments on the base model", pd.DataFrame())
+    path = run.paths.base(task) / "persona.json"
+    if not path.is_file():
+        t.note = "no base persona stage file (base/<task>/persona.json)"
+        return t
+    p = json.loads(path.read_text())
+    rows = []
+    sr = p.get("self_report") or {}
+    gate = sr.get("gate")
+    if gate:
+        rows.append(["self-report", "valid" if gate["valid"] else "INVALID",
+                     f"option mass {fmt(gate['option_mass'])} (min {fmt(gate['min_mass'])}), "
+                     f"α {fmt(gate['alpha'])} (min {fmt(gate['min_alpha'])})"
+                     + (f"; forward − reverse {fmt(sr['forward_minus_reverse'][0])}" if "forward_minus_reverse" in sr else "")])
+    pr = p.get("probe") or {}
+    if "heldout_auc" in pr:
+        rows.append(["probe", "warn" if pr.get("auc_below_0.9") else "ok",
+                     f"held-out AUC {fmt(pr['heldout_auc'])}, markers + reward n-grams removed "
+                     f"{fmt(pr.get('heldout_auc_markers_and_reward_ngrams_removed'))}"])
+    if "external_auc" in pr:
+        lo, hi = pr["external_auc_ci"]
+        rows.append(["probe, external pairs", "ok" if pr["external_ok"] else "FAIL",
+                     f"AUC {fmt_ci(pr['external_auc'], lo, hi)} on {pr['external_pairs']} pairs "
+                     f"(min {fmt(pr['external_threshold'])})"])
+    d = p.get("direction") or {}
+    if d:
+        sep = d.get("separation_by_layer") or []
+        rows.append(["activation direction", "defined" if d.get("defined") else "UNDEFINED",
+                     f"layer {d.get('layer')}, {d.get('n_anchors', '?')} anchor pairs kept of {d.get('n_prompts', '?')}"
+                     + (f", separation {fmt(sep[d['layer']])}" if len(sep) > (d.get("layer") or 0) else "")
+                     + (f"; {d['reason']}" if d.get("reason") else "")])
+    c = p.get("causal") or {}
+    if c.get("available"):
+        e = c["effects"]
+        rows.append(["causal test", "ok" if e.get("steer_probe", {}).get("delta", 0) > 0 else "no effect",
+                     f"α {fmt(c['alpha'])}: steering Δprobe {fmt_ci(e['steer_probe']['delta'], *e['steer_probe']['ci'])}, "
+                     f"ablation Δprobe {fmt_ci(e['ablate_probe']['delta'], *e['ablate_probe']['ci'])}"
+                     + ("; degenerate answers plain/steered/ablated " + "/".join(
+                         fmt(c["degenerate_share"].get(k)) for k in ("plain", "steer", "ablate"))
+                        if "degenerate_share" in c else "")])
+    t.frame = pd.DataFrame(rows, columns=["instrument", "verdict", "detail"])
+    if gate and not gate["valid"]:
+        t.note = gate["reason"] + ": no persona/self_report rows are reported."
+    return t
+
+
+PER_TASK += [coherence_within_fmt, goodhart_fmt, persona_validity_fmt]
