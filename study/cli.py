@@ -3,7 +3,9 @@
     study validate protocols/default.yaml     check a protocol; one line per problem
     study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
     study run protocols/default.yaml          run (or resume) the study
-    study status protocols/default.yaml       done / partial / pending / failed per cell
+    study run P --executor slurm --partition gpu --gpus-per-cell 1   the same as SLURM jobs (study.executor)
+    study status protocols/default.yaml       done / partial / pending / failed per cell (+ SLURM job states)
+    study cancel protocols/default.yaml       cancel the run's SLURM jobs
     study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
     study compare results/a results/b         runs side by side per method, and a comparison figure
 """
@@ -62,32 +64,87 @@ def plan(protocol: Path) -> None:
 
 
 @app.command()
-def run(protocol: Path, only: str = typer.Option(None, help="run only cells whose name contains this")) -> None:
+def run(
+    protocol: Path,
+    only: str = typer.Option(None, help="run only cells whose name contains this"),
+    executor: str = typer.Option("local", help="local (this process) or slurm (submit jobs through submitit)"),
+    partition: str = typer.Option(None, help="slurm: partition"),
+    gpus_per_cell: int = typer.Option(0, help="slurm: GPUs per job (base and cells)"),
+    time: str = typer.Option("4:00:00", help="slurm: time limit per job (a cell past it is requeued and resumes)"),
+    array_parallelism: int = typer.Option(16, help="slurm: cells running at once"),
+    cpus_per_cell: int = typer.Option(None, help="slurm: CPUs per job"),
+    mem: str = typer.Option(None, help="slurm: memory per job, e.g. 64G"),
+    wait: bool = typer.Option(False, "--wait", help="slurm: block until every job has ended"),
+) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
-    from study.runner import Runner
+    from study.executor import LocalExecutor
 
     _load(protocol)
-    raise typer.Exit(Runner(protocol, console=console).run(only=only))
+    if executor == "local":
+        raise typer.Exit(LocalExecutor().run(protocol, only=only, console=console))
+    if executor != "slurm":
+        err.print(f"[red]--executor {executor}[/]: use local or slurm")
+        raise typer.Exit(2)
+    from study.executor import SlurmExecutor, SlurmOptions
+    from study.executor import wait as wait_jobs
+    from study.paths import RunPaths
+
+    opts = SlurmOptions(partition=partition, gpus_per_cell=gpus_per_cell, time=time,
+                        array_parallelism=array_parallelism, cpus_per_cell=cpus_per_cell, mem=mem)
+    try:
+        rec = SlurmExecutor(opts).submit(protocol, only=only)
+    except (RuntimeError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"submitted: base {rec['base'] or '(already measured)'}, cells array {rec['array'] or '(none)'} "
+                  f"({len(rec['cells'])} cells), report {rec['report']}")
+    rp = RunPaths.for_protocol(protocol, _load(protocol).results_dir)
+    console.print(f"job ids: {rp.root / 'slurm' / 'jobs.json'}; `study status {protocol}` to follow")
+    if wait:
+        states = wait_jobs(rp, on_change=lambda s: console.print(
+            " ".join(f"{j}={st}" for j, st in s.items()), highlight=False))
+        bad = {j: s for j, s in states.items() if s != "COMPLETED"}
+        raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def cancel(protocol: Path) -> None:
+    """Cancel every SLURM job of the run (base, cell array, report); finished work stays in the run folder."""
+    from study.executor import cancel as cancel_jobs
+    from study.paths import RunPaths
+
+    proto = _load(protocol)
+    ids = cancel_jobs(RunPaths.for_protocol(protocol, proto.results_dir))
+    console.print(f"cancelled {', '.join(ids)}" if ids else "no SLURM jobs recorded for this run")
 
 
 @app.command()
 def status(protocol: Path) -> None:
     """Show each cell's state (done / partial / pending / failed) from the run folder."""
+    from study.executor import job_states, load_record
     from study.paths import RunPaths
     from study.runner import cell_state
 
     proto = _load(protocol)
     rp = RunPaths.for_protocol(protocol, proto.results_dir)
+    record = load_record(rp)
+    jobs = job_states(rp) if record else {}
     table = Table(title=f"{rp.root}")
-    for col in ("cell", "state", "detail"):
+    for col in ("cell", "state", "detail", *(["slurm job", "slurm state"] if record else [])):
         table.add_column(col)
     counts: dict[str, int] = {}
     for cell in proto.cells():
         st = cell_state(rp, cell)
         counts[st["state"]] = counts.get(st["state"], 0) + 1
         colour = {"done": "green", "failed": "red", "partial": "yellow"}.get(st["state"], "white")
-        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "")
+        jid = (record or {}).get("cells", {}).get(cell.name)
+        slurm = [jid or "-", jobs.get(jid, "-") if jid else "-"] if record else []
+        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "", *slurm)
     console.print(table)
+    if record:
+        for what in ("base", "report"):
+            if record.get(what):
+                console.print(f"slurm {what} job {record[what]}: {jobs.get(record[what], '-')}", highlight=False)
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 

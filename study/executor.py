@@ -1,0 +1,419 @@
+"""Where a study's work runs: in this process (`LocalExecutor`, the default) or on a SLURM cluster through
+submitit (`SlurmExecutor`).
+
+    study run protocols/qwen2.5-3b.yaml --executor slurm --partition gpu --gpus-per-cell 1 --time 4:00:00 \\
+        --array-parallelism 16 [--cpus-per-cell 8 --mem 64G --wait]
+    study status protocols/qwen2.5-3b.yaml       # each cell's state, SLURM job id and job state
+    study cancel protocols/qwen2.5-3b.yaml       # scancel every job of the run
+
+On SLURM a run is three submissions: the base measurement as one job (skipped when the run folder already
+has it), one job array over the cells not yet done (`--dependency=afterok:<base>`), and the metrics table +
+report as a final job (`afterany:<array>`: a failed cell is recorded in its folder and the report is still
+written, as in a local run). Every cell is a submitit `Checkpointable`: on timeout or preemption submitit
+requeues it, and a requeued (or `scontrol requeue`d, or killed) cell resumes from its last complete
+checkpoint through the runner's own resume logic. The job ids go to `results/<run>/slurm/jobs.json`, the
+jobs' logs to `results/<run>/slurm/logs/`. The run folder stays the single source of truth: a study started
+on SLURM can be finished with a local `study run`, and the other way round.
+
+The jobs run this checkout's code: their Python is the interpreter that submitted them (the project venv)
+with the repository root first on PYTHONPATH and as the working directory.
+
+Three entry points are all the jobs need of the runner: `measure_base`, `run_cell` and `finish`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import submitit
+
+from study import io
+from study.paths import REPO, RunPaths
+
+# --------------------------------------------------------------------------------- runner entry points
+# The only coupling to study.runner: three functions, each a complete unit of work that reads and writes the
+# run folder and nothing else, so that any process on any node can do it.
+
+
+class _LogProgress:
+    """The slice of rich's Progress that the runner uses, printing plain lines (a job's log is a file)."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(force_terminal=False, width=120)
+        self._totals: dict[int, tuple[str, int]] = {}
+        self._last: dict[int, int] = {}
+
+    def add_task(self, description: str, total: int | None = None, **kw) -> int:
+        i = len(self._totals)
+        self._totals[i] = (description.strip(), total or 0)
+        return i
+
+    def update(self, task: int, completed: int | None = None, **kw) -> None:
+        name, total = self._totals[task]
+        step = 0 if completed is None else completed
+        # a line every ~10 % of the steps, not every step
+        if completed is not None and (step - self._last.get(task, -10**9) >= max(total // 10, 1) or step == total):
+            self._last[task] = step
+            print(f"{name}: step {step}/{total}", flush=True)
+
+    def advance(self, task: int, n: int = 1) -> None:
+        pass
+
+
+def _runner(protocol_path: str | Path):
+    from study.models import resolve_runtime
+    from study.runner import Runner, _quiet_libraries, _setup_logging
+
+    r = Runner(protocol_path)
+    _quiet_libraries()
+    if not any(getattr(h, "baseFilename", None) == str(r.run_paths.log.absolute()) for h in _log().handlers):
+        _setup_logging(r.run_paths.log)
+    r.runtime = resolve_runtime(r.proto.model.device, r.proto.model.dtype)
+    return r
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("study")
+
+
+def measure_base(protocol_path: str | Path) -> None:
+    """Measure the base model for every task of the protocol (a no-op for what is already measured)."""
+    from study.runner import manifest
+
+    r = _runner(protocol_path)
+    import yaml
+
+    io.write_text(r.run_paths.protocol, yaml.safe_dump(r.proto.model_dump(mode="json"), sort_keys=False))
+    io.write_json(r.run_paths.manifest, manifest(r.runtime))
+    progress = _LogProgress()
+    for task in r.proto.tasks:
+        r._measure_base(task, progress)
+
+
+def run_cell(protocol_path: str | Path, cell_name: str) -> str:
+    """Train (or resume) and measure one cell; returns its final state. A failure is written to the cell's
+    status.json (as a local run does) and re-raised, so that the job's state says FAILED too."""
+    from filelock import FileLock, Timeout
+
+    r = _runner(protocol_path)
+    cells = {c.name: c for c in r.proto.cells()}
+    if cell_name not in cells:
+        raise KeyError(f"{cell_name} is not a cell of {protocol_path} (the protocol changed since submission?)")
+    cell, cp = cells[cell_name], r.run_paths.cell(cell_name)
+    cp.root.mkdir(parents=True, exist_ok=True)
+    # An OS lock (fcntl), released by the kernel when its holder dies: unlike runner._CellLock's PID file it
+    # needs no `kill(pid, 0)` on another host's PID. Taken for the whole cell so that a second job (or a
+    # local run using this module) never trains the same cell at once.
+    try:
+        lock = FileLock(cp.root / ".cell.flock", timeout=0)
+        lock.acquire()
+    except Timeout:
+        print(f"{cell_name}: another process holds its lock; skipped", flush=True)
+        return "locked"
+    try:
+        r._run_cell_locked(cell, cp, _LogProgress())
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        _log().error("cell %s failed: %s\n%s", cell_name, reason, traceback.format_exc())
+        io.write_json(cp.status, {"state": "failed", "error": reason, "traceback": traceback.format_exc()})
+        raise
+    finally:
+        lock.release()
+    from study.runner import cell_state
+
+    return cell_state(r.run_paths, cell)["state"]
+
+
+def finish(protocol_path: str | Path) -> str:
+    """Rebuild metrics.csv from the run folder and write the report; returns the metrics path."""
+    from study.runner import collect_metrics
+
+    r = _runner(protocol_path)
+    path = collect_metrics(r.run_paths, r.proto)
+    r._report()
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- executors
+
+
+class LocalExecutor:
+    """Today's behaviour: every stage in this process, in order."""
+
+    def run(self, protocol_path: str | Path, only: str | None = None, console=None) -> int:
+        from study.runner import Runner
+
+        return Runner(protocol_path, console=console).run(only=only)
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    gpus_per_cell: int = 0
+    time: str = "4:00:00"
+    """Per job: `minutes`, `H:MM:SS` or `D-HH:MM:SS`; a cell that runs out is requeued and resumes."""
+    array_parallelism: int = 16
+    cpus_per_cell: int | None = None
+    mem: str | None = None
+    """Per job, sbatch syntax (`64G`); None: the partition's default."""
+    max_requeues: int = 3
+    """How often submitit requeues a cell that timed out or was preempted."""
+    extra: dict = field(default_factory=dict)
+    """Further sbatch options, e.g. {"account": "proj", "qos": "high"}."""
+
+    def minutes(self) -> int:
+        return parse_minutes(self.time)
+
+
+def parse_minutes(t: str | int) -> int:
+    """SLURM time syntax (`90`, `1:30:00`, `2-00:00:00`, `45:00`) in whole minutes (rounded up)."""
+    if isinstance(t, int) or str(t).isdigit():
+        return int(t)
+    days, _, rest = str(t).rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 2:  # MM:SS, as sbatch reads it
+        parts = [0, *parts]
+    if len(parts) != 3 or not re.fullmatch(r"\d*", days):
+        raise ValueError(f"time {t!r}: use minutes, H:MM:SS or D-HH:MM:SS")
+    h, m, s = parts
+    return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """One cell as a submitit job; a Checkpointable (see __init__), so that a timeout or preemption requeues
+    it. What it resumes from is the run folder (the last complete training checkpoint and every finished
+    stage file), not a pickled state: Checkpointable's `checkpoint()` resubmits the same call."""
+
+    def __init__(self, protocol_path: str):
+        self.protocol_path = protocol_path
+
+    def __call__(self, cell_name: str) -> str:
+        print(f"cell {cell_name} on {os.uname().nodename}, job {os.environ.get('SLURM_JOB_ID')}", flush=True)
+        return run_cell(self.protocol_path, cell_name)
+
+
+
+class SlurmExecutor:
+    """Submit a run as base job -> cell array (afterok) -> report job (afterany) and record the job ids."""
+
+    def __init__(self, options: SlurmOptions, python: str | None = None):
+        self.options = options
+        self.python = python or sys.executable
+
+    def _executor(self, folder: Path, name: str, gpus: int):
+        o = self.options
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues, python=self.python)
+        params = dict(
+            job_name=name,
+            time=o.minutes(),
+            array_parallelism=o.array_parallelism,
+            # the jobs run this checkout's code, wherever they land
+            setup=[f"cd {_q(REPO)}", f"export PYTHONPATH={_q(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}"],
+            stderr_to_stdout=True,
+        )
+        if o.partition:
+            params["partition"] = o.partition
+        if gpus:
+            params["gpus_per_node"] = gpus
+        if o.cpus_per_cell:
+            params["cpus_per_task"] = o.cpus_per_cell
+        if o.mem:
+            params["mem"] = o.mem
+        if o.extra:
+            params["additional_parameters"] = dict(o.extra)
+        ex.update_parameters(**params)
+        return ex
+
+    def submit(self, protocol_path: str | Path, only: str | None = None) -> dict:
+        from study.protocol import load_protocol
+        from study.runner import active_stages, base_stage_path, cell_state
+
+        protocol_path = Path(protocol_path).resolve()
+        proto = load_protocol(protocol_path)
+        rp = RunPaths.for_protocol(protocol_path, proto.results_dir)
+        active = [j for j, st in job_states(rp).items() if st in ACTIVE]
+        if active:
+            raise RuntimeError(f"{rp.root} has SLURM jobs still queued or running ({', '.join(active)}): "
+                               f"wait for them or `study cancel {protocol_path}` first")
+        folder = rp.root / "slurm" / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = rp.root.name
+        gpus = self.options.gpus_per_cell
+
+        base_todo = any(not _stage_file_current(base_stage_path(rp, s, t.name), s.settings(proto))
+                        for t in proto.tasks for s in active_stages(proto) if s.on_base)
+        cells = [c.name for c in proto.cells()
+                 if (not only or only in c.name) and cell_state(rp, c)["state"] != "done"]
+        record: dict = {"submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        "protocol": str(protocol_path), "options": asdict(self.options), "python": self.python,
+                        "base": None, "array": None, "report": None, "cells": {}}
+        base_id = None
+        if base_todo:
+            job = self._executor(folder, f"{name}-base", gpus).submit(measure_base, str(protocol_path))
+            base_id = record["base"] = job.job_id
+        if cells:
+            ex = self._executor(folder, f"{name}-cells", gpus)
+            if base_id:
+                ex.update_parameters(dependency=f"afterok:{base_id}")
+            jobs = ex.map_array(CellJob(str(protocol_path)), cells)
+            record["array"] = jobs[0].job_id.split("_")[0]
+            record["cells"] = {c: j.job_id for c, j in zip(cells, jobs)}
+        ex = self._executor(folder, f"{name}-report", 0)
+        after = record["array"] or base_id
+        if after:
+            # afterany: failed cells are recorded in their folders and reported, as in a local run
+            ex.update_parameters(dependency=f"afterany:{after}")
+        record["report"] = ex.submit(finish, str(protocol_path)).job_id
+        _save_record(rp, record)
+        return record
+
+
+def _stage_file_current(path: Path, settings) -> bool:
+    from study.runner import _settings_hash, _stage_done
+
+    return _stage_done(path, _settings_hash(settings))
+
+
+def _q(p) -> str:
+    import shlex
+
+    return shlex.quote(str(p))
+
+
+# ------------------------------------------------------------------------------------ the run's job record
+
+
+def jobs_path(rp: RunPaths) -> Path:
+    return rp.root / "slurm" / "jobs.json"
+
+
+def load_record(rp: RunPaths) -> dict | None:
+    path = jobs_path(rp)
+    return io.read_json(path) if path.is_file() else None
+
+
+def _save_record(rp: RunPaths, record: dict) -> None:
+    """jobs.json holds the latest submission; earlier ones move to its `history` (a cell's requeues keep
+    their job id, a resubmission gets new ones)."""
+    old = load_record(rp)
+    if old:
+        record["history"] = old.pop("history", []) + [old]
+    io.write_json(jobs_path(rp), record)
+
+
+def record_job_ids(record: dict) -> list[str]:
+    """Every job id of a submission (the array as a whole, not its tasks)."""
+    return [j for j in (record.get("base"), record.get("array"), record.get("report")) if j]
+
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+          "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
+
+
+NEVER = "DEPENDENCY_NEVER_SATISFIED"
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _expand(job: str, array_task: str) -> list[str]:
+    """scontrol's ArrayTaskId (`3`, `0-7%2`, `1,3-4`) as `<job>_<i>` ids."""
+    out = []
+    for part in array_task.split("%")[0].split(","):
+        a, _, b = part.partition("-")
+        if a.isdigit():
+            out += [f"{job}_{i}" for i in range(int(a), int(b or a) + 1)]
+    return out
+
+
+def query_states(ids: list[str]) -> dict[str, str]:
+    """SLURM's state of each job and array task among `ids` (job ids, array job ids expand to their tasks):
+    `scontrol show job` (jobs the controller still remembers, MinJobAge), then `squeue -r` (live ones, with
+    pending array tasks one by one), then `sacct` (the accounting database, where there is one) for the
+    rest. Jobs no source knows are left out."""
+    states: dict[str, str] = {}
+    if not ids:
+        return states
+    for jid in ids:
+        out = _run(["scontrol", "-o", "show", "job", jid]) or ""
+        for line in out.splitlines():
+            f = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            if "JobState" not in f:
+                continue
+            if f.get("ArrayJobId") and f.get("ArrayTaskId"):
+                for t in _expand(f["ArrayJobId"], f["ArrayTaskId"]):
+                    states[t] = f["JobState"]
+            else:
+                states[f["JobId"]] = f["JobState"]
+    out = _run(["squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(ids)]) or ""
+    for line in out.splitlines():
+        if len(parts := line.split()) == 3:
+            # a job whose dependency failed waits forever: a final state for `wait` (scancel removes it)
+            never = parts[1] == "PENDING" and parts[2] == "DependencyNeverSatisfied"
+            states[parts[0]] = NEVER if never else parts[1]
+    known = {k.split("_")[0] for k in states}
+    missing = [j for j in ids if j not in known]
+    if missing:
+        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)]) or ""
+        for line in out.splitlines():
+            jid, _, state = line.partition("|")
+            if jid and state:
+                states[jid] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return states
+
+
+def job_states(rp: RunPaths) -> dict[str, str]:
+    """job id -> SLURM state for the run's latest submission (base, each cell's array task, report)."""
+    record = load_record(rp)
+    if not record:
+        return {}
+    states = query_states(record_job_ids(record))
+    wanted = [record.get("base"), *record.get("cells", {}).values(), record.get("report")]
+    return {j: states.get(j, "UNKNOWN") for j in wanted if j}
+
+
+def cancel(rp: RunPaths) -> list[str]:
+    """scancel every job of the run's latest submission; returns the ids cancelled."""
+    record = load_record(rp)
+    if not record:
+        return []
+    ids = record_job_ids(record)
+    if ids:
+        subprocess.run(["scancel", *ids], check=True, capture_output=True, text=True, timeout=60)
+        record["cancelled"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        io.write_json(jobs_path(rp), record)
+    return ids
+
+
+def wait(rp: RunPaths, poll: float = 5.0, timeout: float | None = None, on_change=None) -> dict[str, str]:
+    """Block until no job of the run's latest submission is queued or running; returns the final states.
+    `on_change(states)` is called whenever a state changes (for a transcript)."""
+    t0, last = time.time(), None
+    while True:
+        states = job_states(rp)
+        if states != last and on_change:
+            on_change(states)
+        last = states
+        if not any(s in ACTIVE for s in states.values()):
+            return states
+        if timeout is not None and time.time() - t0 > timeout:
+            raise TimeoutError(f"SLURM jobs still active after {timeout:.0f} s: {json.dumps(states)}")
+        time.sleep(poll)
