@@ -403,16 +403,17 @@ def cancel(rp: RunPaths) -> list[str]:
     return ids
 
 
-def wait(rp: RunPaths, poll: float = 5.0, timeout: float | None = None, on_change=None) -> dict[str, str]:
-    """Block until no job of the run's latest submission is queued or running; returns the final states.
-    `on_change(states)` is called whenever a state changes (for a transcript)."""
+def wait(rp: RunPaths, poll: float = 5.0, timeout: float | None = None, on_change=None,
+         ids: list[str] | None = None) -> dict[str, str]:
+    """Block until no job of the run's latest submission (or only those in `ids`) is queued or running;
+    returns the states. `on_change(states)` is called whenever a state changes (for a transcript)."""
     t0, last = time.time(), None
     while True:
         states = job_states(rp)
         if states != last and on_change:
             on_change(states)
         last = states
-        if not any(s in ACTIVE for s in states.values()):
+        if not any(s in ACTIVE for j, s in states.items() if ids is None or j in ids):
             return states
         if timeout is not None and time.time() - t0 > timeout:
             raise TimeoutError(f"SLURM jobs still active after {timeout:.0f} s: {json.dumps(states)}")

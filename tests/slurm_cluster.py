@@ -91,7 +91,9 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # a requeued job waits cred_expire seconds before it may start again (default 120): short for the tests
-AuthInfo=socket={self.munge_socket},cred_expire=10
+AuthInfo=socket={self.munge_socket},cred_expire=5
+# and the backfill scheduler looks every 2 s for jobs whose begin time has come (default: every 30 s)
+SchedulerParameters=bf_interval=2
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -110,7 +112,7 @@ SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
-KillWait=3
+KillWait=1
 MinJobAge=600
 InactiveLimit=0
 NodeName={self.host} CPUs={self.cpus} RealMemory={_node_memory_mb()} State=UNKNOWN
