@@ -63,7 +63,9 @@ class _LogProgress:
         name, total = self._totals[task]
         step = 0 if completed is None else completed
         # a line every ~10 % of the steps, not every step
-        if completed is not None and (step - self._last.get(task, -10**9) >= max(total // 10, 1) or step == total):
+        if completed is not None and (
+            step - self._last.get(task, -(10**9)) >= max(total // 10, 1) or step == total
+        ):
             self._last[task] = step
             print(f"{name}: step {step}/{total}", flush=True)
 
@@ -111,7 +113,9 @@ def run_cell(protocol_path: str | Path, cell_name: str) -> str:
     r = _runner(protocol_path)
     cells = {c.name: c for c in r.proto.cells()}
     if cell_name not in cells:
-        raise KeyError(f"{cell_name} is not a cell of {protocol_path} (the protocol changed since submission?)")
+        raise KeyError(
+            f"{cell_name} is not a cell of {protocol_path} (the protocol changed since submission?)"
+        )
     cell, cp = cells[cell_name], r.run_paths.cell(cell_name)
     cp.root.mkdir(parents=True, exist_ok=True)
     # An OS lock (fcntl), released by the kernel when its holder dies: unlike runner._CellLock's PID file it
@@ -205,7 +209,6 @@ class CellJob(submitit.helpers.Checkpointable):
         return run_cell(self.protocol_path, cell_name)
 
 
-
 class SlurmExecutor:
     """Submit a run as base job -> cell array (afterok) -> report job (afterany) and record the job ids."""
 
@@ -246,20 +249,36 @@ class SlurmExecutor:
         rp = RunPaths.for_protocol(protocol_path, proto.results_dir)
         active = [j for j, st in job_states(rp).items() if st in ACTIVE]
         if active:
-            raise RuntimeError(f"{rp.root} has SLURM jobs still queued or running ({', '.join(active)}): "
-                               f"wait for them or `study cancel {protocol_path}` first")
+            raise RuntimeError(
+                f"{rp.root} has SLURM jobs still queued or running ({', '.join(active)}): "
+                f"wait for them or `study cancel {protocol_path}` first"
+            )
         folder = rp.root / "slurm" / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         name = rp.root.name
         gpus = self.options.gpus_per_cell
 
-        base_todo = any(not _stage_file_current(base_stage_path(rp, s, t.name), s.settings(proto))
-                        for t in proto.tasks for s in active_stages(proto) if s.on_base)
-        cells = [c.name for c in proto.cells()
-                 if (not only or only in c.name) and cell_state(rp, c)["state"] != "done"]
-        record: dict = {"submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "protocol": str(protocol_path), "options": asdict(self.options), "python": self.python,
-                        "base": None, "array": None, "report": None, "cells": {}}
+        base_todo = any(
+            not _stage_file_current(base_stage_path(rp, s, t.name), s.settings(proto))
+            for t in proto.tasks
+            for s in active_stages(proto)
+            if s.on_base
+        )
+        cells = [
+            c.name
+            for c in proto.cells()
+            if (not only or only in c.name) and cell_state(rp, c)["state"] != "done"
+        ]
+        record: dict = {
+            "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "protocol": str(protocol_path),
+            "options": asdict(self.options),
+            "python": self.python,
+            "base": None,
+            "array": None,
+            "report": None,
+            "cells": {},
+        }
         base_id = None
         if base_todo:
             job = self._executor(folder, f"{name}-base", gpus).submit(measure_base, str(protocol_path))
@@ -319,8 +338,20 @@ def record_job_ids(record: dict) -> list[str]:
     return [j for j in (record.get("base"), record.get("array"), record.get("report")) if j]
 
 
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-          "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING", "PREEMPTED"}
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "STAGE_OUT",
+    "SIGNALING",
+    "PREEMPTED",
+}
 
 
 NEVER = "DEPENDENCY_NEVER_SATISFIED"
@@ -403,8 +434,13 @@ def cancel(rp: RunPaths) -> list[str]:
     return ids
 
 
-def wait(rp: RunPaths, poll: float = 5.0, timeout: float | None = None, on_change=None,
-         ids: list[str] | None = None) -> dict[str, str]:
+def wait(
+    rp: RunPaths,
+    poll: float = 5.0,
+    timeout: float | None = None,
+    on_change=None,
+    ids: list[str] | None = None,
+) -> dict[str, str]:
     """Block until no job of the run's latest submission (or only those in `ids`) is queued or running;
     returns the states. `on_change(states)` is called whenever a state changes (for a transcript)."""
     t0, last = time.time(), None

@@ -38,8 +38,10 @@ def _ensure_packages() -> None:
     if os.geteuid() != 0:
         raise ClusterUnavailable("slurm-wlm/munge are not installed and we are not root to apt-get them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "slurm-wlm", "munge"],
+    ):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
@@ -125,22 +127,41 @@ PartitionName=cpu Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSu
         r = self.root
         logs = r / "log"
         munged = subprocess.Popen(
-            [_sbin("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
-             f"--key-file={r / 'munge' / 'munge.key'}", f"--pid-file={r / 'munge' / 'munged.pid'}",
-             f"--log-file={logs / 'munged.log'}", f"--seed-file={r / 'munge' / 'munged.seed'}"],
-            stdout=subprocess.DEVNULL, stderr=(logs / "munged.err").open("w"))
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={r / 'munge' / 'munge.key'}",
+                f"--pid-file={r / 'munge' / 'munged.pid'}",
+                f"--log-file={logs / 'munged.log'}",
+                f"--seed-file={r / 'munge' / 'munged.seed'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(logs / "munged.err").open("w"),
+        )
         self.procs.append(munged)
         self._wait(lambda: self.munge_socket.exists(), 15, "munged did not create its socket")
         for daemon in ("slurmctld", "slurmd"):
             # -D: foreground, so that we own the process and stop it by its pid
-            p = subprocess.Popen([_sbin(daemon), "-D", "-f", str(self.conf)], env=self.env,
-                                 stdout=(logs / f"{daemon}.out").open("w"), stderr=subprocess.STDOUT)
+            p = subprocess.Popen(
+                [_sbin(daemon), "-D", "-f", str(self.conf)],
+                env=self.env,
+                stdout=(logs / f"{daemon}.out").open("w"),
+                stderr=subprocess.STDOUT,
+            )
             self.procs.append(p)
             if daemon == "slurmctld":
-                self._wait(lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
-                           timeout, "slurmctld does not answer `scontrol ping`")
-        self._wait(lambda: self._out(["sinfo", "-h", "-o", "%t"]).strip() in ("idle", "mix", "alloc"),
-                   timeout, "the node never became idle")
+                self._wait(
+                    lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
+                    timeout,
+                    "slurmctld does not answer `scontrol ping`",
+                )
+        self._wait(
+            lambda: self._out(["sinfo", "-h", "-o", "%t"]).strip() in ("idle", "mix", "alloc"),
+            timeout,
+            "the node never became idle",
+        )
         return self
 
     def _ok(self, cmd) -> bool:

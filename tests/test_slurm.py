@@ -86,8 +86,15 @@ def slurm_run(cluster, tmp_path_factory):
     local_exit = Runner(local_proto).run()  # meanwhile, the same protocol in this process
     rp = RunPaths.for_protocol(slurm_proto, root / "slurm")
     states = wait(rp, poll=1, timeout=240, on_change=_transcript)
-    return {"root": root, "proto": slurm_proto, "local_proto": local_proto, "rp": rp, "record": rec,
-            "states": states, "local_exit": local_exit}
+    return {
+        "root": root,
+        "proto": slurm_proto,
+        "local_proto": local_proto,
+        "rp": rp,
+        "record": rec,
+        "states": states,
+        "local_exit": local_exit,
+    }
 
 
 def test_slurm_run_equals_local_run_and_measures_the_base_once(slurm_run):
@@ -103,8 +110,11 @@ def test_slurm_run_equals_local_run_and_measures_the_base_once(slurm_run):
     remote = pd.read_csv(rp.metrics)
     assert len(remote) > 10 and set(remote["cell"]) == set(local["cell"])
     key = ["cell", "checkpoint", "metric", "task"]
-    pd.testing.assert_frame_equal(remote.sort_values(key).reset_index(drop=True),
-                                  local.sort_values(key).reset_index(drop=True), rtol=1e-6)
+    pd.testing.assert_frame_equal(
+        remote.sort_values(key).reset_index(drop=True),
+        local.sort_values(key).reset_index(drop=True),
+        rtol=1e-6,
+    )
     assert (rp.root / "report.md").is_file()
 
     base_lines = _base_measurements(rp)
@@ -148,8 +158,10 @@ def test_a_requeued_cell_resumes_without_duplicated_steps(slurm_run):
     assert rec["base"] is None  # the run folder has the base's measurements: no second base job
     _until(lambda: checkpoints(cp.train_dir) if cp.train_dir.is_dir() else [], 150, "a first checkpoint")
     logged = _steps(cp.train_log)
-    _say(f"cell {job} has checkpoint(s) {[s for s, _ in checkpoints(cp.train_dir)]}, logged up to step "
-         f"{max(logged)}: scontrol requeue {job}")
+    _say(
+        f"cell {job} has checkpoint(s) {[s for s, _ in checkpoints(cp.train_dir)]}, logged up to step "
+        f"{max(logged)}: scontrol requeue {job}"
+    )
     r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     seen = []
@@ -170,8 +182,10 @@ def test_a_requeued_cell_resumes_without_duplicated_steps(slurm_run):
     log = rp.log.read_text()
     assert f"{cell.name}: resuming from" in log
     steps = _steps(cp.train_log)
-    _say(f"after the requeue: resumed ({[ln for ln in log.splitlines() if 'resuming' in ln][-1][-60:]}), "
-         f"log steps {steps[0]}..{steps[-1]}, {len(steps)} lines with a loss")
+    _say(
+        f"after the requeue: resumed ({[ln for ln in log.splitlines() if 'resuming' in ln][-1][-60:]}), "
+        f"log steps {steps[0]}..{steps[-1]}, {len(steps)} lines with a loss"
+    )
     assert steps == list(range(1, cell.train.steps + 1)), steps  # unique and contiguous
 
 
@@ -182,8 +196,11 @@ def test_a_cancelled_run_leaves_no_corrupt_file(slurm_run):
     rec = SlurmExecutor(OPTIONS).submit(proto_path)
     _say(f"submitted base {rec['base']}, array {rec['array']} {rec['cells']}, report {rec['report']}")
     cells = [rp.cell(c.name) for c in proto.cells()]
-    _until(lambda: any(checkpoints(cp.train_dir) for cp in cells if cp.train_dir.is_dir()), 150,
-           "a cell's first checkpoint")
+    _until(
+        lambda: any(checkpoints(cp.train_dir) for cp in cells if cp.train_dir.is_dir()),
+        150,
+        "a cell's first checkpoint",
+    )
     out = CliRunner().invoke(app, ["cancel", str(proto_path)])
     assert out.exit_code == 0, out.output
     _say(out.output.strip())
@@ -226,4 +243,6 @@ def _until(cond, timeout: float, what: str) -> None:
 
 
 def _logs(rp: RunPaths) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((rp.root / "slurm" / "logs").glob("*.out")))
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((rp.root / "slurm" / "logs").glob("*.out"))
+    )
