@@ -44,23 +44,62 @@ def validate(protocol: Path) -> None:
 
 
 @app.command()
-def plan(protocol: Path) -> None:
-    """Print every cell with an estimate of its time (and GPU memory for GPU protocols); loads no model."""
-    from study.plan import plan_rows
+def plan(
+    protocol: Path,
+    gpu: str = typer.Option(None, help="GPU type for the estimate (default: A100-80GB for a CUDA protocol, else "
+                                       "this CPU); one of study.plan.GPUS"),
+    generation: str = typer.Option("hf", help="GPU generation engine: hf (generate) or vllm"),
+    usd_per_gpu_hour: float = typer.Option(None, help="price of one GPU-hour, for the cost"),
+    array_parallelism: int = typer.Option(16, help="SLURM cells at once, for the wall time"),
+    gpus_per_cell: int = typer.Option(1, help="GPUs per cell job, for GPU-hours and cost"),
+) -> None:
+    """Every cell with its estimated training and measurement time and peak memory, totals, cost and SLURM
+    wall time; loads no model. Every estimate not measured on this machine is listed as an assumption."""
+    from study.plan import GPUS, is_gpu_protocol, plan_rows, summary
 
     proto = _load(protocol)
-    rows = plan_rows(proto)
-    gpu = rows and rows[0]["device"] == "gpu"
-    table = Table(title=f"{protocol}: {len(rows)} cells on {'a GPU (rough)' if gpu else 'this CPU'}")
-    for col in ("cell", "method", "seed", "sweep", "steps", "est. time", *(["est. GPU memory"] if gpu else [])):
+    if gpu is not None and gpu not in GPUS:
+        err.print(f"[red]--gpu {gpu}[/]: use one of {', '.join(GPUS)}")
+        raise typer.Exit(2)
+    if generation not in ("hf", "vllm"):
+        err.print(f"[red]--generation {generation}[/]: use hf or vllm")
+        raise typer.Exit(2)
+    rows = plan_rows(proto, gpu=gpu, generation=generation)
+    device = rows[0]["device"] if rows else (gpu or "cpu")
+    on_gpu = device != "cpu"
+    table = Table(title=f"{protocol}: {len(rows)} cells on {device}" + (f" ({generation} generation)" if on_gpu else ""))
+    for col in ("cell", "method", "seed", "sweep", "steps", "train", "measure", "total", "peak mem"):
         table.add_column(col)
     for r in rows:
         sweep = ", ".join(f"{k}={v}" for k, v in r["sweep"].items()) or "-"
-        extra = [f"{r['gpu_memory_gb']:.1f} GB"] if gpu else []
-        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["seconds"]), *extra)
+        mem = f"{r['peak_memory_gb']:.1f} GB" + ("" if r["fits"] else " (does not fit)")
+        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["train_seconds"]),
+                      _dur(r["measure_seconds"]), _dur(r["seconds"]), mem)
     console.print(table)
-    total = sum(r["seconds"] for r in rows)
-    console.print(f"training total: {_dur(total)} (measurement stages come on top; see `make bench`)")
+    s = summary(proto, rows, device if on_gpu else None, generation, array_parallelism, gpus_per_cell,
+                usd_per_gpu_hour)
+    console.print(f"training {_dur(s['train_seconds'])} + measurement {_dur(s['measure_seconds'])} "
+                  f"+ base {_dur(s['base_seconds'])} = {_dur(s['device_seconds'])} of "
+                  f"{'GPU' if on_gpu else 'CPU'} time in one process; peak memory {s['peak_memory_gb']:.1f} GB",
+                  highlight=False)
+    if on_gpu:
+        cost = f", ${s['usd']:,.0f} at ${usd_per_gpu_hour}/GPU-hour" if "usd" in s else " (--usd-per-gpu-hour for cost)"
+        console.print(f"{s['gpu_hours']:.1f} GPU-hours at {gpus_per_cell} GPU(s) per cell{cost}", highlight=False)
+    console.print(f"SLURM wall time at --array-parallelism {array_parallelism}: {_dur(s['slurm_wall_seconds'])} "
+                  f"(base job, then the cell array, then the report; queue waits not counted)", highlight=False)
+    notes = sorted({a for r in rows for a in r["assumptions"]})
+    if not on_gpu and not is_gpu_protocol(proto):
+        notes.append("CPU figures: measured on this 2-core machine (make bench); another CPU differs")
+    for a in notes:
+        console.print(f"[yellow]assumption[/] {a}", highlight=False)
+    if on_gpu:
+        from study import plan as P
+
+        console.print(f"GPU model ({device}: {GPUS[device].bf16_tflops:g} TFLOP/s bf16, "
+                      f"{GPUS[device].bandwidth_gbs:g} GB/s, {GPUS[device].memory_gb:g} GB; vendor datasheet): "
+                      f"training at {P.TRAIN_MFU:.0%} MFU, scoring at {P.SCORE_MFU:.0%}, decode step = max(weights "
+                      f"/ ({P.BANDWIDTH_EFFICIENCY:.0%} of bandwidth), {P.DECODE_OVERHEAD_S[generation] * 1e3:.0f} "
+                      f"ms {generation} overhead); GRPO generation counted; see study/plan.py", highlight=False)
 
 
 @app.command()
