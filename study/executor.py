@@ -148,7 +148,20 @@ def finish(protocol_path: str | Path) -> str:
     r = _runner(protocol_path)
     path = collect_metrics(r.run_paths, r.proto)
     r._report()
+    _track(r.run_paths, r.proto)
     return str(path)
+
+
+def _track(rp: RunPaths, proto) -> None:
+    """Log the run's finished cells to the protocol's trackers; a tracker failing never fails the run."""
+    from study.tracking import log_run, report_to_list
+
+    if not report_to_list(proto):
+        return
+    try:
+        log_run(rp, proto)
+    except Exception as e:
+        _log().error("tracking failed: %s\n%s", e, traceback.format_exc())
 
 
 # ------------------------------------------------------------------------------------------- executors
@@ -160,7 +173,10 @@ class LocalExecutor:
     def run(self, protocol_path: str | Path, only: str | None = None, console=None) -> int:
         from study.runner import Runner
 
-        return Runner(protocol_path, console=console).run(only=only)
+        runner = Runner(protocol_path, console=console)
+        code = runner.run(only=only)
+        _track(runner.run_paths, runner.proto)
+        return code
 
 
 @dataclass

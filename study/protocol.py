@@ -206,6 +206,9 @@ class Protocol(Strict):
     """Measurements at intermediate checkpoints (emergence trajectories and onsets); absent: final only."""
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers: each cell logged as a run named by its cell id with its config and final metrics
+    (study.tracking; `pip install -e .[track]`). Empty: none."""
 
     @model_validator(mode="after")
     def _grpo_groups_fit(self) -> Protocol:
