@@ -106,11 +106,12 @@ def plan(
 def run(
     protocol: Path,
     only: str = typer.Option(None, help="run only cells whose name contains this"),
-    executor: str = typer.Option("local", help="local (this process) or slurm (submit jobs through submitit)"),
+    executor: str = typer.Option(None, help="local (this process) or slurm (jobs through submitit); default: "
+                                            "the protocol's executor.kind, else local"),
     partition: str = typer.Option(None, help="slurm: partition"),
-    gpus_per_cell: int = typer.Option(0, help="slurm: GPUs per job (base and cells)"),
-    time: str = typer.Option("4:00:00", help="slurm: time limit per job (a cell past it is requeued and resumes)"),
-    array_parallelism: int = typer.Option(16, help="slurm: cells running at once"),
+    gpus_per_cell: int = typer.Option(None, help="slurm: GPUs per job (base and cells)"),
+    time: str = typer.Option(None, help="slurm: time limit per job (default 4:00:00; a cell past it is requeued)"),
+    array_parallelism: int = typer.Option(None, help="slurm: cells running at once (default 16)"),
     cpus_per_cell: int = typer.Option(None, help="slurm: CPUs per job"),
     mem: str = typer.Option(None, help="slurm: memory per job, e.g. 64G"),
     wait: bool = typer.Option(False, "--wait", help="slurm: block until every job has ended"),
@@ -118,7 +119,8 @@ def run(
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
     from study.executor import LocalExecutor
 
-    _load(protocol)
+    proto = _load(protocol)
+    executor = executor or proto.executor.kind
     if executor == "local":
         raise typer.Exit(LocalExecutor().run(protocol, only=only, console=console))
     if executor != "slurm":
@@ -128,8 +130,10 @@ def run(
     from study.executor import wait as wait_jobs
     from study.paths import RunPaths
 
-    opts = SlurmOptions(partition=partition, gpus_per_cell=gpus_per_cell, time=time,
-                        array_parallelism=array_parallelism, cpus_per_cell=cpus_per_cell, mem=mem)
+    given = {"partition": partition, "gpus_per_cell": gpus_per_cell, "time": time,
+             "array_parallelism": array_parallelism, "cpus_per_cell": cpus_per_cell, "mem": mem}
+    spec = proto.executor.model_dump(exclude={"kind"})
+    opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
     try:
         rec = SlurmExecutor(opts).submit(protocol, only=only)
     except (RuntimeError, ValueError) as e:
@@ -137,7 +141,7 @@ def run(
         raise typer.Exit(2) from None
     console.print(f"submitted: base {rec['base'] or '(already measured)'}, cells array {rec['array'] or '(none)'} "
                   f"({len(rec['cells'])} cells), report {rec['report']}")
-    rp = RunPaths.for_protocol(protocol, _load(protocol).results_dir)
+    rp = RunPaths.for_protocol(protocol, proto.results_dir)
     console.print(f"job ids: {rp.root / 'slurm' / 'jobs.json'}; `study status {protocol}` to follow")
     if wait:
         states = wait_jobs(rp, on_change=lambda s: console.print(

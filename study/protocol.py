@@ -185,6 +185,24 @@ class CheckpointEval(Strict):
     """Only these checkpoint steps (None: every saved checkpoint before the final step)."""
 
 
+class ExecutorSpec(Strict):
+    """Where `study run` runs the cells (study.executor); `study run --executor/--partition/...` override it."""
+
+    kind: Literal["local", "slurm"] = "local"
+    """`local`: this process; `slurm`: a base job, a job array over the cells, a report job (submitit)."""
+    partition: str | None = None
+    gpus_per_cell: int = Field(0, ge=0)
+    time: str = "4:00:00"
+    """Per job (minutes, H:MM:SS or D-HH:MM:SS); a cell past it is requeued and resumes."""
+    array_parallelism: int = Field(16, gt=0)
+    cpus_per_cell: int | None = Field(None, gt=0)
+    mem: str | None = None
+    """Per job, sbatch syntax (e.g. `64G`)."""
+    max_requeues: int = Field(3, ge=0)
+    extra: dict[str, Any] = {}
+    """Further sbatch options, e.g. {account: proj, qos: high}."""
+
+
 class Protocol(Strict):
     name: str | None = None
     """Shown in reports; the results folder is named after the protocol file's stem."""
@@ -206,6 +224,8 @@ class Protocol(Strict):
     """Measurements at intermediate checkpoints (emergence trajectories and onsets); absent: final only."""
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
+    executor: ExecutorSpec = ExecutorSpec()
+    """Where the cells run: locally (default) or as SLURM jobs."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers: each cell logged as a run named by its cell id with its config and final metrics
     (study.tracking; `pip install -e .[track]`). Empty: none."""

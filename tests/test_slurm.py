@@ -191,9 +191,22 @@ def test_a_requeued_cell_resumes_without_duplicated_steps(slurm_run):
 
 def test_a_cancelled_run_leaves_no_corrupt_file(slurm_run):
     proto_path = _more_cells(slurm_run, "cancel", {"sft": {}, "dpo": {"beta": 0.1}}, seed=1)
+    # submitted by `study run` with the protocol's `executor:` block (no command-line options)
+    body = yaml.safe_load(proto_path.read_text())
+    body["executor"] = {
+        "kind": "slurm",
+        "partition": "cpu",
+        "cpus_per_cell": 1,
+        "time": "10",
+        "array_parallelism": 2,
+    }
+    proto_path.write_text(yaml.safe_dump(body, sort_keys=False))
     proto = load_protocol(proto_path)
     rp = RunPaths.for_protocol(proto_path, proto.results_dir)
-    rec = SlurmExecutor(OPTIONS).submit(proto_path)
+    out = CliRunner().invoke(app, ["run", str(proto_path)])
+    assert out.exit_code == 0 and "submitted" in out.output, out.output
+    rec = load_record(rp)
+    assert rec["options"]["partition"] == "cpu" and rec["options"]["time"] == "10"
     _say(f"submitted base {rec['base']}, array {rec['array']} {rec['cells']}, report {rec['report']}")
     cells = [rp.cell(c.name) for c in proto.cells()]
     _until(
