@@ -66,7 +66,7 @@ GPUS = {
     "H100-80GB": GPU(989, 3350, 80),  # NVIDIA H100 datasheet (SXM)
     "H200-141GB": GPU(989, 4800, 141),  # NVIDIA H200 datasheet
     "L40S-48GB": GPU(362, 864, 48),  # NVIDIA L40S datasheet
-    "A10G-24GB": GPU(70, 600, 24),  # AWS G5 / NVIDIA A10 datasheet (bf16 dense 125 with sparsity halved ~)
+    "A10-24GB": GPU(125, 600, 24),  # NVIDIA A10 datasheet (bf16 dense; 250 is with sparsity)
     "RTX4090-24GB": GPU(165, 1008, 24),  # NVIDIA Ada whitepaper (bf16, fp32 accumulate)
 }
 DEFAULT_GPU = "A100-80GB"
@@ -336,7 +336,7 @@ def estimate(cell: Cell, proto: Protocol, gpu: GPU | None, generation: str = "hf
         measure, extra = _cpu_measure(proto, cell, arch, n_ck)
         return Estimate(per_step * t.steps, measure, peak_memory_gb(cell, arch, False), notes | extra)
     notes.add(
-        "GPU times: a roofline model with assumed utilisation and HF-generate overhead, not measured "
+        f"GPU times: a roofline model with assumed utilisation and {generation} decode overhead, not measured "
         "here (no GPU on this machine)"
     )
     return Estimate(
