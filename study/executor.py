@@ -459,14 +459,21 @@ def wait(
 ) -> dict[str, str]:
     """Block until no job of the run's latest submission (or only those in `ids`) is queued or running;
     returns the states. `on_change(states)` is called whenever a state changes (for a transcript)."""
-    t0, last = time.time(), None
+    t0, last, unknown_before = time.time(), None, False
     while True:
         states = job_states(rp)
         if states != last and on_change:
             on_change(states)
         last = states
-        if not any(s in ACTIVE for j, s in states.items() if ids is None or j in ids):
-            return states
+        mine = [s for j, s in states.items() if ids is None or j in ids]
+        if not any(s in ACTIVE for s in mine):
+            # UNKNOWN: no source knew the job (a controller briefly unreachable, or a job past MinJobAge
+            # without accounting); believe it only when it persists over two polls
+            if "UNKNOWN" not in mine or unknown_before:
+                return states
+            unknown_before = True
+        else:
+            unknown_before = False
         if timeout is not None and time.time() - t0 > timeout:
             raise TimeoutError(f"SLURM jobs still active after {timeout:.0f} s: {json.dumps(states)}")
         time.sleep(poll)
