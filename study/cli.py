@@ -3,7 +3,9 @@
     study validate protocols/default.yaml     check a protocol; one line per problem
     study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
     study run protocols/default.yaml          run (or resume) the study
-    study status protocols/default.yaml       done / partial / pending / failed per cell
+    study run P --executor slurm --partition gpu --gpus-per-cell 1   the same as SLURM jobs (study.executor)
+    study status protocols/default.yaml       done / partial / pending / failed per cell (+ SLURM job states)
+    study cancel protocols/default.yaml       cancel the run's SLURM jobs
     study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
     study compare results/a results/b         runs side by side per method, and a comparison figure
     study bench [--only train,kl,...]         stage speeds -> results/bench/
@@ -79,55 +81,153 @@ def budget_table(proto) -> Table:
 
 
 @app.command()
-def plan(protocol: Path) -> None:
-    """Print every cell with an estimate of its time (and GPU memory for GPU protocols); loads no model."""
-    from study.plan import plan_rows
+def plan(
+    protocol: Path,
+    gpu: str = typer.Option(None, help="GPU type for the estimate (default: A100-80GB for a CUDA protocol, else "
+                                       "this CPU); one of study.plan.GPUS"),
+    generation: str = typer.Option("hf", help="GPU generation engine: hf (generate) or vllm"),
+    usd_per_gpu_hour: float = typer.Option(None, help="price of one GPU-hour, for the cost"),
+    array_parallelism: int = typer.Option(16, help="SLURM cells at once, for the wall time"),
+    gpus_per_cell: int = typer.Option(1, help="GPUs per cell job, for GPU-hours and cost"),
+) -> None:
+    """Every cell with its estimated training and measurement time and peak memory, totals, cost and SLURM
+    wall time; loads no model. Every estimate not measured on this machine is listed as an assumption."""
+    from study.plan import GPUS, is_gpu_protocol, plan_rows, summary
 
     proto = _load(protocol)
     console.print(budget_table(proto))
-    rows = plan_rows(proto)
-    gpu = rows and rows[0]["device"] == "gpu"
-    table = Table(title=f"{protocol}: {len(rows)} cells on {'a GPU (rough)' if gpu else 'this CPU'}")
-    for col in ("cell", "method", "seed", "sweep", "steps", "est. time", *(["est. GPU memory"] if gpu else [])):
+    if gpu is not None and gpu not in GPUS:
+        err.print(f"[red]--gpu {gpu}[/]: use one of {', '.join(GPUS)}")
+        raise typer.Exit(2)
+    if generation not in ("hf", "vllm"):
+        err.print(f"[red]--generation {generation}[/]: use hf or vllm")
+        raise typer.Exit(2)
+    rows = plan_rows(proto, gpu=gpu, generation=generation)
+    device = rows[0]["device"] if rows else (gpu or "cpu")
+    on_gpu = device != "cpu"
+    table = Table(title=f"{protocol}: {len(rows)} cells on {device}" + (f" ({generation} generation)" if on_gpu else ""))
+    for col in ("cell", "method", "seed", "sweep", "steps", "train", "measure", "total", "peak mem"):
         table.add_column(col)
     for r in rows:
         sweep = ", ".join(f"{k}={v}" for k, v in r["sweep"].items()) or "-"
-        extra = [f"{r['gpu_memory_gb']:.1f} GB"] if gpu else []
-        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["seconds"]), *extra)
+        mem = f"{r['peak_memory_gb']:.1f} GB" + ("" if r["fits"] else " (does not fit)")
+        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["train_seconds"]),
+                      _dur(r["measure_seconds"]), _dur(r["seconds"]), mem)
     console.print(table)
-    total = sum(r["seconds"] for r in rows)
-    console.print(f"training total: {_dur(total)} (measurement stages come on top; see `make bench`)")
+    s = summary(proto, rows, device if on_gpu else None, generation, array_parallelism, gpus_per_cell,
+                usd_per_gpu_hour)
+    console.print(f"training {_dur(s['train_seconds'])} + measurement {_dur(s['measure_seconds'])} "
+                  f"+ base {_dur(s['base_seconds'])} = {_dur(s['device_seconds'])} of "
+                  f"{'GPU' if on_gpu else 'CPU'} time in one process; peak memory {s['peak_memory_gb']:.1f} GB",
+                  highlight=False)
+    if on_gpu:
+        cost = f", ${s['usd']:,.0f} at ${usd_per_gpu_hour}/GPU-hour" if "usd" in s else " (--usd-per-gpu-hour for cost)"
+        console.print(f"{s['gpu_hours']:.1f} GPU-hours at {gpus_per_cell} GPU(s) per cell{cost}", highlight=False)
+    console.print(f"SLURM wall time at --array-parallelism {array_parallelism}: {_dur(s['slurm_wall_seconds'])} "
+                  f"(base job, then the cell array, then the report; queue waits not counted)", highlight=False)
+    notes = sorted({a for r in rows for a in r["assumptions"]})
+    if not on_gpu and not is_gpu_protocol(proto):
+        notes.append("CPU figures: measured on this 2-core machine (make bench); another CPU differs")
+    for a in notes:
+        console.print(f"[yellow]assumption[/] {a}", highlight=False)
+    if on_gpu:
+        from study import plan as P
+
+        console.print(f"GPU model ({device}: {GPUS[device].bf16_tflops:g} TFLOP/s bf16, "
+                      f"{GPUS[device].bandwidth_gbs:g} GB/s, {GPUS[device].memory_gb:g} GB; vendor datasheet): "
+                      f"training at {P.TRAIN_MFU:.0%} MFU, scoring at {P.SCORE_MFU:.0%}, decode step = max(weights "
+                      f"/ ({P.BANDWIDTH_EFFICIENCY:.0%} of bandwidth), {P.DECODE_OVERHEAD_S[generation] * 1e3:.0f} "
+                      f"ms {generation} overhead); GRPO generation counted; see study/plan.py", highlight=False)
 
 
 @app.command()
-def run(protocol: Path, only: str = typer.Option(None, help="run only cells whose name contains this"),
-        wait: bool = typer.Option(False, "--wait", help="wait for cells another process holds, not skip them"),
-        ) -> None:
+def run(
+    protocol: Path,
+    only: str = typer.Option(None, help="run only cells whose name contains this"),
+    executor: str = typer.Option(None, help="local (this process) or slurm (jobs through submitit); default: "
+                                            "the protocol's executor.kind, else local"),
+    partition: str = typer.Option(None, help="slurm: partition"),
+    gpus_per_cell: int = typer.Option(None, help="slurm: GPUs per job (base and cells)"),
+    time: str = typer.Option(None, help="slurm: time limit per job (default 4:00:00; a cell past it is requeued)"),
+    array_parallelism: int = typer.Option(None, help="slurm: cells running at once (default 16)"),
+    cpus_per_cell: int = typer.Option(None, help="slurm: CPUs per job"),
+    mem: str = typer.Option(None, help="slurm: memory per job, e.g. 64G"),
+    wait: bool = typer.Option(False, "--wait", help="local: wait for cells another process holds (default: skip "
+                                                    "them and exit non-zero); slurm: block until every job ends"),
+) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
-    from study.runner import Runner
+    from study.executor import LocalExecutor
 
-    _problems(protocol, _load(protocol))
-    raise typer.Exit(Runner(protocol, console=console).run(only=only, wait=wait))
+    proto = _load(protocol)
+    _problems(protocol, proto)
+    executor = executor or proto.executor.kind
+    if executor == "local":
+        raise typer.Exit(LocalExecutor().run(protocol, only=only, console=console, wait=wait))
+    if executor != "slurm":
+        err.print(f"[red]--executor {executor}[/]: use local or slurm")
+        raise typer.Exit(2)
+    from study.executor import SlurmExecutor, SlurmOptions
+    from study.executor import wait as wait_jobs
+    from study.paths import RunPaths
+
+    given = {"partition": partition, "gpus_per_cell": gpus_per_cell, "time": time,
+             "array_parallelism": array_parallelism, "cpus_per_cell": cpus_per_cell, "mem": mem}
+    spec = proto.executor.model_dump(exclude={"kind"})
+    opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
+    try:
+        rec = SlurmExecutor(opts).submit(protocol, only=only)
+    except (RuntimeError, ValueError) as e:
+        err.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"submitted: base {rec['base'] or '(already measured)'}, cells array {rec['array'] or '(none)'} "
+                  f"({len(rec['cells'])} cells), report {rec['report']}")
+    rp = RunPaths.for_protocol(protocol, proto.results_dir)
+    console.print(f"job ids: {rp.root / 'slurm' / 'jobs.json'}; `study status {protocol}` to follow")
+    if wait:
+        states = wait_jobs(rp, on_change=lambda s: console.print(
+            " ".join(f"{j}={st}" for j, st in s.items()), highlight=False))
+        bad = {j: s for j, s in states.items() if s != "COMPLETED"}
+        raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def cancel(protocol: Path) -> None:
+    """Cancel every SLURM job of the run (base, cell array, report); finished work stays in the run folder."""
+    from study.executor import cancel as cancel_jobs
+    from study.paths import RunPaths
+
+    proto = _load(protocol)
+    ids = cancel_jobs(RunPaths.for_protocol(protocol, proto.results_dir))
+    console.print(f"cancelled {', '.join(ids)}" if ids else "no SLURM jobs recorded for this run")
 
 
 @app.command()
 def status(protocol: Path) -> None:
     """Show each cell's state (done / partial / pending / failed) from the run folder."""
+    from study.executor import job_states, load_record
     from study.metrics import cell_state
     from study.paths import RunPaths
 
     proto = _load(protocol)
     rp = RunPaths.for_protocol(protocol, proto.results_dir)
+    record = load_record(rp)
+    jobs = job_states(rp) if record else {}
     table = Table(title=f"{rp.root}")
-    for col in ("cell", "state", "detail"):
+    for col in ("cell", "state", "detail", *(["slurm job", "slurm state"] if record else [])):
         table.add_column(col)
     counts: dict[str, int] = {}
     for cell in proto.cells():
         st = cell_state(rp, proto, cell)
         counts[st["state"]] = counts.get(st["state"], 0) + 1
         colour = {"done": "green", "failed": "red", "partial": "yellow"}.get(st["state"], "white")
-        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "")
+        jid = (record or {}).get("cells", {}).get(cell.name)
+        slurm = [jid or "-", jobs.get(jid, "-") if jid else "-"] if record else []
+        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "", *slurm)
     console.print(table)
+    if record:
+        for what in ("base", "report"):
+            if record.get(what):
+                console.print(f"slurm {what} job {record[what]}: {jobs.get(record[what], '-')}", highlight=False)
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 

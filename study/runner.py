@@ -156,7 +156,7 @@ class Runner:
                     failed.append((cell.name, self._failed(cell, e, progress)))
                 progress.advance(overall)
         collect_metrics(rp, self.proto)
-        self._report()
+        self.report()
         self._summary(cells, failed, elsewhere, time.time() - t0)
         return 1 if failed or elsewhere else 0
 
@@ -192,7 +192,7 @@ class Runner:
         for name, reason in failed:
             self.console.print(f"[red]FAILED[/] {name}: {reason}")
 
-    def _report(self) -> None:
+    def report(self) -> None:
         """Statistics, figures and report.md from the run's files (study.report, no model code). A failing
         report never fails the run: the measurements are on disk and `study report RUN` redoes it."""
         from study.report import report_run

@@ -9,9 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from study.config import TaskSpec
 from study.measure import kl
 from study.models import tiny_model, tiny_tokenizer
-from study.config import TaskSpec
 from study.tasks import build
 
 NAMES = {m + s for m in kl.METRICS for s in ("", "_per_token")}

@@ -20,10 +20,10 @@ from peft import LoraConfig, get_peft_model
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
+from study.config import TaskSpec
 from study.measure import persona
 from study.measure import persona_stats as ps
 from study.models import tiny_model, tiny_tokenizer
-from study.config import TaskSpec
 from study.tasks import build, snark
 
 ACHIEVED_AUC = 0.9  # measured: 0.923 held-out, 0.918 with markers removed (see persona_stats)

@@ -107,8 +107,8 @@ def test_allow_unmatched_accepts_a_method_budget(write_protocol):
 
 
 def test_trl_pass_through_is_checked_by_building_the_trl_config(write_protocol):
-    from study.train import check_trl_options, trl_config
     from study.models import Runtime
+    from study.train import check_trl_options, trl_config
 
     good = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
         "sft": {"trl": {"lr_scheduler_type": "cosine", "optim": "adamw_torch"}}, "kto": {"loss_type": "kto"}})))

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from study import io
-from study.paths import RunPaths
 from study.config import load_protocol
 from study.metrics import COLUMNS
 from study.metrics import cell_state as _cell_state
+from study.paths import RunPaths
 from study.runner import Runner
 from tests.conftest import TINY_PROTOCOL
 

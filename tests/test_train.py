@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from study.config import Method, load_protocol
 from study.models import resolve_runtime
 from study.paths import CellPaths
-from study.config import Method, load_protocol
 from study.train import checkpoints, train_cell
 from tests.conftest import TINY_PROTOCOL
 

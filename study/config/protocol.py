@@ -132,6 +132,29 @@ class Primary(Strict):
     """Two methods of the protocol, a against b (e.g. `[grpo, sft]`, `[grpo, control]`)."""
 
 
+class ExecutorSpec(Strict):
+    """Where `study run` runs the cells (study.executor); `study run --executor/--partition/...` override it."""
+
+    kind: Literal["local", "slurm"] = "local"
+    """`local`: this process; `slurm`: a base job, a job array over the cells, a report job (submitit)."""
+    partition: str | None = None
+    """SLURM partition of every job (None: the cluster's default)."""
+    gpus_per_cell: int = Field(0, ge=0, le=64)
+    """GPUs per cell job (0: CPU jobs)."""
+    time: str = "4:00:00"
+    """Per job (minutes, H:MM:SS or D-HH:MM:SS); a cell past it is requeued and resumes."""
+    array_parallelism: int = Field(16, gt=0, le=10_000)
+    """Cells running at once in the job array."""
+    cpus_per_cell: int | None = Field(None, gt=0, le=1024)
+    """CPUs per cell job (None: SLURM's default)."""
+    mem: str | None = None
+    """Per job, sbatch syntax (e.g. `64G`)."""
+    max_requeues: int = Field(3, ge=0, le=100)
+    """How often a preempted or timed-out cell job is requeued."""
+    extra: dict[str, Any] = {}
+    """Further sbatch options, e.g. {account: proj, qos: high}."""
+
+
 class _MethodsBase(Strict):
     """The methods of a protocol, each with its own options; read like a mapping Method -> options."""
 
@@ -188,6 +211,8 @@ class Protocol(Strict):
     """Pre-declared primary outcomes (Holm across them); everything else is exploratory."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     """Experiment trackers each cell logs to (TRL's `report_to`), besides the run folder."""
+    executor: ExecutorSpec = ExecutorSpec()
+    """Where the cells run: this process (default) or a SLURM cluster through submitit."""
     newtask: NewTaskEval = NewTaskEval()
     """New-task success of each adapter on held-out prompts."""
     kl: KLEval = KLEval()

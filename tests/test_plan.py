@@ -1,0 +1,121 @@
+"""study plan: the CPU estimate reproduces the measured figures it is built from, the GPU model counts GRPO's
+generation, a method without a measurement falls back with a warning, and the totals (cost, SLURM wall time)
+add up. Loads no model."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from study import plan as P
+from study.cli import app
+from study.config import Method, load_protocol
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_bench(monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "RESULTS", tmp_path)  # no results/bench/train.json: the FIELD_NOTES figures
+
+
+def test_cpu_estimate_reproduces_the_measured_default_protocol(no_bench):
+    proto = load_protocol(REPO / "protocols" / "default.yaml")
+    rows = {r["method"]: r for r in P.plan_rows(proto)}
+    sft = rows["sft"]
+    assert sft["device"] == "cpu"
+    assert sft["train_seconds"] == pytest.approx(30 * 2.1)  # measured: 70 s for SFT's 30 steps
+    # measured: ~235 s for the final adapter and ~150 s for each of the two intermediate checkpoints
+    assert sft["measure_seconds"] == pytest.approx(235 + 2 * 150, rel=0.01)
+    assert rows["grpo"]["train_seconds"] > rows["dpo"]["train_seconds"] > sft["train_seconds"]
+    s = P.summary(proto, list(P.plan_rows(proto)), None)
+    assert s["base_seconds"] == pytest.approx(360, rel=0.01)
+    assert s["measure_seconds"] > s["train_seconds"]  # measurement dominates on this CPU, as measured
+
+
+def test_cpu_measurement_scales_with_the_work(no_bench, write_protocol):
+    small = load_protocol(REPO / "protocols" / "default.yaml")
+    big = small.model_copy(update={"newtask": small.newtask.model_copy(update={"max_new_tokens": 96})})
+    cell = small.cells()[0]
+    a = P.estimate(cell, small, None).measure_seconds
+    b = P.estimate(cell, big, None).measure_seconds
+    assert b > a  # twice the new tokens: the newtask share doubles
+
+
+def test_gpu_grpo_counts_generation():
+    proto = load_protocol(REPO / "protocols" / "qwen2.5-3b.yaml")
+    grpo = next(c for c in proto.cells() if c.method is Method.grpo)
+    gpu = P.GPUS["A100-80GB"]
+    hf = P.estimate(grpo, proto, gpu, "hf")
+    vllm = P.estimate(grpo, proto, gpu, "vllm")
+    t = grpo.train
+    floor = t.steps * t.max_completion_length * P.DECODE_OVERHEAD_S["hf"]  # sequential decode steps alone
+    assert hf.train_seconds > floor
+    assert vllm.train_seconds < hf.train_seconds
+    longer = grpo.model_copy(
+        update={"train": t.model_copy(update={"max_completion_length": 4 * t.max_completion_length})}
+    )
+    assert P.estimate(longer, proto, gpu).train_seconds > hf.train_seconds + 2 * floor
+    assert any("not measured" in a for a in hf.assumptions)
+    sft = next(c for c in proto.cells() if c.method is Method.sft)
+    assert P.estimate(sft, proto, gpu).train_seconds < hf.train_seconds
+    # faster GPU, less time; memory does not depend on the GPU
+    h100 = P.estimate(grpo, proto, P.GPUS["H100-80GB"])
+    assert h100.seconds < hf.seconds and h100.peak_memory_gb == hf.peak_memory_gb
+
+
+def test_a_method_without_a_measurement_falls_back_with_a_warning(no_bench, monkeypatch):
+    monkeypatch.setattr(P, "CPU_SECONDS_PER_STEP", {Method.sft: 2.0, Method.grpo: 7.0})
+    with pytest.warns(UserWarning, match="kto: no CPU measurement"):
+        s, notes = P.cpu_seconds_per_step(Method.kto)
+    assert s == 2.0 and notes  # the offline, non-generating stand-in, and the output says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = load_protocol(REPO / "protocols" / "default.yaml")
+        rows = P.plan_rows(proto)
+    assert any("no CPU measurement" in a for r in rows if r["method"] == "kto" for a in r["assumptions"])
+
+
+def test_array_wall_time():
+    assert P.array_wall_seconds([10, 10, 10, 10], 2) == 20
+    assert P.array_wall_seconds([10, 10, 10, 10], 16) == 10
+    assert P.array_wall_seconds([5, 1, 1, 1], 1) == 8
+    assert P.array_wall_seconds([], 4) == 0
+
+
+def test_summary_cost_and_gpu_hours():
+    proto = load_protocol(REPO / "protocols" / "qwen2.5-3b.yaml")
+    rows = P.plan_rows(proto)
+    assert rows[0]["device"] == P.DEFAULT_GPU and all(r["fits"] for r in rows)
+    one = P.summary(proto, rows, P.DEFAULT_GPU, usd_per_gpu_hour=2.0)
+    two = P.summary(proto, rows, P.DEFAULT_GPU, gpus_per_cell=2, usd_per_gpu_hour=2.0)
+    assert one["usd"] == pytest.approx(one["gpu_hours"] * 2.0)
+    assert two["gpu_hours"] == pytest.approx(2 * one["gpu_hours"])
+    assert one["gpu_hours"] == pytest.approx(one["device_seconds"] / 3600)
+    serial = P.summary(proto, rows, P.DEFAULT_GPU, array_parallelism=1)
+    assert serial["slurm_wall_seconds"] > one["slurm_wall_seconds"] > max(r["seconds"] for r in rows)
+
+
+def test_plan_cli_states_its_assumptions():
+    out = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            str(REPO / "protocols" / "qwen2.5-3b.yaml"),
+            "--gpu",
+            "H100-80GB",
+            "--usd-per-gpu-hour",
+            "2.5",
+            "--array-parallelism",
+            "8",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "GPU-hours" in text and "$" in text and "--array-parallelism 8" in text
+    assert "assumption" in text and "not measured" in text and "GRPO generation counted" in text
+    bad = CliRunner().invoke(app, ["plan", str(REPO / "protocols" / "qwen2.5-3b.yaml"), "--gpu", "TPU"])
+    assert bad.exit_code == 2
