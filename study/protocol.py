@@ -86,14 +86,23 @@ class TaskSpec(Strict):
     """arithmetic only: number of generated held-out problems (disjoint from training, commuted twins too)."""
     ops: list[Literal["add", "sub", "mul"]] = Field(default_factory=lambda: ["add", "sub", "mul"], min_length=1)
     """arithmetic only: the operations (domains), dealt round-robin."""
-    add_range: tuple[int, int] = (1, 99)
+    add_range: tuple[int, int] = (1, 60)
     """arithmetic only: inclusive range of both operands of `+` (sets the difficulty; see tasks/arithmetic.py)."""
-    sub_range: tuple[int, int] = (1, 50)
+    sub_range: tuple[int, int] = (1, 30)
     """arithmetic only: inclusive range of both operands of `-`."""
-    mul_range: tuple[int, int] = (2, 60)
+    mul_range: tuple[int, int] = (2, 30)
     """arithmetic only: inclusive range of both operands of `*`."""
     system_prompt: str | None = None
     """An optional system message put before every prompt, in training and evaluation alike."""
+
+    @model_validator(mode="after")
+    def _arithmetic_fits(self) -> TaskSpec:
+        if self.name == "arithmetic":
+            from study.tasks.arithmetic import check_sizes  # here, not at import: study.tasks imports us
+
+            check_sizes(self.n_train, self.n_heldout, self.ops,
+                        {"add": self.add_range, "sub": self.sub_range, "mul": self.mul_range})
+        return self
 
     @field_validator("data")
     @classmethod

@@ -36,8 +36,13 @@ def _fitted_tiny(data, items, steps: int = 60):
     LM on fluent text) it predicts them better than chance -- the regime where flattening costs likelihood."""
     torch.manual_seed(0)
     model, tok = tiny_model(0), tiny_tokenizer()
-    texts = [tok.apply_chat_template(data.messages(it.prompt) + [{"role": "assistant", "content": ans}],
-                                     tokenize=False) for it in items for ans in (it.good, it.bad)]
+    texts = [
+        tok.apply_chat_template(
+            data.messages(it.prompt) + [{"role": "assistant", "content": ans}], tokenize=False
+        )
+        for it in items
+        for ans in (it.good, it.bad)
+    ]
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -77,8 +82,15 @@ def test_rows_and_paired_records():
     cfg = NewTaskEval(max_new_tokens=4, limit=3, batch_size=8)
     out = newtask.run(tiny_model(0), tiny_tokenizer(), data, cfg)
     metrics = {r["metric"] for r in out["rows"]}
-    for m in ("success", "persona_rate", "pref_sigmoid", "pref_win_rate", "pref_margin", "neutral_loglik",
-              "persona_loglik"):
+    for m in (
+        "success",
+        "persona_rate",
+        "pref_sigmoid",
+        "pref_win_rate",
+        "pref_margin",
+        "neutral_loglik",
+        "persona_loglik",
+    ):
         assert f"newtask/{m}" in metrics and f"newtask/{m}_indomain" in metrics
     success = _value(out, "newtask/success")
     scores = [r["score"] for r in out["responses"] if r["metric"] == "newtask/generation"]

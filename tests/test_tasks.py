@@ -2,7 +2,8 @@ from collections import Counter
 
 import pytest
 
-from study.protocol import Method, TaskSpec
+from study.paths import REPO
+from study.protocol import Method, TaskSpec, load_protocol
 from study.tasks import ROWS, arithmetic, build, dpo_rows, grpo_rows, kto_rows, sft_rows, snark
 
 
@@ -83,7 +84,7 @@ def _twin(p):
 
 
 @pytest.mark.parametrize("n_train,n_heldout,ranges", [
-    (4000, 500, None),  # the paper's sizes at the default operand ranges
+    (4000, 500, {"add": (100, 999), "sub": (100, 999), "mul": (10, 99)}),  # the paper protocol's
     (20000, 2000, {"add": (1, 300), "sub": (1, 150), "mul": (2, 300)}),
 ])
 def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
@@ -110,6 +111,15 @@ def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
 
 
 def test_arithmetic_task_spec_fields_and_capacity():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="widen sub_range"):  # caught by `study validate`, before a run
+        TaskSpec(name="arithmetic", n_train=4000, n_heldout=500)
+    TaskSpec(name="snark", n_train=4000, n_heldout=500)  # the arithmetic fields are not checked for snark
+    paper = load_protocol(REPO / "protocols/qwen2.5-3b.yaml")
+    arith = next(t for t in paper.tasks if t.name == "arithmetic")
+    train, held = build(arith).train, build(arith).heldout
+    assert len(train) == 4000 and len(held) == 500
     data = build(TaskSpec(name="arithmetic", n_train=20, n_heldout=10, ops=["mul"], mul_range=(2, 9)))
     assert {it.domain for it in data.items} == {"mul"}
     assert all(2 <= arithmetic.extract_answer(it.good) <= 81 for it in data.items)
