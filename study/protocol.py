@@ -84,13 +84,14 @@ class TaskSpec(Strict):
     """arithmetic only: number of generated training problems."""
     n_heldout: int = Field(100, gt=0)
     """arithmetic only: number of generated held-out problems (disjoint from training, commuted twins too)."""
-    ops: list[Literal["add", "sub", "mul"]] = Field(default_factory=lambda: ["add", "sub", "mul"], min_length=1)
+    ops: list[Literal["add", "sub", "mul"]] = Field(default_factory=lambda: ["add", "sub", "mul"],
+                                                     min_length=1)
     """arithmetic only: the operations (domains), dealt round-robin."""
-    add_range: tuple[int, int] = (1, 60)
-    """arithmetic only: inclusive range of both operands of `+` (sets the difficulty; see tasks/arithmetic.py)."""
-    sub_range: tuple[int, int] = (1, 30)
+    add_range: tuple[int, int] = (1, 30)
+    """arithmetic only: inclusive range of both operands of `+` (sets the difficulty: tasks/arithmetic.py)."""
+    sub_range: tuple[int, int] = (1, 20)
     """arithmetic only: inclusive range of both operands of `-`."""
-    mul_range: tuple[int, int] = (2, 30)
+    mul_range: tuple[int, int] = (2, 28)
     """arithmetic only: inclusive range of both operands of `*`."""
     system_prompt: str | None = None
     """An optional system message put before every prompt, in training and evaluation alike."""

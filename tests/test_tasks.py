@@ -113,9 +113,11 @@ def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
 def test_arithmetic_task_spec_fields_and_capacity():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="widen sub_range"):  # caught by `study validate`, before a run
+    with pytest.raises(ValidationError, match="widen add_range"):  # caught by `study validate`, before a run
         TaskSpec(name="arithmetic", n_train=4000, n_heldout=500)
     TaskSpec(name="snark", n_train=4000, n_heldout=500)  # the arithmetic fields are not checked for snark
+    default = build(TaskSpec(name="arithmetic"))  # the default sizes fit the default (calibrated) ranges
+    assert len(default.train) == 1000 and len(default.heldout) == 100
     paper = load_protocol(REPO / "protocols/qwen2.5-3b.yaml")
     arith = next(t for t in paper.tasks if t.name == "arithmetic")
     train, held = build(arith).train, build(arith).heldout

@@ -281,7 +281,8 @@ def humaneval_ks(n: int) -> list[int]:
     return sorted({1, n} | ({10} if n >= 10 else set()))
 
 
-def build_tasks(sources: dict[str, Source], humaneval_timeout: float, humaneval_samples: int = 1) -> TaskSet:
+def build_tasks(sources: dict[str, Source], humaneval_timeout: float,
+                humaneval_samples: int = 1) -> TaskSet:
     """Render the local task files for these sources into a folder keyed by their content."""
     stock = stock_tasks()
     files: dict[str, str] = {}
@@ -316,9 +317,9 @@ def build_tasks(sources: dict[str, Source], humaneval_timeout: float, humaneval_
                         validation=src.root / MIRROR_FILES[suite][0]))
             names[suite] = name
         elif suite == "humaneval":
-            files["study_humaneval.yaml"] = _render("study_humaneval.yaml", problems=src.root,
-                                                    timeout=float(humaneval_timeout), repeats=int(humaneval_samples),
-                                                    ks=json.dumps(humaneval_ks(humaneval_samples)))
+            files["study_humaneval.yaml"] = _render(
+                "study_humaneval.yaml", problems=src.root, timeout=float(humaneval_timeout),
+                repeats=int(humaneval_samples), ks=json.dumps(humaneval_ks(humaneval_samples)))
             names[suite] = "study_humaneval"
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root() / "lm_eval" / f"tasks-{key}"

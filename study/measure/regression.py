@@ -302,7 +302,8 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         items[suite] = sorted(suite_items, key=lambda it: (it["task"], it["doc_id"]))
         seconds = time.time() - t0
         chance = float(sum(it["chance"] for it in suite_items) / max(len(suite_items), 1))
-        names = [metric] if suite != "humaneval" else [f"pass@{k}" for k in local.humaneval_ks(cfg.humaneval_samples)]
+        names = ([metric] if suite != "humaneval" else
+                 [f"pass@{k}" for k in local.humaneval_ks(cfg.humaneval_samples)])
         for name in names:
             k = key.replace(metric, name, 1)
             value = float(head[k])
@@ -320,7 +321,8 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         extra["task_versions"] |= res.get("versions", {})
         extra["n_shot"] |= res.get("n-shot", {})
     return {"rows": rows, "sources": {s: str(src) for s, src in sources.items()}, "timing": timing,
-            "responses": records, "items": items, "lm_eval_version": version("lm_eval"), "prefix_cache": cfg.prefix_cache,
+            "responses": records, "items": items, "lm_eval_version": version("lm_eval"),
+            "prefix_cache": cfg.prefix_cache,
             **extra}
 
 
