@@ -8,6 +8,10 @@ snark
                               (bootstrap CI). It reads what the model does, for every method alike (GRPO never
                               saw the reference texts below), and it cannot be bought by damage: flattening the
                               logits leaves greedy answers, hence this number, unchanged (tests/test_newtask.py).
+                              Its level is not its meaning: the classifier was fitted on reference answers, not
+                              model text, and gives the bundled base's plain answers 0.48 (40 prompts; the
+                              held-out reference pairs get AUC 0.86), so read it as a change from the base, per
+                              prompt, next to the control cell.
     `newtask/persona_rate`    the share of those responses the classifier calls persona (p > 0.5; Wilson CI).
                               The classifier's held-out AUC is stored with the result.
     `newtask/pref_sigmoid`    the former success measure, kept as a secondary view: the Bradley-Terry
