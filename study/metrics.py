@@ -189,11 +189,15 @@ def forgetting_rows(rows: list[dict]) -> list[dict]:
     """`forgetting/<suite>` = base score - adapter score for every `lm_eval/<suite>/<metric>` row, and their
     mean `forgetting/mean`. CI: the two scores' standard errors (from their CIs) combined as independent,
     which is conservative since base and adapter answer the same items."""
+    from study.measure.regression import METRICS
+
     z = 1.959963984540054
-    base = {(r["task"], r["metric"]): r for r in rows if r["method"] == "base" and r["metric"].startswith("lm_eval/")}
+    # one score per suite (its accuracy row): p_gold, pass@k>1 and canonical_loglik rows are not averaged in
+    primary = {f"lm_eval/{suite}/{metric}" for suite, (metric, _) in METRICS.items()}
+    base = {(r["task"], r["metric"]): r for r in rows if r["method"] == "base" and r["metric"] in primary}
     out, per_cell = [], {}
     for r in rows:
-        if r["method"] == "base" or not r["metric"].startswith("lm_eval/") or (r["task"], r["metric"]) not in base:
+        if r["method"] == "base" or r["metric"] not in primary or (r["task"], r["metric"]) not in base:
             continue
         b = base[(r["task"], r["metric"])]
         se = ((b["ci_high"] - b["ci_low"]) ** 2 + (r["ci_high"] - r["ci_low"]) ** 2) ** 0.5 / (2 * z)

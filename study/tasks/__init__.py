@@ -69,7 +69,8 @@ def build(spec: TaskSpec) -> TaskData:
             Item(r.id, r.domain, r.prompt, r.persona, r.neutral, snark.split_of(r, heldout)) for r in rows
         )
     elif spec.name == "arithmetic":
-        train, held = arithmetic.problems(spec.n_train, spec.n_heldout)
+        ranges = {"add": spec.add_range, "sub": spec.sub_range, "mul": spec.mul_range}
+        train, held = arithmetic.problems(spec.n_train, spec.n_heldout, spec.ops, ranges)
         rng = random.Random(arithmetic.SEED + 1)
         items = tuple(
             Item(p.id, p.domain, p.prompt, p.worked(), p.worked(p.wrong(rng)), split, p.answer)
