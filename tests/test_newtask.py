@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from study.config import NewTaskEval, TaskSpec
 from study.measure import newtask
 from study.models import tiny_model, tiny_tokenizer
-from study.config import NewTaskEval, TaskSpec
 from study.tasks import build
 
 

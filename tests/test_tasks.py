@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from study.paths import REPO
 from study.config import Method, TaskSpec, load_protocol
+from study.paths import REPO
 from study.tasks import ROWS, arithmetic, build, dpo_rows, grpo_rows, kto_rows, sft_rows, snark
 
 
