@@ -7,12 +7,17 @@ comes from the per-item differences (pairing removes item difficulty, which domi
 score alone; treating the two scores as independent, as the stage CIs did, overstates the width for one cell
 and, over cells, the seeds alone were counted, not the items).
 
-- One cell: a bootstrap over items of the mean paired difference (`scipy.stats.bootstrap`).
-- Several cells (the seeds of one method, same items): a two-stage bootstrap, seeds drawn with replacement
-  and, in the same replicate, items drawn with replacement and applied to every drawn seed (the items are
-  crossed with the seeds, so one item resample serves all). It carries both the seed and the item variation.
-- `mean over suites`: the same seed resample is shared by every suite (a seed's adapter forgets on all suites
-  at once), items resampled within each suite; suites flagged at floor are left out.
+- One cell: a bootstrap over items of the mean paired difference (items resampled within each suite for a
+  mean over suites).
+- Several cells (the seeds of one method, same items): seeds and items are crossed, so the interval is the
+  crossed cells x items t-interval of `study.stats.items.crossed_mean_t` (seed variance + item-sampling
+  variance, t on seeds − 1 df). A two-stage bootstrap (seeds, then items) is the alternative; with 3 seeds a
+  percentile bootstrap over seeds is too narrow (it resamples 3 values: its spread is sqrt(2/3) of the
+  seeds' and it uses normal, not t_2, quantiles), so the bootstrap serves one cell only
+  (`hierarchical_means`; calibrate measures both).
+- `mean over suites`: a seed's adapter forgets on all suites at once, so the seed part is the spread of the
+  seeds' suite-averaged forgetting; items vary within each suite. Suites flagged at floor are left out by
+  the caller (`floor_flag`).
 
 Per-item records as the regression stage writes them: `regression.json` has
 `"items": {suite: [{"doc_id": int, "correct": 0|1, "p_gold": float|null}, ...]}` and each row a `"chance"`.
@@ -26,6 +31,7 @@ import math
 import numpy as np
 
 from study.stats.core import bootstrap_ci, wilson
+from study.stats.items import crossed_mean_t
 
 
 def align_items(base: list[dict], adapters: list[list[dict]], key: str = "correct") -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +60,8 @@ def hierarchical_means(D: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -
 
 
 def paired_forgetting(base, adapters, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """(forgetting, low, high) = mean over seeds and items of base − adapter, with the paired two-stage
-    bootstrap (one seed: items only). `base` (n,), `adapters` (S, n) or (n,), aligned by item."""
+    """(forgetting, low, high) = mean over seeds and items of base − adapter: the crossed seeds x items
+    t-interval (one seed: a bootstrap over items). `base` (n,), `adapters` (S, n) or (n,), aligned by item."""
     return paired_forgetting_mean({"": (base, adapters)}, n_boot, seed, level)
 
 
@@ -73,7 +79,10 @@ def paired_forgetting_mean(suites: dict[str, tuple], n_boot: int = 2000, seed: i
     if not D:
         return (math.nan, math.nan, math.nan)
     est = float(np.mean([d.mean() for d in D]))
-    if len(D) == 1 and D[0].shape[0] == 1:
+    if D[0].shape[0] >= 2:
+        _, lo, hi, _, _ = crossed_mean_t(D, level)
+        return (est, float(lo), float(hi))
+    if len(D) == 1:
         lo, hi = bootstrap_ci(D[0][0], n_resamples=n_boot, seed=seed, level=level)
         return (est, lo, hi)
     reps = hierarchical_means(D, n_boot, seed)

@@ -7,10 +7,14 @@ only because four methods differ in both?
 A pooled fit over four methods rests on four clusters: a method-level confound (a method that both drifts
 more and forgets more, for any reason) gives a high pooled R² with no relation inside any method (issue 10:
 P(R² > 0.33) = 30 % under such a confound). Here:
-- the slope is estimated with method fixed effects (y ~ x + C(method), statsmodels OLS), so only variation
-  within methods counts; its test and interval are cluster-robust by cell (a cell's checkpoints are not
-  independent points) with t on G − 1 degrees of freedom (statsmodels' `use_t` with clusters);
-- the within-method R² is that fit's partial R² = b² Sxx / Syy (x and y demeaned within methods), and its
+- the unit is the cell: a cell's checkpoints share one training run and move together along training (x and
+  y both grow with the step whatever the mechanism), so each cell enters with its mean over its checkpoints;
+  the sweep points give each method many cells. (Cluster-robust errors on the raw points were tried and were
+  liberal: 8.5 % false laws at alpha 5 % with 36 clusters.)
+- the slope is estimated with method fixed effects (y ~ x + C(method), statsmodels OLS on the cell means), so
+  only variation within methods counts; classical t on the residual df (cells − methods − 1), exact for
+  normal cell deviations;
+- the within-method R² is that fit's partial R² = b² Sxx / Syy (cell means demeaned within methods), and its
   interval maps the slope's interval through the same formula (monotone in |b|): its lower bound is 0 exactly
   when the slope's interval covers 0, so "a law" is claimed only when the slope test rejects;
 - leave-one-method-out R²: a pooled line fitted on the other methods predicts each method's points in turn
@@ -67,19 +71,25 @@ def within_law(x, y, method, cell, level: float = 0.95) -> dict:
         out["note"] = "too few cells, or no variation within methods"
         return out
     formula = "y ~ x + C(method)" if out["n_methods"] > 1 else "y ~ x"
-    groups = pd.factorize(d["cell"])[0]
+    cells = d.groupby(["method", "cell"], sort=False)[["x", "y"]].mean().reset_index()
+    codes = pd.factorize(cells["method"])[0]
+    xd, yd = _demean(cells["x"].to_numpy(), codes), _demean(cells["y"].to_numpy(), codes)
+    sxx, syy = float((xd**2).sum()), float((yd**2).sum())
+    if len(cells) - out["n_methods"] - 1 < 1 or sxx == 0 or syy == 0:
+        out["note"] = "too few cells for the method fixed effects"
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = smf.ols(formula, d).fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        res = smf.ols(formula, cells).fit()
     b = float(res.params["x"])
     lo, hi = (float(v) for v in res.conf_int(alpha=1 - level).loc["x"])
     r2 = lambda s: min(1.0, s * s * sxx / syy)  # noqa: E731 — the partial R² of a slope s
     covers0 = lo <= 0 <= hi
     out |= {"slope": b, "slope_low": lo, "slope_high": hi, "p": float(res.pvalues["x"]),
-            "df": float(out["n_cells"] - 1), "r2_within": r2(b),
+            "df": float(res.df_resid), "r2_within": r2(b),
             "r2_low": 0.0 if covers0 else min(r2(lo), r2(hi)), "r2_high": max(r2(lo), r2(hi)),
             "r2_lomo": lomo_r2(d["x"], d["y"], d["method"]) if out["n_methods"] > 1 else math.nan,
-            "note": "method fixed effects; cluster-robust (cell) t, df = cells - 1"}
+            "note": "cell means; method fixed effects; t on cells - methods - 1 df"}
     return out
 
 

@@ -6,7 +6,7 @@ The test a primary gets in the report: cells of method a and b paired by seed, t
 their cell means (sweep points averaged), a paired t over seeds (df = seeds − 1), at alpha / m where m is the
 number of primaries × comparisons (Holm's first step, the strictest; later steps are easier). A cell's value
 varies by sd_cell² = sd_seed² + sd_item² / n_items (training-run luck, plus the item sample it is measured on).
-The MDE at 80 % power solves power(δ) = 0.8 under the noncentral t (scipy), so it is exact for normal cell
+The MDE at 80 % power solves power(δ) = 0.8 under the noncentral t (integrated with scipy), exact for normal cell
 deviations; tests/test_calibration.py simulates the test at the MDE and finds ~80 %.
 
 sd_item is measured where it can be (the base's per-item scores in the run folder, `item_sd=`), else a stated
@@ -38,14 +38,22 @@ COLUMNS = ["metric", "task", "a", "b", "seeds", "points_a", "points_b", "n_items
            "m_tests", "alpha_each", "mde", "mde_cell_sd", "source", "note"]
 
 
-def power_paired_t(delta, sd_diff, n, alpha_each: float) -> np.ndarray:
-    """Power of the two-sided paired t over n seeds for a true mean difference delta (noncentral t)."""
+def power_paired_t(delta, sd_diff, n, alpha_each: float) -> float:
+    """Power of the two-sided paired t over n seeds for a true mean difference delta: the noncentral t's
+    tails, integrated over the chi-square of the variance estimate (`scipy.integrate.quad`; scipy's `nct`
+    returns NaN or inaccurate values in the far tails that small df and Bonferroni alphas reach)."""
+    from scipy import integrate
     from scipy import stats as st
 
     df = n - 1
     crit = st.t.ppf(1 - alpha_each / 2, df)
-    ncp = np.asarray(delta, float) / (sd_diff / math.sqrt(n))
-    return st.nct.sf(crit, df, ncp) + st.nct.cdf(-crit, df, ncp)
+    ncp = float(delta) / (sd_diff / math.sqrt(n))
+
+    def reject(v):  # P(|Z + ncp| > crit sqrt(v / df)) given the chi-square draw v
+        c = crit * math.sqrt(v / df)
+        return (st.norm.sf(c - ncp) + st.norm.cdf(-c - ncp)) * st.chi2.pdf(v, df)
+
+    return float(integrate.quad(reject, 0, np.inf, limit=200)[0])
 
 
 def mde(sd_diff: float, n: int, alpha_each: float, power: float = 0.8) -> float:
