@@ -102,6 +102,6 @@ def floor_flag(scores, chance: float, level: float = 0.95) -> str:
     lo, hi = wilson(int(x.sum()), len(x), level) if binary else bootstrap_ci(x, level=level)
     if lo <= chance:
         return "floor"
-    if hi >= 1.0:
+    if hi >= 1.0 - 1e-9:  # Wilson at k = n reaches 1 up to rounding
         return "ceiling"
     return ""

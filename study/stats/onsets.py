@@ -46,9 +46,9 @@ def first_significant(diffs: np.ndarray, min_effect=0.0, alpha_each: float = ALP
     delta = delta[..., None] if delta.ndim else float(delta)  # one minimum effect per look row
     _, p = paired_t(D, np.zeros_like(D), axis=-1, alternative=alternative, delta=delta)
     sig = np.nan_to_num(p, nan=1.0) < alpha_each
-    first = np.argmax(sig, axis=-1).astype(float)
-    first[~sig.any(-1)] = np.nan
-    return first
+    first = np.atleast_1d(np.argmax(sig, axis=-1).astype(float))
+    first[~np.atleast_1d(sig.any(-1))] = np.nan
+    return first if sig.ndim > 1 else first[0]
 
 
 def onsets(adapter: dict[str, dict[int, np.ndarray]], reference: dict[str, np.ndarray | dict[int, np.ndarray]],
