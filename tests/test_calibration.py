@@ -23,7 +23,7 @@ from study.stats import core
 from study.stats.forgetting import align_items, floor_flag, paired_forgetting, paired_forgetting_mean
 from study.stats.items import crossed_mean_t, effects_vs_reference
 from study.stats.law import within_law
-from study.stats.onsets import onsets
+from study.stats.onsets import align_prompts, onsets
 from study.stats.power import DEFAULT_PRIMARY, mde, power_paired_t, power_table
 
 ALPHA = core.ALPHA
@@ -86,16 +86,29 @@ def test_onsets_dict_api_and_references():
     rng = np.random.default_rng(3)
     base = rng.normal(size=60)
     steps = {10: base + rng.normal(0, 0.3, 60), 20: base + 1.0 + rng.normal(0, 0.3, 60)}
-    out = onsets({"persona/probe": steps, "kl/forward_newtask": {10: np.ones(60), 20: np.ones(60)}},
-                 {"persona/probe": base, "kl/forward_newtask": None}, min_effect={"persona/probe": 0.2})
+    out = onsets(
+        {"persona/probe": steps, "kl/forward_newtask": {10: np.ones(60), 20: np.ones(60)}},
+        {"persona/probe": base, "kl/forward_newtask": None},
+        min_effect={"persona/probe": 0.2},
+    )
     assert out["persona/probe"] == 20
     assert math.isnan(out["kl/forward_newtask"])  # no control cell: a KL onset cannot be read against 0
     ctrl = {10: np.ones(60), 20: np.ones(60)}  # against the control's KL, an adapter with the same KL: none
-    assert math.isnan(onsets({"kl/forward_newtask": ctrl}, {"kl/forward_newtask": ctrl})["kl/forward_newtask"])
-    big = onsets({"persona/probe": steps}, {"persona/probe": base}, min_effect=2.0)  # below the minimum effect
+    assert math.isnan(
+        onsets({"kl/forward_newtask": ctrl}, {"kl/forward_newtask": ctrl})["kl/forward_newtask"]
+    )
+    big = onsets(
+        {"persona/probe": steps}, {"persona/probe": base}, min_effect=2.0
+    )  # below the minimum effect
     assert math.isnan(big["persona/probe"])
     with pytest.raises(ValueError):
         onsets({"persona/probe": {10: base[:5]}}, {"persona/probe": base})
+    a, ref = align_prompts(
+        {10: {"p1": 1.0, "p2": 2.0, "p3": 0.0}, 20: {"p2": 3.0, "p1": 4.0}}, {"p1": 0.5, "p2": 0.0}
+    )
+    assert ref.tolist() == [0.5, 0.0] and a[20].tolist() == [4.0, 3.0] and a[10].tolist() == [1.0, 2.0]
+    a, ref = align_prompts({10: {"p1": 1.0}}, {10: {"p1": 0.2, "p9": 1.0}})
+    assert ref[10].tolist() == [0.2]
 
 
 # -------------------------------------------------------------------------------------- item model
@@ -117,7 +130,9 @@ def test_item_model_planted_and_frame_api():
     # the data-frame entry point gives the same numbers as the array one
     rows = [("base", "base", i, v) for i, v in enumerate(base[0])]
     rows += [(f"m{m}", f"m{m}-s{c}", i, y[0, m, c, i]) for m in range(4) for c in range(3) for i in range(40)]
-    out = effects_vs_reference(pd.DataFrame(rows, columns=["method", "cell", "item", "y"])).set_index("method")
+    out = effects_vs_reference(pd.DataFrame(rows, columns=["method", "cell", "item", "y"])).set_index(
+        "method"
+    )
     est, lo, hi, p, df = crossed_mean_t(y[0] - base[0][None, None, :])
     assert out["est"].to_numpy() == pytest.approx(est) and out["ci_low"].to_numpy() == pytest.approx(lo)
     assert (out["df"] == 2).all() and out["p_holm"].to_numpy() == pytest.approx(core.holm(p))
@@ -197,8 +212,13 @@ def test_mde_gives_eighty_percent_power():
 
 def test_power_table_from_sizes():
     sizes = {"seeds": 3, "points": {"sft": 1, "grpo": 1}, "items": {"forgetting": 100}}
-    t = power_table([DEFAULT_PRIMARY[0] | {"task": "snark"}, {"metric": "kl/forward_newtask", "task": "snark",
-                                                               "contrast": ["grpo", "control"]}], sizes)
+    t = power_table(
+        [
+            DEFAULT_PRIMARY[0] | {"task": "snark"},
+            {"metric": "kl/forward_newtask", "task": "snark", "contrast": ["grpo", "control"]},
+        ],
+        sizes,
+    )
     assert len(t) == 2 and (t["m_tests"] == 2).all() and (t["alpha_each"] == ALPHA / 2).all()
     assert "control not in the protocol" in t["note"].iloc[1]
     more = power_table([DEFAULT_PRIMARY[0] | {"task": "snark"}], sizes | {"seeds": 6})

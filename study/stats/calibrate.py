@@ -58,8 +58,15 @@ def _row(statistic, rule, quantity, rate, n, target=ALPHA, kind="type-I") -> dic
     else:
         bound = target - 3 * mc_se(target, n)
         ok = rate >= bound
-    return {"statistic": statistic, "rule": rule, "quantity": quantity, "rate": float(rate),
-            "bound": float(bound), "ok": bool(ok), "n_sims": int(n)}
+    return {
+        "statistic": statistic,
+        "rule": rule,
+        "quantity": quantity,
+        "rate": float(rate),
+        "bound": float(bound),
+        "ok": bool(ok),
+        "n_sims": int(n),
+    }
 
 
 # --------------------------------------------------------------------------------------------- onsets
@@ -117,21 +124,44 @@ def sim_onsets(n_sims: int = 2000, seed: int = 1) -> list[dict]:
     base, adapter, _ = simulate_onset_data(n_sims, seed)
     for rule, fn in (("before", onset_before), ("after", onset_after)):
         on = fn(base, adapter)
-        rows.append(_row("onsets", rule, "type-I: any false onset among 4 indicators x 3 looks",
-                         np.isfinite(on).any(1).mean(), n_sims))
+        rows.append(
+            _row(
+                "onsets",
+                rule,
+                "type-I: any false onset among 4 indicators x 3 looks",
+                np.isfinite(on).any(1).mean(),
+                n_sims,
+            )
+        )
     base, adapter, _ = simulate_onset_data(n_sims, seed + 1, shift=0.5)
     for rule, fn in (("before", onset_before), ("after", onset_after)):
         on = fn(base, adapter)
-        rows.append(_row("onsets", rule, "power: 0.5-SD onset planted at look 2 recovered at look 2",
-                         (on[:, 1] == 1).mean(), n_sims, 0.8, "power"))
+        rows.append(
+            _row(
+                "onsets",
+                rule,
+                "power: 0.5-SD onset planted at look 2 recovered at look 2",
+                (on[:, 1] == 1).mean(),
+                n_sims,
+                0.8,
+                "power",
+            )
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------------- item model
 
 
-def simulate_item_data(n_sims: int, cell_sd: float, seed: int = 0, effect: float = 0.0, methods: int = 4,
-                       cells: int = 3, n_items: int = 40):
+def simulate_item_data(
+    n_sims: int,
+    cell_sd: float,
+    seed: int = 0,
+    effect: float = 0.0,
+    methods: int = 4,
+    cells: int = 3,
+    n_items: int = 40,
+):
     """Base and adapters on the same items: y = difficulty + method effect (method 0 gets `effect`) + cell
     deviation (SD cell_sd) + item noise (SD 0.3). Returns (base (S, n), y (S, M, C, n))."""
     rng = np.random.default_rng(seed)
@@ -172,8 +202,8 @@ def items_before(base, y) -> np.ndarray:
     beta = Y @ (XtX_inv @ X.T).T
     resid = Y - beta @ X.T
     sigma2 = (resid**2).sum(1) / (X.shape[0] - np.linalg.matrix_rank(X))
-    se = np.sqrt(sigma2[:, None] * np.diag(XtX_inv)[n: n + M][None, :])
-    return 2 * st.norm.sf(np.abs(beta[:, n: n + M] / se))
+    se = np.sqrt(sigma2[:, None] * np.diag(XtX_inv)[n : n + M][None, :])
+    return 2 * st.norm.sf(np.abs(beta[:, n : n + M] / se))
 
 
 def sim_items(n_sims: int = 1000, seed: int = 2) -> list[dict]:
@@ -185,12 +215,28 @@ def sim_items(n_sims: int = 1000, seed: int = 2) -> list[dict]:
     for k, cell_sd in enumerate((0.0, 0.1, 0.2)):
         base, y = simulate_item_data(n_sims, cell_sd, seed + k, methods=M)
         for rule, fn in (("before", items_before), ("after", items_after)):
-            rows.append(_row("item model", rule, f"type-I: family-wise over {M} methods (Holm), cell SD {cell_sd}",
-                             (fn(base, y).min(1) * M < ALPHA).mean(), n_sims))
+            rows.append(
+                _row(
+                    "item model",
+                    rule,
+                    f"type-I: family-wise over {M} methods (Holm), cell SD {cell_sd}",
+                    (fn(base, y).min(1) * M < ALPHA).mean(),
+                    n_sims,
+                )
+            )
     base, y = simulate_item_data(n_sims, 0.1, seed + 10, effect=1.0, methods=M)
     for rule, fn in (("before", items_before), ("after", items_after)):
-        rows.append(_row("item model", rule, "power: effect 1.0 (10 cell SDs, 3 cells) on one method",
-                         (fn(base, y)[:, 0] * M < ALPHA).mean(), n_sims, 0.8, "power"))
+        rows.append(
+            _row(
+                "item model",
+                rule,
+                "power: effect 1.0 (10 cell SDs, 3 cells) on one method",
+                (fn(base, y)[:, 0] * M < ALPHA).mean(),
+                n_sims,
+                0.8,
+                "power",
+            )
+        )
     return rows
 
 
@@ -218,18 +264,40 @@ def sim_mixed(n_sims: int = 400, seed: int = 3, shift: float = 3.0) -> list[dict
             z = 1.959963984540054 * t["se"]
             excl["before"].append(((t["estimate"] - z > 0) | (t["estimate"] + z < 0)).mean())
         out[label] = {k: float(np.mean(v)) for k, v in excl.items()}
-    rows = [_row("MixedLM contrasts", r, "type-I: pair CI excludes 0 (4 methods x 3 seeds)", out["null"][r], n_sims)
-            for r in ("before", "after")]
-    rows += [_row("MixedLM contrasts", r, f"power: {shift:g}-SD planted difference, CI excludes 0",
-                  out["planted"][r], n_sims, 0.8, "power") for r in ("before", "after")]
+    rows = [
+        _row(
+            "MixedLM contrasts", r, "type-I: pair CI excludes 0 (4 methods x 3 seeds)", out["null"][r], n_sims
+        )
+        for r in ("before", "after")
+    ]
+    rows += [
+        _row(
+            "MixedLM contrasts",
+            r,
+            f"power: {shift:g}-SD planted difference, CI excludes 0",
+            out["planted"][r],
+            n_sims,
+            0.8,
+            "power",
+        )
+        for r in ("before", "after")
+    ]
     return rows
 
 
 # --------------------------------------------------------------------------------- paired forgetting
 
 
-def simulate_forgetting(n_sims: int, seed: int = 0, forgetting: float = 0.0, seeds: int = 3, n_items: int = 100,
-                        p: float = 0.6, flip: float = 0.15, seed_sd: float = 0.03):
+def simulate_forgetting(
+    n_sims: int,
+    seed: int = 0,
+    forgetting: float = 0.0,
+    seeds: int = 3,
+    n_items: int = 100,
+    p: float = 0.6,
+    flip: float = 0.15,
+    seed_sd: float = 0.03,
+):
     """0/1 items: the base right with prob p (a fresh item sample per study); each seed's adapter flips right
     answers with prob flip + delta_s / p and wrong ones with prob flip p / (1 - p), so its expected forgetting
     is delta_s ~ N(forgetting, seed_sd). Returns (base (S, n), adapters (S, seeds, n))."""
@@ -271,16 +339,35 @@ def forgetting_bootstrap(base, adapters, n_boot: int = 1000):
 def sim_forgetting(n_sims: int = 1000, seed: int = 4, boot_sims: int = 300) -> list[dict]:
     rows = []
     base, ad = simulate_forgetting(n_sims, seed)
-    for rule, fn, n in (("before", forgetting_before, n_sims), ("after", forgetting_after, n_sims),
-                        ("bootstrap (seeds, items)", forgetting_bootstrap, boot_sims)):
+    for rule, fn, n in (
+        ("before", forgetting_before, n_sims),
+        ("after", forgetting_after, n_sims),
+        ("bootstrap (seeds, items)", forgetting_bootstrap, boot_sims),
+    ):
         lo, hi = fn(base[:n], ad[:n])
-        rows.append(_row("paired forgetting", rule, "type-I: mean-over-seeds CI excludes the true 0",
-                         ((lo > 0) | (hi < 0)).mean(), n))
+        rows.append(
+            _row(
+                "paired forgetting",
+                rule,
+                "type-I: mean-over-seeds CI excludes the true 0",
+                ((lo > 0) | (hi < 0)).mean(),
+                n,
+            )
+        )
     base, ad = simulate_forgetting(n_sims, seed + 1, forgetting=0.25)
     for rule, fn in (("before", forgetting_before), ("after", forgetting_after)):
         lo, _ = fn(base, ad)
-        rows.append(_row("paired forgetting", rule, "power: true forgetting 0.25, CI above 0", (lo > 0).mean(),
-                         n_sims, 0.8, "power"))
+        rows.append(
+            _row(
+                "paired forgetting",
+                rule,
+                "power: true forgetting 0.25, CI above 0",
+                (lo > 0).mean(),
+                n_sims,
+                0.8,
+                "power",
+            )
+        )
     return rows
 
 
@@ -294,7 +381,12 @@ def simulate_law(rng, slope: float = 0.0, methods: int = 4, cells: int = 9, look
     c = np.repeat(np.arange(methods * cells), looks)
     mx = m * 1.0
     x = mx + 0.3 * rng.normal(size=methods * cells)[c] + 0.3 * rng.normal(size=len(m))
-    y = 0.5 * mx + slope * (x - mx) + 0.3 * rng.normal(size=methods * cells)[c] + 0.3 * rng.normal(size=len(m))
+    y = (
+        0.5 * mx
+        + slope * (x - mx)
+        + 0.3 * rng.normal(size=methods * cells)[c]
+        + 0.3 * rng.normal(size=len(m))
+    )
     return x, y, m, c
 
 
@@ -319,12 +411,17 @@ def sim_law(n_sims: int = 500, seed: int = 5) -> list[dict]:
             x, y, m, c = simulate_law(rng, slope)
             before.append(law_before(x, y, c, rng=rng) > 0.05)
             after.append(law_reported(within_law(x, y, m, c)))
-        q = ("type-I: law reported under a method-level confound (before: pooled R² CI low > 0.05; "
-             "after: within-method R² CI low > 0)" if label == "type-I" else
-             "power: within-method slope 0.6 found (R² CI low > 0)")
+        q = (
+            "type-I: law reported under a method-level confound (before: pooled R² CI low > 0.05; "
+            "after: within-method R² CI low > 0)"
+            if label == "type-I"
+            else "power: within-method slope 0.6 found (R² CI low > 0)"
+        )
         kind, target = ("type-I", ALPHA) if label == "type-I" else ("power", 0.8)
-        rows += [_row("forgetting law", "before", q, np.mean(before), n_sims, target, kind),
-                 _row("forgetting law", "after", q, np.mean(after), n_sims, target, kind)]
+        rows += [
+            _row("forgetting law", "before", q, np.mean(before), n_sims, target, kind),
+            _row("forgetting law", "after", q, np.mean(after), n_sims, target, kind),
+        ]
     return rows
 
 
@@ -346,19 +443,40 @@ def sim_power(n_sims: int = 4000, seed: int = 6, seeds: int = 3, m_tests: int = 
         p = st.ttest_1samp(diffs, 0.0, axis=1).pvalue
         rate = float((p < alpha_each).mean())
         if label == "power":
-            row = _row("power (MDE)", "after", f"power at the MDE ({d:.2f} SD, {seeds} seeds, alpha/{m_tests})",
-                       rate, n_sims, 0.8, "power")
+            row = _row(
+                "power (MDE)",
+                "after",
+                f"power at the MDE ({d:.2f} SD, {seeds} seeds, alpha/{m_tests})",
+                rate,
+                n_sims,
+                0.8,
+                "power",
+            )
             row["ok"] = bool(abs(rate - 0.8) <= 3 * mc_se(0.8, n_sims))  # neither under- nor over-powered
             row["analytic"] = float(power_paired_t(d, sd_diff, seeds, alpha_each))
             rows.append(row)
         else:
-            rows.append(_row("power (MDE)", "after", f"type-I of the same test at alpha/{m_tests}", rate, n_sims,
-                             alpha_each))
+            rows.append(
+                _row(
+                    "power (MDE)",
+                    "after",
+                    f"type-I of the same test at alpha/{m_tests}",
+                    rate,
+                    n_sims,
+                    alpha_each,
+                )
+            )
     return rows
 
 
-SIMULATIONS = {"onsets": sim_onsets, "items": sim_items, "mixed": sim_mixed, "forgetting": sim_forgetting,
-               "law": sim_law, "power": sim_power}
+SIMULATIONS = {
+    "onsets": sim_onsets,
+    "items": sim_items,
+    "mixed": sim_mixed,
+    "forgetting": sim_forgetting,
+    "law": sim_law,
+    "power": sim_power,
+}
 
 
 def run(scale: float = 1.0) -> list[dict]:
@@ -389,10 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = run(args.scale)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"hash": h, "seconds": round(time.time() - t0, 1), "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"hash": h, "seconds": round(time.time() - t0, 1), "rows": rows}, indent=1)
+    )
     for r in rows:
-        print(f"{'ok ' if r['ok'] else 'BAD'} {r['statistic']:<18} {r['rule']:<24} {r['rate']:.3f} "
-              f"(bound {r['bound']:.3f}, n={r['n_sims']})  {r['quantity']}")
+        print(
+            f"{'ok ' if r['ok'] else 'BAD'} {r['statistic']:<18} {r['rule']:<24} {r['rate']:.3f} "
+            f"(bound {r['bound']:.3f}, n={r['n_sims']})  {r['quantity']}"
+        )
     print(f"written: {args.out} ({time.time() - t0:.0f} s)")
     return 0 if all(r["ok"] for r in rows if r["rule"] == "after") else 1
 

@@ -46,8 +46,14 @@ class MetricRow:
 # ------------------------------------------------------------------------------------------ intervals
 
 
-def bootstrap_ci(values, statistic=np.mean, n_resamples: int = 2000, seed: int = 0, level: float = 0.95,
-                 method: str = "percentile") -> tuple[float, float]:
+def bootstrap_ci(
+    values,
+    statistic=np.mean,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: str = "percentile",
+) -> tuple[float, float]:
     """`scipy.stats.bootstrap` CI of `statistic` over the values (resampled with replacement). One value: its
     own value twice (no spread to resample); none: NaN. `statistic` must take `axis=`."""
     from scipy import stats as st
@@ -59,8 +65,15 @@ def bootstrap_ci(values, statistic=np.mean, n_resamples: int = 2000, seed: int =
     if len(x) == 1 or np.all(x == x[0]):
         v = float(statistic(x, axis=-1))
         return (v, v)
-    res = st.bootstrap((x,), statistic, n_resamples=n_resamples, confidence_level=level, method=method,
-                       vectorized=True, rng=np.random.default_rng(seed))
+    res = st.bootstrap(
+        (x,),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=level,
+        method=method,
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
@@ -106,7 +119,9 @@ def holm(pvals) -> np.ndarray:
     return out
 
 
-def paired_t(a, b, axis: int = -1, alternative: str = "two-sided", delta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def paired_t(
+    a, b, axis: int = -1, alternative: str = "two-sided", delta: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """`scipy.stats.ttest_rel` of a − b along `axis`, against a difference of `delta` (a minimum effect:
     H0 mean(a − b) <= delta for alternative 'greater'). Returns (t, p) arrays (NaN where the differences are
     constant or fewer than 2)."""
@@ -148,7 +163,9 @@ def kendall_w(ratings) -> float:
     if R.ndim != 2 or R.shape[0] < 2 or R.shape[1] < 2:
         return math.nan
     n, m = R.shape
-    d = pd.DataFrame({"subject": np.repeat(np.arange(n), m), "rater": np.tile(np.arange(m), n), "v": R.ravel()})
+    d = pd.DataFrame(
+        {"subject": np.repeat(np.arange(n), m), "rater": np.tile(np.arange(m), n), "v": R.ravel()}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w = pg.friedman(d, dv="v", within="subject", subject="rater")["W"].iloc[0]

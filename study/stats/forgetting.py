@@ -34,15 +34,22 @@ from study.stats.core import bootstrap_ci, wilson
 from study.stats.items import crossed_mean_t
 
 
-def align_items(base: list[dict], adapters: list[list[dict]], key: str = "correct") -> tuple[np.ndarray, np.ndarray]:
+def align_items(
+    base: list[dict], adapters: list[list[dict]], key: str = "correct"
+) -> tuple[np.ndarray, np.ndarray]:
     """(base (n,), adapters (S, n)) over the doc_ids every record list has a finite `key` for, sorted by doc_id."""
+
     def table(recs):
-        return {int(r["doc_id"]): float(r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])}
+        return {
+            int(r["doc_id"]): float(r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])
+        }
 
     b = table(base)
     ads = [table(a) for a in adapters]
     ids = sorted(set(b).intersection(*ads)) if ads else sorted(b)
-    return np.array([b[i] for i in ids]), np.array([[a[i] for i in ids] for a in ads]).reshape(len(ads), len(ids))
+    return np.array([b[i] for i in ids]), np.array([[a[i] for i in ids] for a in ads]).reshape(
+        len(ads), len(ids)
+    )
 
 
 def hierarchical_means(D: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> np.ndarray:
@@ -59,14 +66,17 @@ def hierarchical_means(D: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -
     return reps / len(D)
 
 
-def paired_forgetting(base, adapters, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def paired_forgetting(
+    base, adapters, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(forgetting, low, high) = mean over seeds and items of base − adapter: the crossed seeds x items
     t-interval (one seed: a bootstrap over items). `base` (n,), `adapters` (S, n) or (n,), aligned by item."""
     return paired_forgetting_mean({"": (base, adapters)}, n_boot, seed, level)
 
 
-def paired_forgetting_mean(suites: dict[str, tuple], n_boot: int = 2000, seed: int = 0,
-                           level: float = 0.95) -> tuple[float, float, float]:
+def paired_forgetting_mean(
+    suites: dict[str, tuple], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean over suites of forgetting, low, high); `suites[name] = (base (n,), adapters (S, n))`, the same S
     seeds in every suite."""
     D = []

@@ -29,8 +29,21 @@ import pandas as pd
 
 from study.stats.core import ALPHA, holm, t_interval
 
-COLUMNS = ["method", "est", "ci_low", "ci_high", "p", "p_holm", "df", "n_cells", "n_items", "n_obs", "sd_item",
-           "sd_cell", "model"]
+COLUMNS = [
+    "method",
+    "est",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "df",
+    "n_cells",
+    "n_items",
+    "n_obs",
+    "sd_item",
+    "sd_cell",
+    "model",
+]
 MODEL = "y - base y per item; cells x items crossed variance, t on df = cells - 1"
 
 
@@ -46,7 +59,9 @@ def crossed_mean_t(D, level: float = 0.95) -> tuple[np.ndarray, ...]:
     K = len(Ds)
     C = Ds[0].shape[-2]
     est = sum(d.mean((-2, -1)) for d in Ds) / K
-    cell_means = sum(d.mean(-1) for d in Ds) / K  # (..., C): each cell's mean over items, averaged over suites
+    cell_means = (
+        sum(d.mean(-1) for d in Ds) / K
+    )  # (..., C): each cell's mean over items, averaged over suites
     # The cells' part: the variance of the cells' means (it already holds their items' residual noise).
     v_cell = cell_means.var(-1, ddof=1) / C if C > 1 else np.zeros(est.shape)
     v, den = v_cell.copy(), (v_cell**2 / (C - 1) if C > 1 else np.zeros(est.shape))
@@ -62,9 +77,13 @@ def crossed_mean_t(D, level: float = 0.95) -> tuple[np.ndarray, ...]:
         else:  # one cell: its items are the only replicates, and their spread is the whole item part
             ms_e = np.zeros(est.shape)
         w = 1.0 / (C * n * K * K)
-        keep = ms_i > ms_e  # a negative item-component estimate adds nothing (MS_cell already holds the residual)
+        keep = (
+            ms_i > ms_e
+        )  # a negative item-component estimate adds nothing (MS_cell already holds the residual)
         v = v + np.where(keep, w * (ms_i - ms_e), 0.0)
-        den = den + np.where(keep, (w * ms_i) ** 2 / (n - 1) + ((w * ms_e) ** 2 / ((C - 1) * (n - 1)) if C > 1 else 0.0), 0.0)
+        den = den + np.where(
+            keep, (w * ms_i) ** 2 / (n - 1) + ((w * ms_e) ** 2 / ((C - 1) * (n - 1)) if C > 1 else 0.0), 0.0
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         # df: the cells' own (C − 1). Satterthwaite's df was liberal here (7 % per test at cell SD 0.2 with 3
         # cells): when the cells' variance is underestimated by chance, its df balloons exactly then. One cell:
@@ -76,8 +95,9 @@ def crossed_mean_t(D, level: float = 0.95) -> tuple[np.ndarray, ...]:
     return est, lo, hi, p, df
 
 
-def effects_vs_reference(d: pd.DataFrame, reference: str = "base", level: float = 0.95,
-                         alpha: float = ALPHA) -> pd.DataFrame:
+def effects_vs_reference(
+    d: pd.DataFrame, reference: str = "base", level: float = 0.95, alpha: float = ALPHA
+) -> pd.DataFrame:
     """Each method's effect against the reference on one outcome (columns method, cell, item, y).
 
     Cells' per-item differences from the reference are averaged over the items both answered; the method
@@ -93,7 +113,11 @@ def effects_vs_reference(d: pd.DataFrame, reference: str = "base", level: float 
     rows = []
     for m in methods:
         # cells x items; items some cell did not answer are left out (the crossed variance needs a full matrix)
-        D = a[a["method"] == m].pivot_table(index="cell", columns="item", values="diff", aggfunc="mean").dropna(axis=1)
+        D = (
+            a[a["method"] == m]
+            .pivot_table(index="cell", columns="item", values="diff", aggfunc="mean")
+            .dropna(axis=1)
+        )
         if D.empty:
             continue
         est, lo, hi, p, df = (float(v) for v in crossed_mean_t(D.to_numpy(float), level))

@@ -33,8 +33,21 @@ import pandas as pd
 
 from study.stats.core import ALPHA
 
-COLUMNS = ["slope", "slope_low", "slope_high", "p", "df", "r2_within", "r2_low", "r2_high", "r2_lomo", "n",
-           "n_cells", "n_methods", "note"]
+COLUMNS = [
+    "slope",
+    "slope_low",
+    "slope_high",
+    "p",
+    "df",
+    "r2_within",
+    "r2_low",
+    "r2_high",
+    "r2_lomo",
+    "n",
+    "n_cells",
+    "n_methods",
+    "note",
+]
 
 
 def _demean(v: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -60,10 +73,20 @@ def within_law(x, y, method, cell, level: float = 0.95) -> dict:
     be fitted (fewer than 3 cells, or no variation of the predictor within methods)."""
     import statsmodels.formula.api as smf
 
-    d = pd.DataFrame({"x": np.asarray(x, float), "y": np.asarray(y, float), "method": np.asarray(method),
-                      "cell": np.asarray(cell)}).dropna()
-    out = dict.fromkeys(COLUMNS, math.nan) | {"n": len(d), "n_cells": d["cell"].nunique(),
-                                               "n_methods": d["method"].nunique(), "note": ""}
+    d = pd.DataFrame(
+        {
+            "x": np.asarray(x, float),
+            "y": np.asarray(y, float),
+            "method": np.asarray(method),
+            "cell": np.asarray(cell),
+        }
+    ).dropna()
+    out = dict.fromkeys(COLUMNS, math.nan) | {
+        "n": len(d),
+        "n_cells": d["cell"].nunique(),
+        "n_methods": d["method"].nunique(),
+        "note": "",
+    }
     codes = pd.factorize(d["method"])[0]
     xd, yd = _demean(d["x"].to_numpy(), codes), _demean(d["y"].to_numpy(), codes)
     sxx, syy = float((xd**2).sum()), float((yd**2).sum())
@@ -85,11 +108,18 @@ def within_law(x, y, method, cell, level: float = 0.95) -> dict:
     lo, hi = (float(v) for v in res.conf_int(alpha=1 - level).loc["x"])
     r2 = lambda s: min(1.0, s * s * sxx / syy)  # noqa: E731 — the partial R² of a slope s
     covers0 = lo <= 0 <= hi
-    out |= {"slope": b, "slope_low": lo, "slope_high": hi, "p": float(res.pvalues["x"]),
-            "df": float(res.df_resid), "r2_within": r2(b),
-            "r2_low": 0.0 if covers0 else min(r2(lo), r2(hi)), "r2_high": max(r2(lo), r2(hi)),
-            "r2_lomo": lomo_r2(d["x"], d["y"], d["method"]) if out["n_methods"] > 1 else math.nan,
-            "note": "cell means; method fixed effects; t on cells - methods - 1 df"}
+    out |= {
+        "slope": b,
+        "slope_low": lo,
+        "slope_high": hi,
+        "p": float(res.pvalues["x"]),
+        "df": float(res.df_resid),
+        "r2_within": r2(b),
+        "r2_low": 0.0 if covers0 else min(r2(lo), r2(hi)),
+        "r2_high": max(r2(lo), r2(hi)),
+        "r2_lomo": lomo_r2(d["x"], d["y"], d["method"]) if out["n_methods"] > 1 else math.nan,
+        "note": "cell means; method fixed effects; t on cells - methods - 1 df",
+    }
     return out
 
 

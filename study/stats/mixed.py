@@ -25,8 +25,13 @@ def _pairs(levels: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(levels, 2))
 
 
-def mixed_contrasts(df: pd.DataFrame, y: str = "value", group: str = "method", block: str = "seed",
-                    levels: list[str] | None = None) -> tuple[pd.DataFrame, str]:
+def mixed_contrasts(
+    df: pd.DataFrame,
+    y: str = "value",
+    group: str = "method",
+    block: str = "seed",
+    levels: list[str] | None = None,
+) -> tuple[pd.DataFrame, str]:
     """Pairwise differences between `group` levels from `y ~ group + (1 | block)` (statsmodels MixedLM formula
     API, REML).
 
@@ -45,8 +50,10 @@ def mixed_contrasts(df: pd.DataFrame, y: str = "value", group: str = "method", b
     cols = ["a", "b", "estimate", "se", "df", "ci_low", "ci_high", "p_t"]
     if len(levels) < 2:
         return pd.DataFrame(columns=cols), "none"
-    d = d[d["g_"].isin(levels)].assign(g_=lambda x: pd.Categorical(x["g_"], categories=levels),
-                                        b_=lambda x: x["b_"].astype("string").fillna("none"))
+    d = d[d["g_"].isin(levels)].assign(
+        g_=lambda x: pd.Categorical(x["g_"], categories=levels),
+        b_=lambda x: x["b_"].astype("string").fillna("none"),
+    )
     names = ["Intercept"] + [f"C(g_)[T.{lv}]" for lv in levels[1:]]
     n_blocks = d["b_"].nunique()
     beta = cov = None
@@ -69,9 +76,17 @@ def mixed_contrasts(df: pd.DataFrame, y: str = "value", group: str = "method", b
             warnings.simplefilter("ignore")
             res = smf.ols(formula, d).fit()
         beta = res.params[names].to_numpy()
-        cov = res.cov_params().loc[names, names].to_numpy() if res.df_resid > 0 else np.full((len(names),) * 2, np.nan)
+        cov = (
+            res.cov_params().loc[names, names].to_numpy()
+            if res.df_resid > 0
+            else np.full((len(names),) * 2, np.nan)
+        )
         dof = res.df_resid
-        model = f"OLS {y} ~ {group}" + (f" + {block}" if "C(b_)" in formula else "") + " (mixed model not estimable)"
+        model = (
+            f"OLS {y} ~ {group}"
+            + (f" + {block}" if "C(b_)" in formula else "")
+            + " (mixed model not estimable)"
+        )
     rows = []
     for a, b in _pairs(levels):
         L = np.zeros(len(names))

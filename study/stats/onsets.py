@@ -32,8 +32,9 @@ import numpy as np
 from study.stats.core import ALPHA, paired_t
 
 
-def first_significant(diffs: np.ndarray, min_effect=0.0, alpha_each: float = ALPHA,
-                      alternative: str = "greater") -> np.ndarray:
+def first_significant(
+    diffs: np.ndarray, min_effect=0.0, alpha_each: float = ALPHA, alternative: str = "greater"
+) -> np.ndarray:
     """Index of the first look whose one-sided paired test rejects, NaN if none.
 
     `diffs`: (..., K looks, n prompts) per-prompt adapter − reference differences; `min_effect` broadcasts
@@ -51,9 +52,13 @@ def first_significant(diffs: np.ndarray, min_effect=0.0, alpha_each: float = ALP
     return first if sig.ndim > 1 else first[0]
 
 
-def onsets(adapter: dict[str, dict[int, np.ndarray]], reference: dict[str, np.ndarray | dict[int, np.ndarray]],
-           min_effect: dict[str, float] | float = 0.0, alpha: float = ALPHA,
-           direction: dict[str, str] | None = None) -> dict[str, float]:
+def onsets(
+    adapter: dict[str, dict[int, np.ndarray]],
+    reference: dict[str, np.ndarray | dict[int, np.ndarray]],
+    min_effect: dict[str, float] | float = 0.0,
+    alpha: float = ALPHA,
+    direction: dict[str, str] | None = None,
+) -> dict[str, float]:
     """Onset step per indicator for one cell; NaN when none within the budget or when it cannot be tested.
 
     `adapter[indicator][step]`: per-prompt values at that checkpoint (the final adapter included);
@@ -76,9 +81,29 @@ def onsets(adapter: dict[str, dict[int, np.ndarray]], reference: dict[str, np.nd
             r = np.asarray(ref[s] if isinstance(ref, dict) else ref, float)
             a = np.asarray(adapter[k][s], float)
             if a.shape != r.shape:
-                raise ValueError(f"{k} at step {s}: adapter and reference must hold the same prompts, in order")
+                raise ValueError(
+                    f"{k} at step {s}: adapter and reference must hold the same prompts, in order"
+                )
             rows.append(a - r)
         delta = min_effect.get(k, 0.0) if isinstance(min_effect, dict) else min_effect
         i = first_significant(np.stack(rows), delta, alpha / n_tests, direction.get(k, "greater"))
         out[k] = math.nan if np.isnan(i) else float(steps[int(i)])
     return out
+
+
+def align_prompts(adapter: dict[int, dict], reference: dict | None) -> tuple[dict[int, np.ndarray], object]:
+    """Per-prompt records keyed by prompt id -> the arrays `onsets` takes, on the ids every step and the
+    reference share (sorted). `adapter[step] = {prompt_id: value}`; `reference` = {prompt_id: value} (the base)
+    or {step: {prompt_id: value}} (a control cell), or None (no reference: returned as None)."""
+    if reference is None:
+        return {s: np.array([v[k] for k in sorted(v)], float) for s, v in adapter.items()}, None
+    per_step = all(isinstance(v, dict) for v in reference.values())
+    ids = set.intersection(
+        *(set(v) for v in adapter.values()),
+        *((set(v) for v in reference.values()) if per_step else (set(reference),)),
+    )
+    ids = sorted(ids)
+    a = {s: np.array([v[k] for k in ids], float) for s, v in adapter.items()}
+    if per_step:
+        return a, {s: np.array([v[k] for k in ids], float) for s, v in reference.items()}
+    return a, np.array([reference[k] for k in ids], float)

@@ -34,8 +34,25 @@ PRIORS = {
     "emergence": {"item_sd": 0.40, "seed_sd": 0.05},
 }
 DEFAULT_PRIMARY = [{"metric": "forgetting/mean", "task": None, "contrast": ["grpo", "sft"]}]
-COLUMNS = ["metric", "task", "a", "b", "seeds", "points_a", "points_b", "n_items", "sd_item", "sd_seed", "sd_cell",
-           "m_tests", "alpha_each", "mde", "mde_cell_sd", "source", "note"]
+COLUMNS = [
+    "metric",
+    "task",
+    "a",
+    "b",
+    "seeds",
+    "points_a",
+    "points_b",
+    "n_items",
+    "sd_item",
+    "sd_seed",
+    "sd_cell",
+    "m_tests",
+    "alpha_each",
+    "mde",
+    "mde_cell_sd",
+    "source",
+    "note",
+]
 
 
 def power_paired_t(delta, sd_diff, n, alpha_each: float) -> float:
@@ -74,8 +91,14 @@ def _family(metric: str) -> str:
     return metric.split("/")[0]
 
 
-def power_table(primaries: list[dict], sizes: dict, item_sd: dict[str, float] | None = None,
-                priors: dict | None = None, alpha: float = ALPHA, power: float = 0.8) -> pd.DataFrame:
+def power_table(
+    primaries: list[dict],
+    sizes: dict,
+    item_sd: dict[str, float] | None = None,
+    priors: dict | None = None,
+    alpha: float = ALPHA,
+    power: float = 0.8,
+) -> pd.DataFrame:
     """One row per primary: its MDE at `power`. `sizes`: {"seeds": int, "points": {method: sweep points},
     "items": {metric family or metric: n items}}; `item_sd`: measured per-item SDs (metric or family ->
     SD) overriding the priors. A primary's metric may carry a `@qualifier` (e.g. `@matched`): sized as the
@@ -105,16 +128,34 @@ def power_table(primaries: list[dict], sizes: dict, item_sd: dict[str, float] | 
         d = mde(sd_diff, seeds, alpha / m, power)
         if seeds < 2:
             notes.append("fewer than 2 seeds: no test")
-        rows.append([metric, p.get("task"), a, b, seeds, pa, pb, n_items, sdi, sds, sd_cell, m, alpha / m, d,
-                     d / sd_cell if sd_cell else math.nan,
-                     "item SD measured on the base, seed SD prior" if measured is not None else "prior",
-                     "; ".join(notes)])
+        rows.append(
+            [
+                metric,
+                p.get("task"),
+                a,
+                b,
+                seeds,
+                pa,
+                pb,
+                n_items,
+                sdi,
+                sds,
+                sd_cell,
+                m,
+                alpha / m,
+                d,
+                d / sd_cell if sd_cell else math.nan,
+                "item SD measured on the base, seed SD prior" if measured is not None else "prior",
+                "; ".join(notes),
+            ]
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def protocol_sizes(proto) -> tuple[list[dict], dict]:
     """(primaries, sizes) read from a protocol object by attribute (works before and after the protocol gets
     its `primary:` list; without it, DEFAULT_PRIMARY on the first task)."""
+
     def get(obj, *names, default=None):
         for n in names:
             obj = getattr(obj, n, None) if not isinstance(obj, dict) else obj.get(n)
@@ -130,7 +171,9 @@ def protocol_sizes(proto) -> tuple[list[dict], dict]:
     points = {}
     for method, spec in (get(proto, "methods", default={}) or {}).items():
         sweep = get(spec, "sweep", default={}) or {}
-        points[str(getattr(method, "value", method))] = int(np.prod([len(v) for v in sweep.values()])) if sweep else 1
+        points[str(getattr(method, "value", method))] = (
+            int(np.prod([len(v) for v in sweep.values()])) if sweep else 1
+        )
     limits = get(proto, "regression", "limit", default={}) or {}
     suites = [str(s) for s in get(proto, "regression", "suites", default=[]) or [] if str(s) != "humaneval"]
     per_suite = [limits.get(s) for s in suites]
