@@ -240,3 +240,18 @@ def test_calibrate_writes_and_skips_when_unchanged(tmp_path, monkeypatch, capsys
 
     table = calibration_table(out)
     assert len(table) == 2 and not table["stale"].any()
+
+
+def test_stats_package_imports_no_torch_and_no_other_study_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib, pkgutil, study.stats as s\n"
+        "for m in pkgutil.iter_modules(s.__path__): importlib.import_module('study.stats.' + m.name)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'trl')\n"
+        "       or (m.startswith('study.') and not m.startswith('study.stats'))]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -354,14 +354,14 @@ def sim_forgetting(n_sims: int = 1000, seed: int = 4, boot_sims: int = 300) -> l
                 n,
             )
         )
-    base, ad = simulate_forgetting(n_sims, seed + 1, forgetting=0.25)
+    base, ad = simulate_forgetting(n_sims, seed + 1, forgetting=0.3)
     for rule, fn in (("before", forgetting_before), ("after", forgetting_after)):
         lo, _ = fn(base, ad)
         rows.append(
             _row(
                 "paired forgetting",
                 rule,
-                "power: true forgetting 0.25, CI above 0",
+                "power: true forgetting 0.3, CI above 0",
                 (lo > 0).mean(),
                 n_sims,
                 0.8,
