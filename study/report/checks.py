@@ -162,7 +162,7 @@ def calibration_table(path=None) -> pd.DataFrame:
     from study.stats.calibrate import source_hash
 
     path = path or RESULTS / "calibration" / "calibration.json"
-    cols = ["statistic", "quantity", "rate", "bound", "ok", "n_sims", "stale"]
+    cols = ["statistic", "rule", "quantity", "rate", "bound", "ok", "n_sims", "stale"]
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
