@@ -120,8 +120,8 @@ def test_item_model_family_wise_null(cell_sd):
     base, y = C.simulate_item_data(n, cell_sd, seed=200 + int(cell_sd * 10))
     fwer = (C.items_after(base, y).min(1) * 4 < ALPHA).mean()  # Holm rejects anything iff min p <= alpha/4
     assert fwer <= bound(n), f"family-wise {fwer:.3f} at cell SD {cell_sd}"
-    if cell_sd > 0:
-        assert (C.items_before(base, y).min(1) * 4 < ALPHA).mean() > bound(n)  # the old model fails
+    # (the old item x seed MixedLM fails this bound at cell SD 0.1 and 0.2; refitting it takes seconds per
+    # study, so that is measured by `python -m study.stats.calibrate`, not here)
 
 
 def test_item_model_planted_and_frame_api():
