@@ -18,7 +18,7 @@ ifneq ($(wildcard ../shared/benchmarks/README.md),)
 export STUDY_DATA_DIR ?= $(abspath ../shared/benchmarks)
 endif
 
-.PHONY: help system-deps install study run status plan validate test test-unit test-integration bench lint clean-results report paper
+.PHONY: help system-deps install study run status plan validate test test-unit test-integration bench lint clean-results report paper calibrate
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ test-unit: $(STAMP)  ## only the fast unit tests
 
 bench: $(STAMP)  ## stage speeds (train, kl, regression, persona split, harness vs plain lm_eval) -> results/bench/; ARGS="--only compare"
 	$(STUDY) bench $(ARGS)
+
+calibrate: $(STAMP)  ## null and planted-effect simulations of study/stats -> results/calibration/ (skips if unchanged)
+	$(PY) -m study.stats.calibrate
 
 lint: $(STAMP)  ## ruff lint and format check
 	.venv/bin/ruff check study tests

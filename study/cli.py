@@ -292,6 +292,42 @@ def bench(ctx: typer.Context) -> None:
     main(ctx.args)
 
 
+@app.command()
+def power(protocol: Path) -> None:
+    """Minimum detectable effect (80 % power) of each primary outcome from the protocol's sizes and the base's
+    per-item variances (measured ones from the run folder's base/, else stated priors); writes power.json."""
+    import json
+
+    import numpy as np
+
+    from study.paths import RunPaths
+    from study.stats.power import power_table, protocol_sizes
+
+    proto = _load(protocol)
+    rp = RunPaths.for_protocol(protocol, proto.results_dir)
+    item_sd = {}
+    reg = rp.root / "base" / "model" / "regression.json"  # per-item records, when the base was measured
+    if reg.is_file():
+        for suite, recs in (json.loads(reg.read_text()).get("items") or {}).items():
+            p = np.array([r["correct"] for r in recs if r.get("correct") is not None], float)
+            if len(p) > 1:  # paired base-adapter difference at agreement 0.8 (the prior's assumption)
+                item_sd[f"forgetting/{suite}"] = float(np.sqrt(2 * p.mean() * (1 - p.mean()) * 0.2))
+        if item_sd:
+            item_sd["forgetting"] = float(np.sqrt(np.mean(np.square(list(item_sd.values())))))
+    primaries, sizes = protocol_sizes(proto)
+    df = power_table(primaries, sizes, item_sd)
+    table = Table(title=f"{protocol}: minimum detectable effects at 80 % power")
+    for col in ("metric", "task", "contrast", "seeds", "items", "sd cell", "alpha each", "MDE", "MDE / sd cell", "source"):
+        table.add_column(col)
+    for r in df.itertuples():
+        table.add_row(r.metric, str(r.task), f"{r.a} - {r.b}", str(r.seeds), str(r.n_items), f"{r.sd_cell:.3g}",
+                      f"{r.alpha_each:.3g}", f"{r.mde:.3g}", f"{r.mde_cell_sd:.2f}", r.source + (f"; {r.note}" if r.note else ""))
+    console.print(table)
+    rp.root.mkdir(parents=True, exist_ok=True)
+    (rp.root / "power.json").write_text(json.dumps({"sizes": sizes, "rows": df.to_dict("records")}, indent=1, default=str))
+    console.print(f"written: {rp.root / 'power.json'}")
+
+
 def _dur(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 

@@ -218,6 +218,9 @@ class CheckpointEval(Strict):
     `emergence/<suite>/<metric>`): by default 20 HellaSwag items. null: none."""
     steps: list[int] | None = None
     """Only these checkpoint steps (None: every saved checkpoint before the final step)."""
+    min_effect: dict[str, float] = {}
+    """Minimum effect per tracked metric for an emergence onset (study.stats.onsets): the paired per-prompt
+    difference from the reference must exceed it, e.g. {persona/probe: 0.05}; absent metrics: 0."""
 
     @field_validator("stages")
     @classmethod

@@ -8,8 +8,9 @@ Everything here is a pure function of the run's files (mainly metrics.csv, cells
 optional per-item stage JSONs). Nothing imports torch, transformers, peft, trl or model code, so a copied
 run folder regenerates the report and the paper on a laptop.
 
-Modules: data (loading, summaries), checks (what must hold before a paper), stats (primitives: fits,
-bootstrap, permutation tests, Holm, effect sizes, mixed models), analysis (those applied to a run),
+Modules: data (loading, summaries), checks (what must hold before a paper, and the latest calibration of the
+statistics), stats (the report's primitives: fits, permutation tests, effect sizes; Holm, Kendall's W, paired t
+and mixed-model contrasts come from the shared, torch-free `study.stats`), analysis (those applied to a run),
 figures, markdown, paper, compare.
 """
 

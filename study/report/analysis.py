@@ -10,7 +10,7 @@ Decisions, and why:
   law's bootstrap resamples cells, carrying their checkpoints along.
 - Method comparisons pool each method's sweep points (their learning-rate grids differ by design; the
   Pareto frontier is the matched comparison). Estimates and CIs come from a mixed model with a random
-  intercept per seed; the p-values that decide are seed-stratified permutation tests, Holm-corrected over
+  intercept per seed, t intervals on the blocked design's residual df (not Wald z); the p-values that decide are seed-stratified permutation tests, Holm-corrected over
   the method pairs of one outcome, because their error rate is checked by simulation (tests) and does not
   rest on a 3-level variance estimate. Where a design has too few relabelings for any permutation p to pass
   Holm (3 seeds, one cell per method and seed: 8 relabelings), a paired t-test over seeds decides instead
@@ -20,6 +20,12 @@ Decisions, and why:
   keep per-item values (held-out prompts, probe scores, benchmark items), report.items fits that crossed
   item x seed model for each method against the base as well (stats/items.csv, table "items").
 - Fewer than 3 seeds per method is reported as underpowered, without a p-value.
+- Pre-declared primaries (the protocol's `primary:` list, else study.stats.power.DEFAULT_PRIMARY): their
+  comparisons form one family, Holm over primaries x comparisons; every other comparison is labelled
+  `exploratory` (Holm over the pairs of its outcome only) in the `family` column.
+- The forgetting law is also fitted within methods (method fixed effects, cluster-robust by cell; table
+  `law_within`, study.stats.law): the pooled fit over four methods cannot tell a law from a method-level
+  confound.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import pandas as pd
 
 from study import io
 from study.report import stats as S
-from study.report.checks import run_checks
+from study.report.checks import calibration_table, run_checks
 from study.report.data import (
     FORGET_MEAN,
     KL_METRICS,
@@ -47,6 +53,8 @@ from study.report.data import (
     summarise,
 )
 from study.report.items import item_models
+from study.stats import law as L
+from study.stats import power as P
 
 MIN_SEEDS = 3
 
@@ -66,10 +74,13 @@ class Stats:
     onsets: pd.DataFrame
     power: pd.DataFrame
     fits: dict = field(default_factory=dict)  # (task, predictor, group, degree) -> stats.Fit, for bands
-    items: pd.DataFrame = field(default_factory=pd.DataFrame)  # item-level mixed models (report.items)
+    items: pd.DataFrame = field(default_factory=pd.DataFrame)  # item-level models (report.items)
+    law_within: pd.DataFrame = field(default_factory=pd.DataFrame)  # the law within methods (stats.law)
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)  # latest `make calibrate` (checks.py)
+    mde: pd.DataFrame = field(default_factory=pd.DataFrame)  # the primaries' minimum detectable effects
 
     TABLES = ("checks", "summary", "law", "best_predictor", "pareto", "comparisons", "coherence", "onsets", "power",
-              "items")
+              "items", "law_within", "mde")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -190,6 +201,19 @@ def _best_predictor(run: Run, preds: list[str], task: str, n_boot: int, seed: in
     return [(task, p, len(merged), points[i], float(wins[i])) for i, p in enumerate(preds)]
 
 
+def law_within_table(run: Run) -> pd.DataFrame:
+    """Per task and predictor: the law within methods over every checkpoint (study.stats.law.within_law)."""
+    rows = []
+    if run.has(FORGET_MEAN):
+        for task in _tasks(run):
+            for pred in predictors(run):
+                pts = law_points(run, pred, task)
+                if len(pts):
+                    fit = L.within_law(pts["x"], pts["y"], pts["method"], pts["cell"])
+                    rows.append({"task": task, "predictor": pred, **fit, "law": L.law_reported(fit)})
+    return pd.DataFrame(rows, columns=["task", "predictor", *L.COLUMNS, "law"])
+
+
 # --------------------------------------------------------------------------------------------- pareto
 
 
@@ -302,7 +326,7 @@ def compare_methods(d: pd.DataFrame, levels: list[str], n_perm: int = 5000, n_bo
         elif not np.isfinite(p):
             under = "underpowered: no test possible"
         rows.append(dict(a=r.a, b=r.b, n_a=len(a), n_b=len(b), diff=float(a.mean() - b.mean()),
-                         est=r.estimate, ci_low=r.ci_low, ci_high=r.ci_high, p_wald=r.p_wald, g=g, g_low=gl,
+                         est=r.estimate, ci_low=r.ci_low, ci_high=r.ci_high, df=r.df, p_t=r.p_t, g=g, g_low=gl,
                          g_high=gh, test=test, p=p, min_p=min_p, underpowered=under))
     out = pd.DataFrame(rows)
     if out.empty:
@@ -310,6 +334,32 @@ def compare_methods(d: pd.DataFrame, levels: list[str], n_perm: int = 5000, n_bo
     out["p_holm"] = S.holm(out["p"].where(out["underpowered"] == ""))
     out["verdict"] = [S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha) for _, r in out.iterrows()]
     return out, model
+
+
+def primaries(run: Run) -> list[dict]:
+    """The protocol's pre-declared primary outcomes ({metric, task, contrast: [a, b]}), else the default."""
+    declared = (run.protocol or {}).get("primary") or P.DEFAULT_PRIMARY
+    tasks = run.tasks
+    return [p | {"task": p.get("task") or (tasks[0] if tasks else None)} for p in declared]
+
+
+def _label_families(out: pd.DataFrame, declared: list[dict], alpha: float = S.ALPHA) -> pd.DataFrame:
+    """Mark the comparisons that are declared primaries and Holm-correct them as one family (primaries x
+    comparisons); the rest keep their per-outcome Holm and are `exploratory`."""
+    out = out.assign(family="exploratory", primary="")
+    for p in declared:
+        metric = str(p["metric"])
+        pair = {str(c) for c in p.get("contrast", [])}
+        hit = ((out["task"] == p["task"]) & (out["outcome"] == metric.split("@")[0])
+               & np.array([{a, b} == pair for a, b in zip(out["a"], out["b"], strict=True)], bool))
+        out.loc[hit, "family"] = "primary"
+        out.loc[hit, "primary"] = metric + (" (at the final adapters)" if "@" in metric else "")
+    prim = out["family"] == "primary"
+    if prim.any():
+        out.loc[prim, "p_holm"] = S.holm(out.loc[prim, "p"].where(out.loc[prim, "underpowered"] == ""))
+        out.loc[prim, "verdict"] = [S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha)
+                                    for _, r in out[prim].iterrows()]
+    return out
 
 
 def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -323,9 +373,10 @@ def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0)
             if len(out):
                 frames.append(out.assign(task=task, outcome=outcome, model=model))
     if not frames:
-        return pd.DataFrame(columns=["task", "outcome", "a", "b", "est", "ci_low", "ci_high", "g", "p_holm", "verdict"])
-    out = pd.concat(frames, ignore_index=True)
-    first = ["task", "outcome", "a", "b"]
+        return pd.DataFrame(columns=["task", "outcome", "a", "b", "est", "ci_low", "ci_high", "g", "p_holm", "verdict",
+                                     "family", "primary"])
+    out = _label_families(pd.concat(frames, ignore_index=True), primaries(run))
+    first = ["task", "outcome", "a", "b", "family"]
     return out[first + [c for c in out.columns if c not in first]]
 
 
@@ -339,6 +390,14 @@ def power_table(run: Run) -> pd.DataFrame:
                                          f"reported without p-values (need >= {MIN_SEEDS})")
         rows.append((task, n, f["cell"].nunique(), msg))
     return pd.DataFrame(rows, columns=["task", "min_seeds", "n_cells", "message"])
+
+
+def mde_table(run: Run) -> pd.DataFrame:
+    """The primaries' minimum detectable effects for this run's protocol (study.stats.power, stated priors)."""
+    if not run.protocol:
+        return pd.DataFrame(columns=P.COLUMNS)
+    _, sizes = P.protocol_sizes(run.protocol)
+    return P.power_table(primaries(run), sizes)
 
 
 # ------------------------------------------------------------------------------------------ coherence
@@ -430,7 +489,7 @@ def run_stats(run: Run, n_boot: int = 1000, n_perm: int = 5000, write: bool = Tr
     st = Stats(checks=run_checks(run), missing=missing_metrics(run), summary=summary_table(run), law=law,
                best_predictor=best, pareto=pareto_table(run), comparisons=comparisons(run, n_perm, n_boot),
                coherence=coherence_table(run), onsets=onset_table(run), power=power_table(run), fits=fits,
-               items=item_models(run.root))
+               items=item_models(run.root), law_within=law_within_table(run), calibration=calibration_table(), mde=mde_table(run))
     if write:
         out = run.root / "stats"
         out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@
 print(run_checks(load_run('results/smoke')))"
 
 Every check returns a row (check, ok, detail); the report and the paper print them all, failed ones first,
-so a broken run is reported rather than silently passed.
+so a broken run is reported rather than silently passed. `calibration_table` adds the statistics' own check:
+the type-I rates and powers of the latest `make calibrate` (results/calibration/calibration.json), marked stale
+when study/stats has changed since.
 """
 
 from __future__ import annotations
@@ -151,6 +153,23 @@ def check_metrics(run: Run) -> tuple[bool, str]:
     if missing:
         return False, "not measured: " + ", ".join(missing)
     return True, "every expected metric family present"
+
+
+def calibration_table(path=None) -> pd.DataFrame:
+    """The latest calibration simulations (statistic, quantity, rate, bound, ok, n_sims, stale), or an empty
+    table when `make calibrate` has not been run."""
+    from study.paths import RESULTS
+    from study.stats.calibrate import source_hash
+
+    path = path or RESULTS / "calibration" / "calibration.json"
+    cols = ["statistic", "rule", "quantity", "rate", "bound", "ok", "n_sims", "stale"]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return pd.DataFrame(columns=cols)
+    stale = data.get("hash") != source_hash()
+    rows = [{**{c: r.get(c) for c in cols[:-1]}, "stale": stale} for r in data.get("rows", [])]
+    return pd.DataFrame(rows, columns=cols)
 
 
 CHECKS = {

@@ -1,14 +1,10 @@
 """Item-level method comparisons: every adapter and the base answer the same held-out prompts and the same
-benchmark items, so each method's effect can be estimated against the base with the items (prompts or
-benchmark questions) and the seeds as crossed random intercepts:
-
-    y[item, cell] = b0 + b_method + u_item + v_seed + e,   u ~ N(0, s_item²), v ~ N(0, s_seed²)
-
-(statsmodels MixedLM, REML, the crossed intercepts as variance components of one group; the base is the
-reference level and gets its own seed level). Unlike the cell-level comparisons, which see one number per
-cell, this model knows which items are hard for every model, so a method's effect is not confused with the
-luck of an item sample, and its standard error counts items and seeds. Wald 95% CIs; p-values Holm-corrected
-over the methods of one outcome. Outcomes, per item of the final adapters:
+benchmark items, so each method's effect against the base is read item by item (item difficulty cancels) with
+the cell (method x seed) as the replicated unit: `study.stats.items.effects_vs_reference` averages each cell's
+per-item differences from the base and gives a t-interval over the method's cells (df = cells - 1); p-values
+Holm-corrected over the methods of one outcome. (A crossed item x seed mixed model counted items as replicates
+of a method and rejected 10-20 % of the time under the null: tests/test_calibration.py.) Outcomes, per item of
+the final adapters:
 
     newtask/success        sigma(m) per held-out prompt (m: persona minus neutral per-token log-likelihood)
     persona/probe          the embedding probe on each held-out greedy answer
@@ -22,17 +18,16 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from study import io
+from study.stats.items import COLUMNS as ITEM_COLUMNS
+from study.stats.items import effects_vs_reference
 
 log = logging.getLogger("study")
-COLUMNS = ["task", "outcome", "method", "est", "ci_low", "ci_high", "p", "p_holm", "n_items", "n_obs",
-           "sd_item", "sd_seed", "model"]
+COLUMNS = ["task", "outcome", *ITEM_COLUMNS]
 
 
 def _records(stage: dict | None, task: str) -> list[tuple[str, str, float]]:
@@ -95,50 +90,11 @@ def item_table(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["cell", "method", "seed", "task", "outcome", "item", "y"])
 
 
-def holm(p: list[float]) -> list[float]:
-    """Holm step-down adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(p, float)
-    ok = ~np.isnan(p)
-    out = np.full(len(p), np.nan)
-    idx = np.where(ok)[0][np.argsort(p[ok])]
-    m, running = len(idx), 0.0
-    for rank, i in enumerate(idx):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
-    return out.tolist()
-
-
 def fit_outcome(d: pd.DataFrame) -> pd.DataFrame:
-    """Each method against the base on one outcome's item-level data (columns method, seed, item, y)."""
-    import statsmodels.formula.api as smf
-
-    methods = [m for m in dict.fromkeys(d["method"]) if m != "base"]
-    if "base" not in set(d["method"]) or not methods or d["item"].nunique() < 3:
+    """Each method against the base on one outcome's item-level data (columns method, cell, item, y)."""
+    if "base" not in set(d["method"]) or d["item"].nunique() < 3:
         return pd.DataFrame(columns=COLUMNS)
-    d = d.assign(one=1)
-    vc = {"item": "0 + C(item)"}
-    if d.loc[d["method"] != "base", "seed"].nunique() >= 2:
-        vc["seed"] = "0 + C(seed)"
-    formula = "y ~ C(method, Treatment('base'))"
-    model = f"MixedLM {formula.replace(chr(39) + 'base' + chr(39), 'base')} + (1|item)" + (" + (1|seed)" if "seed" in vc else "")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = smf.mixedlm(formula, d, groups="one", vc_formula=vc).fit(reml=True)
-    ci = res.conf_int()
-    names = dict(zip(res.model.exog_names, range(len(res.model.exog_names))))
-    vcomp = dict(zip(res.model.exog_vc.names, np.sqrt(np.maximum(res.vcomp, 0.0))))
-    rows = []
-    for m in methods:
-        key = f"C(method, Treatment('base'))[T.{m}]"
-        if key not in names:
-            continue
-        rows.append([m, float(res.fe_params[key]), float(ci.loc[key, 0]), float(ci.loc[key, 1]),
-                     float(res.pvalues[key]), int(d.loc[d["method"] == m, "item"].nunique()), int(len(d)),
-                     float(vcomp.get("item", np.nan)), float(vcomp.get("seed", np.nan)), model])
-    out = pd.DataFrame(rows, columns=["method", "est", "ci_low", "ci_high", "p", "n_items", "n_obs", "sd_item",
-                                      "sd_seed", "model"])
-    out["p_holm"] = holm(out["p"].tolist())
-    return out
+    return effects_vs_reference(d, "base")
 
 
 def item_models(root: Path) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Statistical primitives for the report: polynomial fits with cluster-bootstrap R², permutation tests,
-Holm correction, Hedges' g with bootstrap CIs, mixed-model contrasts, Kendall's W, Pareto fronts.
+Hedges' g with bootstrap CIs, mixed-model contrasts (t intervals), Pareto fronts. Holm, Kendall's W and the
+paired t come from `study.stats.core` (scipy / statsmodels / pingouin, wrapped once).
 
 Pure numpy/scipy/statsmodels on arrays; `study.report.analysis` applies them to a run. The bootstrap and
 permutation code is vectorised (one matrix product per batch) so that the null-rate simulation in
@@ -13,34 +14,13 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-ALPHA = 0.05
-
-
-# ------------------------------------------------------------------------------------------ corrections
-
-
-def holm(pvals) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (NaNs stay NaN and do not count towards the family size)."""
-    p = np.asarray(pvals, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = ~np.isnan(p)
-    q = p[ok]
-    m = len(q)
-    if m == 0:
-        return out
-    order = np.argsort(q)
-    adj = np.maximum.accumulate((m - np.arange(m)) * q[order])
-    res = np.empty(m)
-    res[order] = np.minimum(adj, 1.0)
-    out[ok] = res
-    return out
-
+from study.stats.core import ALPHA, holm, kendall_w, paired_t  # noqa: F401 (re-exported)
+from study.stats.mixed import mixed_contrasts  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------- effect sizes
 
@@ -75,17 +55,6 @@ def hedges_g_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) ->
         return (g, math.nan, math.nan)
     q = (1 - level) / 2
     return (g, float(np.quantile(gs, q)), float(np.quantile(gs, 1 - q)))
-
-
-def bootstrap_diff_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of mean(a) − mean(b), resampling within each group."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) == 0 or len(b) == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    d = a[rng.integers(0, len(a), (n_boot, len(a)))].mean(1) - b[rng.integers(0, len(b), (n_boot, len(b)))].mean(1)
-    q = (1 - level) / 2
-    return (float(np.quantile(d, q)), float(np.quantile(d, 1 - q)))
 
 
 # --------------------------------------------------------------------------------------- permutations
@@ -169,30 +138,23 @@ def perm_test(y, is_a, strata=None, n_perm: int = 5000, seed: int = 0, exact_lim
 
 
 def blocked_t_test(y, is_a, strata) -> np.ndarray:
-    """Two-sided paired t-test of the per-stratum (seed) differences mean(A) − mean(B), df = #strata − 1.
+    """Two-sided paired t-test (`scipy.stats.ttest_rel`) of the per-stratum (seed) means of A against B,
+    df = #strata − 1.
 
     For designs too small for a permutation test to reach α (3 seeds, one cell per method and seed): valid
     under normal errors whatever the seed effects, which cancel within a seed. `y` is (n,) or (S, n)."""
-    from scipy import stats as st
-
     y = np.asarray(y, float)
     single = y.ndim == 1
     Y = y[None, :] if single else y
     is_a = np.asarray(is_a, bool)
     codes = pd.factorize(np.asarray(strata))[0]
-    diffs = []
-    for s in np.unique(codes):
-        a, b = (codes == s) & is_a, (codes == s) & ~is_a
-        if a.any() and b.any():
-            diffs.append(Y[:, a].mean(1) - Y[:, b].mean(1))
-    if len(diffs) < 2:
+    both = [s for s in np.unique(codes) if (is_a & (codes == s)).any() and (~is_a & (codes == s)).any()]
+    if len(both) < 2:
         out = np.full(len(Y), np.nan)
     else:
-        D = np.column_stack(diffs)
-        k = D.shape[1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = D.mean(1) / (D.std(1, ddof=1) / math.sqrt(k))
-        out = 2 * st.t.sf(np.abs(t), k - 1)
+        A = np.column_stack([Y[:, is_a & (codes == s)].mean(1) for s in both])
+        B = np.column_stack([Y[:, ~is_a & (codes == s)].mean(1) for s in both])
+        out = paired_t(A, B, axis=1)[1]
     return float(out[0]) if single else out
 
 
@@ -303,85 +265,7 @@ def _pairs(levels: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(levels, 2))
 
 
-def mixed_contrasts(df: pd.DataFrame, y: str = "value", group: str = "method", block: str = "seed",
-                    levels: list[str] | None = None) -> tuple[pd.DataFrame, str]:
-    """Pairwise differences between `group` levels from `y ~ group + (1 | block)` (statsmodels MixedLM, REML).
-
-    Returns (table of a, b, estimate = a − b, se, ci_low, ci_high, p_wald; the model used). Falls back to
-    OLS with the block as a fixed effect when the mixed model cannot be fitted (fewer than 2 blocks, a
-    singular fit), and says so.
-    """
-    # The submodules, not statsmodels.api, which takes seconds to import.
-    from statsmodels.regression.linear_model import OLS
-    from statsmodels.regression.mixed_linear_model import MixedLM
-
-    d = df[[y, group, block]].dropna(subset=[y, group])
-    levels = levels or sorted(d[group].unique())
-    levels = [lv for lv in levels if lv in set(d[group])]
-    cols = ["a", "b", "estimate", "se", "ci_low", "ci_high", "p_wald"]
-    if len(levels) < 2:
-        return pd.DataFrame(columns=cols), "none"
-    X = np.column_stack([np.ones(len(d))] + [(d[group] == lv).to_numpy(float) for lv in levels[1:]])
-    endog = d[y].to_numpy(float)
-    blocks = d[block].astype("string").fillna("none").to_numpy()
-    beta = cov = None
-    model = ""
-    if len(np.unique(blocks)) >= 2 and len(d) > len(levels) + 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                res = MixedLM(endog, X, groups=blocks).fit(reml=True)
-                cov_fe = np.asarray(res.cov_params())[: X.shape[1], : X.shape[1]]
-                if res.converged and np.all(np.isfinite(cov_fe)) and np.all(np.diag(cov_fe) > 0):
-                    beta, cov, model = np.asarray(res.fe_params), cov_fe, f"MixedLM {y} ~ {group} + (1|{block})"
-            except (np.linalg.LinAlgError, ValueError):
-                pass
-    if beta is None:
-        Xo = X
-        if len(np.unique(blocks)) >= 2:
-            Xo = np.column_stack([X] + [(blocks == b).astype(float) for b in np.unique(blocks)[1:]])
-        if len(d) <= Xo.shape[1]:
-            Xo = X
-        with warnings.catch_warnings():  # no residual degrees of freedom: NaN standard errors, said below
-            warnings.simplefilter("ignore")
-            res = OLS(endog, Xo).fit()
-            beta = np.asarray(res.params)[: X.shape[1]]
-            cov = np.asarray(res.cov_params())[: X.shape[1], : X.shape[1]] if res.df_resid > 0 else np.full(
-                (X.shape[1], X.shape[1]), np.nan)
-        model = f"OLS {y} ~ {group}" + (f" + {block}" if Xo is not X else "") + " (mixed model not estimable)"
-    rows = []
-    from scipy import stats as st
-
-    for a, b in _pairs(levels):
-        L = np.zeros(X.shape[1])
-        ia, ib = levels.index(a), levels.index(b)
-        if ia:
-            L[ia] += 1
-        if ib:
-            L[ib] -= 1
-        est = float(L @ beta)
-        se = float(np.sqrt(L @ cov @ L)) if np.all(np.isfinite(cov)) else math.nan
-        p = float(2 * st.norm.sf(abs(est / se))) if se and np.isfinite(se) and se > 0 else math.nan
-        rows.append((a, b, est, se, est - 1.96 * se, est + 1.96 * se, p))
-    return pd.DataFrame(rows, columns=cols), model
-
-
-# --------------------------------------------------------------------------------------- agreement
-
-
-def kendall_w(ratings: np.ndarray) -> float:
-    """Kendall's W for an (n subjects × m raters) matrix: 1 = the raters rank the subjects identically.
-    (No tie correction: ties only shrink W, so this is conservative.)"""
-    from scipy.stats import rankdata
-
-    R = np.asarray(ratings, float)
-    R = R[~np.isnan(R).any(1)]
-    n, m = R.shape
-    if n < 2 or m < 2:
-        return math.nan
-    ranks = np.column_stack([rankdata(R[:, j]) for j in range(m)])
-    s = ((ranks.sum(1) - m * (n + 1) / 2) ** 2).sum()
-    return float(12 * s / (m**2 * (n**3 - n)))
+# ---------------------------------------------------------------------------------------- fronts
 
 
 def pareto_front(x, y) -> np.ndarray:

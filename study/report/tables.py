@@ -162,8 +162,9 @@ def pareto_fmt(run: Run, st: Stats, task: str) -> Table:
 
 
 def comparisons_fmt(run: Run, st: Stats, task: str, outcomes: list[str] | None = None) -> Table:
-    t = Table("comparisons", task, "Method comparisons: difference a − b (mixed model, 95% CI), Hedges' g "
-              "(bootstrap 95% CI), p-value Holm-corrected over the pairs of an outcome", pd.DataFrame())
+    t = Table("comparisons", task, "Method comparisons: difference a − b (mixed model, 95% t CI), Hedges' g "
+              "(bootstrap 95% CI); p-value Holm-corrected over the declared primaries × comparisons (family "
+              "`primary`), else over the pairs of an outcome (`exploratory`)", pd.DataFrame())
     c = st.comparisons[st.comparisons["task"] == task] if len(st.comparisons) else st.comparisons
     if outcomes is not None and len(c):
         c = c[c["outcome"].isin(outcomes)]
@@ -174,8 +175,10 @@ def comparisons_fmt(run: Run, st: Stats, task: str, outcomes: list[str] | None =
     for _, r in c.iterrows():
         under = bool(r.underpowered)
         rows.append([r.outcome, f"{r.a.upper()} − {r.b.upper()}", fmt_ci(r.est, r.ci_low, r.ci_high),
-                     fmt_ci(r.g, r.g_low, r.g_high), "n/a" if under else fmt_p(r.p_holm), r.verdict])
-    t.frame = pd.DataFrame(rows, columns=["outcome", "pair", "difference [CI]", "Hedges' g [CI]", "p (Holm)", "verdict"])
+                     fmt_ci(r.g, r.g_low, r.g_high), "n/a" if under else fmt_p(r.p_holm), r.verdict,
+                     getattr(r, "family", "exploratory")])
+    t.frame = pd.DataFrame(rows, columns=["outcome", "pair", "difference [CI]", "Hedges' g [CI]", "p (Holm)", "verdict",
+                                          "family"])
     notes = sorted(set(c["underpowered"]) - {""})
     models = sorted(set(c["model"]))
     tests = sorted(set(c.loc[c["underpowered"] == "", "test"]))
@@ -225,17 +228,62 @@ def onsets_fmt(run: Run, st: Stats, task: str) -> Table:
 
 
 def items_fmt(run: Run, st: Stats, task: str) -> Table:
-    t = Table("items", task, "Item-level comparison with the base: method effect from a mixed model with crossed "
-              "random intercepts for item and seed (Wald 95% CI), p Holm-corrected over methods", pd.DataFrame())
+    t = Table("items", task, "Item-level comparison with the base (exploratory): per-item differences from the base, "
+              "cells × items crossed variance, 95% t CI on cells − 1 df, p Holm-corrected over methods", pd.DataFrame())
     c = st.items[st.items["task"] == task] if len(st.items) else st.items
     if c.empty:
         t.note = "needs per-item values of the base and an adapter (stage JSONs)"
         return t
     rows = [[r.outcome, r.method.upper(), fmt_ci(r.est, r.ci_low, r.ci_high), fmt_p(r.p_holm), str(int(r.n_items)),
-             fmt(r.sd_item), fmt(r.sd_seed)] for _, r in c.iterrows()]
+             fmt(r.sd_item), fmt(r.sd_cell), "exploratory"] for _, r in c.iterrows()]
     t.frame = pd.DataFrame(rows, columns=["outcome", "method", "effect vs base [CI]", "p (Holm)", "items",
-                                          "sd item", "sd seed"])
+                                          "sd item", "sd cell", "family"])
     t.note = "Model: " + "; ".join(sorted(set(c["model"]))) + "."
+    return t
+
+
+def law_within_fmt(run: Run, st: Stats, task: str) -> Table:
+    t = Table("law_within", task, "Forgetting law within methods: cell means, method fixed effects (t CI); "
+              "R² within methods [CI]; leave-one-method-out R² of the pooled line", pd.DataFrame())
+    w = st.law_within[st.law_within["task"] == task] if len(st.law_within) else st.law_within
+    if w.empty:
+        t.note = f"needs {FORGET_MEAN} and a predictor in 3 or more cells"
+        return t
+    rows = [[label(r.predictor, short=True), str(int(r.n_cells)), fmt_ci(r.slope, r.slope_low, r.slope_high),
+             fmt_ci(r.r2_within, r.r2_low, r.r2_high), fmt(r.r2_lomo), "yes" if r.law else "no", r.note]
+            for _, r in w.iterrows()]
+    t.frame = pd.DataFrame(rows, columns=["predictor", "cells", "slope within [CI]", "R² within [CI]", "LOMO R²",
+                                          "law", "note"])
+    return t
+
+
+def mde_fmt(run: Run, st: Stats, task: str) -> Table:
+    t = Table("mde", task, "Pre-declared primaries: minimum detectable effect at 80% power (study.stats.power; "
+              "stated priors unless measured)", pd.DataFrame())
+    d = st.mde[st.mde["task"] == task] if len(st.mde) else st.mde
+    if d.empty:
+        t.note = "no protocol.yaml, or no primary for this task"
+        return t
+    rows = [[r.metric, f"{r.a.upper()} − {r.b.upper()}", str(r.seeds), str(r.n_items), fmt(r.sd_cell),
+             fmt(r.alpha_each), fmt(r.mde), r.source] for _, r in d.iterrows()]
+    t.frame = pd.DataFrame(rows, columns=["primary", "contrast", "seeds", "items", "sd cell", "alpha each", "MDE",
+                                          "source"])
+    return t
+
+
+def calibration_fmt(st: Stats) -> Table:
+    c = st.calibration
+    t = Table("calibration", "", "Calibration of the statistics (null and planted-effect simulations, "
+              "`make calibrate`)", pd.DataFrame())
+    if c is None or c.empty:
+        t.note = "not run: `make calibrate` writes results/calibration/calibration.json"
+        return t
+    # `before` rows replicate the rules this code replaced: their failures are the reason for the change
+    rows = [["ok" if r.ok else ("FAIL" if r.rule == "after" else "fails"), r.statistic, r.rule, r.quantity,
+             fmt(r.rate), fmt(r.bound), str(int(r.n_sims))] for _, r in c.iterrows()]
+    t.frame = pd.DataFrame(rows, columns=["", "statistic", "rule", "quantity", "rate", "bound", "simulations"])
+    if c["stale"].any():
+        t.note = "study/stats changed since these simulations: rerun `make calibrate`"
     return t
 
 
@@ -245,12 +293,12 @@ def checks_fmt(st: Stats) -> Table:
 
 
 PER_TASK = [success_table, forgetting_table, drift_table, law_table, law_by_method_table, pareto_fmt,
-            comparisons_fmt, items_fmt, persona_fmt, coherence_fmt, onsets_fmt]
+            comparisons_fmt, items_fmt, persona_fmt, coherence_fmt, onsets_fmt, law_within_fmt, mde_fmt]
 
 
 def build_tables(run: Run, st: Stats) -> dict[str, list[Table]]:
     """name -> one Table per task (the checks: one table)."""
-    out: dict[str, list[Table]] = {"checks": [checks_fmt(st)]}
+    out: dict[str, list[Table]] = {"checks": [checks_fmt(st)], "calibration": [calibration_fmt(st)]}
     for fn in PER_TASK:
         for task in run.tasks or [""]:  # an empty run still gets every table, saying nothing was measured
             t = fn(run, st, task)
