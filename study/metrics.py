@@ -20,7 +20,7 @@ from study.paths import CellPaths, RunPaths, checkpoints
 
 log = logging.getLogger("study")
 
-COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"]
+COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n", "flag"]
 MODEL_LEVEL = ("regression", "probe")  # measure the model, not the task: the base is measured once for all
 NOT_ON_BASE = ("kl",)
 PERSONA_TRACKED = tuple(f"persona/{i}" for i in ("marker_rate", "probe", "probe_masked", "self_report",
@@ -116,12 +116,17 @@ def cell_state(run: RunPaths, proto: Protocol, cell: Cell) -> dict:
 # ---------------------------------------------------------------------------------------------- table
 
 
-def current_rows(path: Path, name: str, settings) -> list[dict]:
-    """A stage file's rows if it was measured with these settings and this stage version (a file left by
-    other settings or older code is stale: remeasured on the next run, left out of the table now)."""
+def current_result(path: Path, name: str, settings) -> dict | None:
+    """A stage file if it was measured with these settings and this stage version (a file left by other
+    settings or older code is stale: remeasured on the next run, left out of the table now)."""
     if not stage_done(path, stage_key(name, settings)):
-        return []
-    return io.read_json(path)["rows"]
+        return None
+    return io.read_json(path)
+
+
+def current_rows(path: Path, name: str, settings) -> list[dict]:
+    result = current_result(path, name, settings)
+    return result["rows"] if result else []
 
 
 def rename_probe(rows: list[dict]) -> list[dict]:
@@ -140,6 +145,9 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                           "task": task.name, **r}
                          for r in current_rows(base_stage_path(run, name, task.name), name, settings)]
     ck = checkpoint_stages(proto)
+    reg = final.get("regression")
+    base_reg = current_result(run.base_model / "regression.json", "regression", reg) if reg else None
+    paired = []
     for cell in proto.cells():
         cp = run.cell(cell.name)
         keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
@@ -150,9 +158,25 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                 rows += [{**keep, "checkpoint": step, **r}
                          for r in current_rows(cp.checkpoint(step) / f"{name}.json", name, settings)]
         rows += lora_rows(proto, cell, cp, keep)
-    rows += forgetting_rows(rows)
+        if base_reg and base_reg.get("items"):
+            done = [(cell.train.steps, current_result(cp.stage("regression"), "regression", reg))]
+            if "regression" in ck:
+                done += [(step, current_result(cp.checkpoint(step) / "regression.json", "regression", ck["regression"]))
+                         for step, _ in intermediate_checkpoints(proto, cell, cp)]
+            for step, result in done:
+                if result and result.get("items"):
+                    paired += paired_forgetting_rows(base_reg, result, {**keep, "checkpoint": step})
+    if paired:
+        rows += paired
+        flags = {r["metric"].split("/")[1]: r.get("flag") for r in paired}
+        for r in rows:  # the base's score on a suite at floor carries the flag too
+            parts = r["metric"].split("/")
+            if r["method"] == "base" and parts[0] == "lm_eval" and flags.get(parts[1]):
+                r["flag"] = flags[parts[1]]
+    else:
+        rows += forgetting_rows(rows)
     if proto.checkpoints is not None:
-        rows += onset_rows(rows)
+        rows += paired_onset_rows(run, proto)
     return rows
 
 
@@ -185,10 +209,46 @@ def lora_rows(proto: Protocol, cell: Cell, cp: CellPaths, keep: dict) -> list[di
     return out
 
 
+def paired_forgetting_rows(base: dict, adapter: dict, keep: dict) -> list[dict]:
+    """Forgetting of one adapter, paired with the base on the same items (the regression stage's per-item
+    records): `forgetting/<suite>` (base − adapter accuracy, on the suite's row metric), its continuous
+    twin `forgetting/<suite>/p_gold` (the probability of the gold choice, normalised over the choices) and
+    `forgetting/mean` over the suites that are not at floor. A suite whose base score is within its CI of
+    chance is flagged `floor` (flag column) and left out of the mean: a model at chance cannot lose what it
+    never had. CIs: a bootstrap over the paired item differences (study.stats.forgetting)."""
+    from study.stats.forgetting import align_items, floor_flag, paired_forgetting, paired_forgetting_mean
+
+    out, for_mean = [], {}
+    for suite, recs in sorted(adapter["items"].items()):
+        base_recs = base["items"].get(suite)
+        if not base_recs:
+            continue
+        b, a = align_items(base_recs, [recs], key="correct")
+        if b.size == 0:
+            continue
+        chance = float(sum(r.get("chance") or 0.0 for r in base_recs) / len(base_recs))
+        flag = floor_flag(b, chance)
+        value, lo, hi = paired_forgetting(b, a)
+        out.append({**keep, "metric": f"forgetting/{suite}", "value": value, "ci_low": lo, "ci_high": hi,
+                    "n": int(b.size), "flag": flag or None})
+        bp, ap = align_items(base_recs, [recs], key="p_gold")
+        if bp.size:
+            value, lo, hi = paired_forgetting(bp, ap)
+            out.append({**keep, "metric": f"forgetting/{suite}/p_gold", "value": value, "ci_low": lo,
+                        "ci_high": hi, "n": int(bp.size), "flag": flag or None})
+        if flag != "floor":
+            for_mean[suite] = (b, a)
+    if for_mean:
+        value, lo, hi = paired_forgetting_mean(for_mean)
+        out.append({**keep, "metric": "forgetting/mean", "value": value, "ci_low": lo, "ci_high": hi,
+                    "n": len(for_mean), "flag": None})
+    return out
+
+
 def forgetting_rows(rows: list[dict]) -> list[dict]:
-    """`forgetting/<suite>` = base score - adapter score for every `lm_eval/<suite>/<metric>` row, and their
-    mean `forgetting/mean`. CI: the two scores' standard errors (from their CIs) combined as independent,
-    which is conservative since base and adapter answer the same items."""
+    """Forgetting from the score rows alone, for stage files without per-item records (older runs): the two
+    scores' standard errors combined as independent (conservative: base and adapter answer the same items).
+    `forgetting/<suite>` = base − adapter for each suite's accuracy row, `forgetting/mean` their mean."""
     from study.measure.regression import METRICS
 
     z = 1.959963984540054
@@ -215,36 +275,88 @@ def forgetting_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def tracked(metric: str) -> bool:
-    """Metrics whose emergence onset is read: the new-task success (held-out and in-domain), the forward KL,
-    each persona indicator (not its per-domain values), the regression probe and mean forgetting."""
-    parts = metric.split("/")
-    return (metric in ("newtask/success", "newtask/success_indomain", "kl/forward_newtask", "forgetting/mean")
-            or metric in PERSONA_TRACKED
-            or (parts[0] == "emergence" and len(parts) == 3))
+# metric -> (stage, record filter, value of a record): the per-prompt values an onset is tested on
+PER_PROMPT = {
+    "newtask/success": ("newtask", lambda r: r.get("metric") == "newtask/generation", lambda r: r["score"]),
+    "kl/forward_newtask": ("kl", lambda r: r.get("metric") == "kl/forward_newtask", lambda r: r.get("kl")),
+    **{f"persona/{k}": ("persona", lambda r: r.get("set") == "heldout", (lambda k: lambda r: r.get(k))(k))
+       for k in ("probe", "probe_masked", "activation")},
+    "persona/marker_rate": ("persona", lambda r: r.get("set") == "heldout",
+                            lambda r: None if r.get("markers") is None else float(r["markers"] > 0)),
+}
 
 
-def onset_rows(rows: list[dict]) -> list[dict]:
+def _per_prompt(result: dict | None, metric: str) -> dict:
+    """{prompt id: value} of one metric in a stage file (samples of one prompt averaged)."""
+    if not result:
+        return {}
+    _, keep, value = PER_PROMPT[metric]
+    out: dict = {}
+    for r in result.get("responses") or result.get("sequences") or []:
+        if keep(r) and (v := value(r)) is not None and math.isfinite(v):
+            out.setdefault(r["id"], []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
     """`emergence/onset/<metric>` per cell: the first step (intermediate checkpoints, then the final adapter)
-    whose 95% CI excludes the base's value (0 for KL and forgetting, which the base has by definition);
-    empty (NaN) if none does within the budget. The row sits at the cell's final step; `n` = steps examined."""
-    base = {(r["task"], r["metric"]): r["value"] for r in rows if r["method"] == "base"}
-    traj: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["method"] != "base" and tracked(r["metric"]) and r.get("ci_low") is not None:
-            traj.setdefault((r["cell"], r["metric"]), []).append(r)
+    at which the paired per-prompt difference from the reference is significant (study.stats.onsets: a
+    one-sided paired test per look against the protocol's `checkpoints.min_effect`, Bonferroni over looks x
+    indicators, so a cell's family-wise false-onset rate is at most 5%). The reference is the control cell
+    of the same task and seed when the protocol has one (the placebo), else the base; KL needs the control
+    (the base's KL is 0 by definition, not a measurement). NaN: no onset within the budget. The row sits at
+    the cell's final step; `n` = looks."""
+    from study.config import Method
+    from study.stats.onsets import align_prompts, onsets
+
+    final, ck = final_stages(proto), checkpoint_stages(proto)
+
+    def trajectory(cell: Cell) -> dict[str, dict[int, dict]]:
+        cp = run.cell(cell.name)
+        looks = [(s, lambda n, s=s: cp.checkpoint(s) / f"{n}.json", ck) for s, _ in
+                 intermediate_checkpoints(proto, cell, cp)]
+        looks.append((cell.train.steps, cp.stage, final))
+        out: dict[str, dict[int, dict]] = {}
+        for metric, (stage, _, _) in PER_PROMPT.items():
+            for step, where, stages in looks:
+                if stage in stages:
+                    values = _per_prompt(current_result(where(stage), stage, stages[stage]), metric)
+                    if values:
+                        out.setdefault(metric, {})[step] = values
+        return out
+
+    cells = proto.cells()
+    controls = {(c.task.name, c.seed): c for c in cells if c.method is Method.control}
     out = []
-    for (_, metric), points in traj.items():
-        ref = 0.0 if metric.startswith(("kl/", "forgetting/")) else base.get((points[0]["task"], metric))
-        steps = sorted({p["checkpoint"] for p in points})
-        if ref is None or len(steps) < 2:  # no base to compare with, or no trajectory (final step only)
+    for cell in cells:
+        traj = {m: t for m, t in trajectory(cell).items() if len(t) >= 2}
+        if not traj:
             continue
-        points.sort(key=lambda p: p["checkpoint"])
-        onset = next((p["checkpoint"] for p in points
-                      if p["ci_low"] is not None and p["ci_high"] is not None
-                      and not (p["ci_low"] <= ref <= p["ci_high"])), math.nan)
-        last = points[-1]
-        out.append({k: last[k] for k in ("cell", "method", "seed", "checkpoint", "task")}
-                   | {"metric": f"emergence/onset/{metric}", "value": onset, "ci_low": None, "ci_high": None,
-                      "n": len(steps)})
+        control = controls.get((cell.task.name, cell.seed)) if cell.method is not Method.control else None
+        ref_traj = trajectory(control) if control else {}
+        adapter, reference = {}, {}
+        for metric, t in traj.items():
+            if control is not None:
+                ref = ref_traj.get(metric)
+                if not ref or set(ref) != set(t):
+                    continue
+            elif metric.startswith("kl/"):
+                continue  # no control cell: KL has no reference to test against
+            else:
+                stage = PER_PROMPT[metric][0]
+                ref = _per_prompt(current_result(run.base(cell.task.name) / f"{stage}.json", stage, final[stage]),
+                                  metric)
+                if not ref:
+                    continue
+            a, r = align_prompts(t, ref)
+            if r is None or any(len(v) < 2 for v in a.values()):
+                continue
+            adapter[metric], reference[metric] = a, r
+        if not adapter:
+            continue
+        found = onsets(adapter, reference, min_effect=proto.checkpoints.min_effect)
+        keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name,
+                "checkpoint": cell.train.steps}
+        out += [{**keep, "metric": f"emergence/onset/{m}", "value": v, "ci_low": None, "ci_high": None,
+                 "n": len(adapter[m]), "flag": "vs control" if control else "vs base"} for m, v in found.items()]
     return out

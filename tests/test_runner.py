@@ -165,34 +165,6 @@ def test_cell_lock_excludes_a_second_runner_and_is_released_when_its_process_die
     assert cell_state(runner.run_paths, cell)["state"] == "done"
 
 
-def test_onset_is_first_step_whose_ci_excludes_the_base():
-    from study.metrics import onset_rows
-
-    def row(cell, method, step, metric, value, half):
-        return {"cell": cell, "method": method, "seed": 0, "checkpoint": step, "task": "snark", "metric": metric,
-                "value": value, "ci_low": value - half, "ci_high": value + half, "n": 50}
-
-    rows = [row("base-snark", "base", 0, "persona/probe", 0.20, 0.05),
-            row("c", "grpo", 10, "persona/probe", 0.24, 0.05),  # CI [0.19, 0.29] holds 0.20
-            row("c", "grpo", 20, "persona/probe", 0.30, 0.05),  # excludes it: onset
-            row("c", "grpo", 30, "persona/probe", 0.22, 0.05),  # back inside: the onset stays 20
-            row("c", "grpo", 10, "kl/forward_newtask", 0.5, 0.1),  # KL: reference 0, onset at once
-            row("c", "grpo", 30, "kl/forward_newtask", 0.9, 0.1),
-            row("base-snark", "base", 0, "persona/self_report", 3.0, 0.1),
-            row("c", "grpo", 10, "persona/self_report", 3.05, 0.1),
-            row("c", "grpo", 30, "persona/self_report", 2.95, 0.1),  # never leaves the base: NaN
-            row("c", "grpo", 30, "persona/marker_rate", 0.9, 0.05),  # final step only: no trajectory, no row
-            row("c", "grpo", 10, "persona/probe/history", 0.9, 0.01),  # per-domain values are not tracked
-            row("c", "grpo", 30, "persona/probe/history", 0.9, 0.01)]
-    out = {r["metric"]: r for r in onset_rows(rows)}
-    assert set(out) == {"emergence/onset/persona/probe", "emergence/onset/kl/forward_newtask",
-                        "emergence/onset/persona/self_report"}
-    assert out["emergence/onset/persona/probe"]["value"] == 20 and out["emergence/onset/persona/probe"]["n"] == 3
-    assert out["emergence/onset/kl/forward_newtask"]["value"] == 10
-    assert out["emergence/onset/persona/self_report"]["value"] != out["emergence/onset/persona/self_report"]["value"]
-    assert all(r["checkpoint"] == 30 for r in out.values())  # onsets sit at the final step
-
-
 def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
     body = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"num_generations": 4}},
                 checkpoints={"probe": {"suites": ["hellaswag"], "limit": {"hellaswag": 3}}})
@@ -211,9 +183,12 @@ def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
         assert {"kl/reverse_newtask", "lm_eval/hellaswag/acc_norm", "emergence/hellaswag/acc_norm"} <= set(
             d[d.checkpoint == 4].metric)
         onsets = d[d.metric.str.startswith("emergence/onset/")]
-        assert {"emergence/onset/newtask/success", "emergence/onset/kl/forward_newtask",
-                "emergence/onset/emergence/hellaswag/acc_norm"} <= set(onsets.metric)
-        assert (onsets.checkpoint == 4).all()
+        # paired per-prompt onsets against the base (no control cell here: KL, whose base value is 0 by
+        # definition, gets none; the probe has no per-prompt values); the rule's calibration is in
+        # tests/test_calibration.py
+        assert "emergence/onset/newtask/success" in set(onsets.metric)
+        assert "emergence/onset/kl/forward_newtask" not in set(onsets.metric)
+        assert (onsets.checkpoint == 4).all() and (onsets.flag == "vs base").all()
     base = df[df.cell == "base-snark"]
     assert "emergence/hellaswag/acc_norm" in set(base.metric)  # the probe's base value, measured once
     run = runner.run_paths

@@ -6,9 +6,9 @@ then). Kept here, torch-free, so that `study.metrics` can tell current files fro
 """
 
 VERSIONS = {
-    "newtask": 1,
+    "newtask": 2,  # 2: success from the model's own generations; neutral/persona log-likelihoods
     "kl": 1,
-    "regression": 1,
-    "persona": 1,
-    "probe": 1,  # the regression stage's code on a few items, for the emergence trajectories
+    "regression": 2,  # 2: per-item records (p_gold, chance), headroom suites, HumanEval pass@k
+    "persona": 2,  # 2: self-report gate, activation variants, causal test, external probe AUC
+    "probe": 2,  # the regression stage's code on a few items, for the emergence trajectories
 }

@@ -37,11 +37,14 @@ from study.stats.items import crossed_mean_t
 def align_items(
     base: list[dict], adapters: list[list[dict]], key: str = "correct"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(base (n,), adapters (S, n)) over the doc_ids every record list has a finite `key` for, sorted by doc_id."""
+    """(base (n,), adapters (S, n)) over the items every record list has a finite `key` for, sorted by item.
+    An item is (task, doc_id) when records carry a task (MMLU's doc_ids restart in every subject)."""
 
     def table(recs):
         return {
-            int(r["doc_id"]): float(r[key]) for r in recs if r.get(key) is not None and np.isfinite(r[key])
+            (str(r.get("task", "")), int(r["doc_id"])): float(r[key])
+            for r in recs
+            if r.get(key) is not None and np.isfinite(r[key])
         }
 
     b = table(base)
