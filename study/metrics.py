@@ -48,7 +48,9 @@ def checkpoint_stages(proto: Protocol) -> dict[str, object]:
         if name == "kl" and name in ck.stages:
             out[name] = settings.model_copy(update={"metrics": list(ck.kl_metrics)})
         elif name == "persona" and name in ck.stages:
-            out[name] = settings if ck.persona_retest else settings.model_copy(update={"retest_seeds": []})
+            update = {} if ck.persona_retest else {"retest_seeds": []}
+            update |= {} if ck.persona_causal else {"causal": False}
+            out[name] = settings.model_copy(update=update)
         elif name == "probe" or name in ck.stages:
             out[name] = settings
     return out

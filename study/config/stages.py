@@ -213,6 +213,9 @@ class CheckpointEval(Strict):
     """KLs measured at checkpoints (same samples and estimator as the final adapter's)."""
     persona_retest: bool = False
     """Also run the persona stage's test-retest sampling at checkpoints (the indicators do not need it)."""
+    persona_causal: bool = False
+    """Also run the persona stage's causal test (steering/ablation) at checkpoints (costly: two more
+    generations per prompt); the final adapter always gets it when `persona.causal` is on."""
     probe: RegressionEval | None = Field(default_factory=_hellaswag_probe)
     """A cheap regression probe run on the base, every checkpoint and the final adapter (rows
     `emergence/<suite>/<metric>`): by default 20 HellaSwag items. null: none."""
