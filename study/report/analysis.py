@@ -78,9 +78,10 @@ class Stats:
     law_within: pd.DataFrame = field(default_factory=pd.DataFrame)  # the law within methods (stats.law)
     calibration: pd.DataFrame = field(default_factory=pd.DataFrame)  # latest `make calibrate` (checks.py)
     mde: pd.DataFrame = field(default_factory=pd.DataFrame)  # the primaries' minimum detectable effects
+    matched: pd.DataFrame = field(default_factory=pd.DataFrame)  # forgetting at matched new-task success
 
     TABLES = ("checks", "summary", "law", "best_predictor", "pareto", "comparisons", "coherence", "onsets", "power",
-              "items", "law_within", "mde")
+              "items", "law_within", "mde", "matched")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -380,6 +381,34 @@ def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0)
     return out[first + [c for c in out.columns if c not in first]]
 
 
+def matched_table(run: Run) -> pd.DataFrame:
+    """Forgetting at matched new-task success (RL's Razor's comparison, study.report.matched): per task, the
+    points (newtask/success, forgetting/mean) of every cell at every measured step, plus the base's point
+    (its success, no forgetting) at step 0 of every seed; each method against SFT."""
+    from study.report.matched import matched_comparison
+
+    frames = []
+    df = run.adapters
+    base = run.base
+    for task in run.tasks:
+        d = df[(df["task"] == task) & df["metric"].isin([NEWTASK, FORGET_MEAN])]
+        if d.empty or "sft" not in set(d["method"]):
+            continue
+        w = d.pivot_table(index=["method", "seed", "cell", "checkpoint"], columns="metric", values="value",
+                          aggfunc="mean").reset_index().dropna(subset=[NEWTASK, FORGET_MEAN])
+        b = base[(base["task"] == task) & (base["metric"] == NEWTASK)]["value"]
+        points = w.rename(columns={NEWTASK: "success", FORGET_MEAN: "forgetting"})[
+            ["method", "seed", "success", "forgetting"]]
+        if len(b):
+            origin = points[["method", "seed"]].drop_duplicates().assign(success=float(b.iloc[0]), forgetting=0.0)
+            points = pd.concat([origin, points], ignore_index=True)
+        out = matched_comparison(points, reference="sft")
+        if len(out):
+            frames.append(out.assign(task=task))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["task", "method", "target", "value", "ci_low", "ci_high", "n", "diff", "diff_low", "diff_high", "p"])
+
+
 def power_table(run: Run) -> pd.DataFrame:
     rows = []
     for task in run.tasks:
@@ -489,7 +518,8 @@ def run_stats(run: Run, n_boot: int = 1000, n_perm: int = 5000, write: bool = Tr
     st = Stats(checks=run_checks(run), missing=missing_metrics(run), summary=summary_table(run), law=law,
                best_predictor=best, pareto=pareto_table(run), comparisons=comparisons(run, n_perm, n_boot),
                coherence=coherence_table(run), onsets=onset_table(run), power=power_table(run), fits=fits,
-               items=item_models(run.root), law_within=law_within_table(run), calibration=calibration_table(), mde=mde_table(run))
+               items=item_models(run.root), law_within=law_within_table(run), calibration=calibration_table(), mde=mde_table(run),
+               matched=matched_table(run))
     if write:
         out = run.root / "stats"
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ SECTIONS = [
     ("Drift: KL and weight change", ["drift"]),
     ("The forgetting law", ["law", "law_by_method", "law_within"]),
     ("Pareto frontiers", ["pareto"]),
+    ("Forgetting at matched new-task success", ["matched"]),
     ("Method comparisons", ["mde", "comparisons", "items"]),
     ("Persona coherence", ["persona", "coherence"]),
     ("Emergence", ["onsets"]),

@@ -456,3 +456,22 @@ def persona_validity_fmt(run: Run, st: Stats, task: str) -> Table:
 
 
 PER_TASK += [coherence_within_fmt, goodhart_fmt, persona_validity_fmt]
+
+
+def matched_fmt(run: Run, st: Stats, task: str) -> Table:
+    t = Table("matched", task, "Forgetting at matched new-task success (RL's Razor's comparison): mean forgetting "
+              "read off each seed's frontier (checkpoints and the base) at one success level; difference from SFT "
+              "with a Welch 95% CI over seeds", pd.DataFrame())
+    m = st.matched[st.matched["task"] == task] if len(st.matched) else st.matched
+    if m.empty:
+        t.note = "needs newtask/success and forgetting/mean at several steps, and an sft arm"
+        return t
+    rows = [[r.method, fmt(r.target), str(int(r.n)), fmt_ci(r.value, r.ci_low, r.ci_high),
+             "-" if r.method == "sft" else fmt_ci(r.diff, r.diff_low, r.diff_high),
+             "-" if r.method == "sft" else fmt_p(r.p)] for r in m.itertuples()]
+    t.frame = pd.DataFrame(rows, columns=["method", "at success", "seeds reaching it", "forgetting [CI]",
+                                          "minus SFT [CI]", "p"])
+    return t
+
+
+PER_TASK += [matched_fmt]
