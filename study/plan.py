@@ -31,6 +31,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from study.config import Cell, Method, Protocol
 from study.paths import RESULTS
@@ -172,12 +173,14 @@ def _suites(reg) -> dict[str, int]:
     return {s: (reg.limit.get(s) or SUITE_SIZES.get(s, 1000)) for s in reg.suites}
 
 
+REFERENCE = Path(__file__).with_name("plan_reference.yaml")  # the protocol the CPU figures were measured at
+
+
 def _default_protocol() -> Protocol | None:
     from study.config import load_protocol
-    from study.paths import REPO
 
     try:
-        return load_protocol(REPO / "protocols" / "default.yaml")
+        return load_protocol(REFERENCE)
     except Exception:
         return None
 

@@ -90,6 +90,23 @@ class TaskSpec(Strict):
             raise ValueError(f"{list(v)}: give [low, high] with 0 <= low <= high <= 1000000")
         return v
 
+    @model_validator(mode="after")
+    def _arithmetic_fits(self) -> TaskSpec:
+        """Each operation's share of the problems must fit its operand space (distinct up to commutation);
+        the same rule as study.tasks.arithmetic.check_sizes, here so that `study validate` says it at once."""
+        if self.name != "arithmetic":
+            return self
+        total = self.n_train + self.n_heldout
+        for i, op in enumerate(self.ops):
+            lo, hi = getattr(self, f"{op}_range")
+            m = hi - lo + 1
+            room = m * (m + 1) // 2 if op in ("add", "mul") else m * m
+            need = total // len(self.ops) + (i < total % len(self.ops))
+            if need > room:
+                raise ValueError(f"arithmetic: {need} distinct {op} problems asked for, but operands in "
+                                 f"[{lo}, {hi}] give {room}; widen {op}_range or ask for fewer problems")
+        return self
+
 
 class LoraSpec(Strict):
     r: int = Field(8, gt=0, le=1024)

@@ -392,7 +392,7 @@ def matched_table(run: Run) -> pd.DataFrame:
     base = run.base
     for task in run.tasks:
         d = df[(df["task"] == task) & df["metric"].isin([NEWTASK, FORGET_MEAN])]
-        if d.empty or "sft" not in set(d["method"]):
+        if set(d["metric"]) != {NEWTASK, FORGET_MEAN} or "sft" not in set(d["method"]):
             continue
         w = d.pivot_table(index=["method", "seed", "cell", "checkpoint"], columns="metric", values="value",
                           aggfunc="mean").reset_index().dropna(subset=[NEWTASK, FORGET_MEAN])
