@@ -28,12 +28,23 @@ from pathlib import Path
 import numpy as np
 
 from study.stats.core import ALPHA
-from study.stats.forgetting import hierarchical_means
-from study.stats.items import crossed_mean_t
 from study.stats.law import law_reported, within_law
 from study.stats.mixed import mixed_contrasts
-from study.stats.onsets import first_significant
 from study.stats.power import mde, power_paired_t
+from study.stats.replicas import (  # noqa: F401  (re-exported: tests call them here)
+    forgetting_after,
+    forgetting_before,
+    forgetting_bootstrap,
+    items_after,
+    items_before,
+    law_before,
+    onset_after,
+    onset_before,
+    simulate_forgetting,
+    simulate_item_data,
+    simulate_law,
+    simulate_onset_data,
+)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parents[1] / "results" / "calibration" / "calibration.json"
@@ -72,53 +83,6 @@ def _row(statistic, rule, quantity, rate, n, target=ALPHA, kind="type-I") -> dic
 # --------------------------------------------------------------------------------------------- onsets
 
 
-def simulate_onset_data(n_sims: int, seed: int = 0, shift: float = 0.0, looks: int = 3, n_prompts: int = 78):
-    """Per-prompt values of 4 indicators (3 continuous, correlated through a shared prompt effect; 1 rare
-    binary marker at ~2 %) for the base and an adapter at `looks` checkpoints. Adapter values share the
-    prompt effect and a per-cell prompt component across looks (checkpoints of one run are correlated).
-    `shift` (in SDs of a per-prompt difference) is planted on indicator 1 from look 1 on.
-    Returns (base (S, 4, n), adapter (S, 4, K, n), sd of a continuous per-prompt difference)."""
-    rng = np.random.default_rng(seed)
-    S, I, K, n = n_sims, 4, looks, n_prompts  # noqa: E741
-    prompt = 0.6 * rng.normal(size=(S, 1, 1, n)) + 0.8 * rng.normal(size=(S, I, 1, n))
-    base = prompt[:, :, 0, :] + 0.7 * rng.normal(size=(S, I, n))
-    adapter = prompt + 0.4 * rng.normal(size=(S, I, 1, n)) + 0.7 * rng.normal(size=(S, I, K, n))
-    sd_diff = math.sqrt(0.4**2 + 2 * 0.7**2)
-    adapter[:, 1, 1:, :] += shift * sd_diff
-    # indicator 0: a rare binary marker; the adapter keeps the base's answer with prob 0.7, else redraws
-    b = (rng.random((S, n)) < 0.02).astype(float)
-    keep = rng.random((S, K, n)) < 0.7
-    a = np.where(keep, b[:, None, :], (rng.random((S, K, n)) < 0.02).astype(float))
-    base[:, 0, :], adapter[:, 0, :, :] = b, a
-    return base, adapter, sd_diff
-
-
-def onset_before(base, adapter, alpha: float = ALPHA) -> np.ndarray:
-    """Replica of runner.onset_rows: the first look whose 95 % CI of the adapter's mean excludes the base's
-    point value (Wilson for the binary marker, as the persona stage's marker_rate CI; t for the others, as
-    close to the stages' bootstrap CIs); (S, I) look indices, NaN for none."""
-    from scipy import stats as st
-    from statsmodels.stats.proportion import proportion_confint
-
-    n = adapter.shape[-1]
-    m = adapter.mean(-1)  # (S, I, K)
-    half = st.t.ppf(1 - alpha / 2, n - 1) * adapter.std(-1, ddof=1) / math.sqrt(n)
-    lo, hi = m - half, m + half
-    wl, wh = proportion_confint(adapter[:, 0].sum(-1), n, alpha=alpha, method="wilson")
-    lo[:, 0], hi[:, 0] = wl, wh
-    ref = base.mean(-1)[..., None]
-    out = (lo > ref) | (hi < ref)
-    first = np.argmax(out, -1).astype(float)
-    first[~out.any(-1)] = np.nan
-    return first
-
-
-def onset_after(base, adapter, alpha: float = ALPHA, min_effect=0.0) -> np.ndarray:
-    """study.stats.onsets' rule: paired one-sided t per look and indicator, Bonferroni over looks x indicators."""
-    I, K = adapter.shape[1], adapter.shape[2]  # noqa: E741
-    return first_significant(adapter - base[:, :, None, :], min_effect, alpha / (I * K))
-
-
 def sim_onsets(n_sims: int = 2000, seed: int = 1) -> list[dict]:
     rows = []
     base, adapter, _ = simulate_onset_data(n_sims, seed)
@@ -151,60 +115,6 @@ def sim_onsets(n_sims: int = 2000, seed: int = 1) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- item model
-
-
-def simulate_item_data(
-    n_sims: int,
-    cell_sd: float,
-    seed: int = 0,
-    effect: float = 0.0,
-    methods: int = 4,
-    cells: int = 3,
-    n_items: int = 40,
-):
-    """Base and adapters on the same items: y = difficulty + method effect (method 0 gets `effect`) + cell
-    deviation (SD cell_sd) + item noise (SD 0.3). Returns (base (S, n), y (S, M, C, n))."""
-    rng = np.random.default_rng(seed)
-    S, M, C, n = n_sims, methods, cells, n_items
-    diff = rng.normal(size=(S, 1, 1, n))
-    base = diff[:, 0, 0, :] + 0.3 * rng.normal(size=(S, n))
-    y = diff + cell_sd * rng.normal(size=(S, M, C, 1)) + 0.3 * rng.normal(size=(S, M, C, n))
-    y[:, 0] += effect
-    return base, y
-
-
-def items_after(base, y) -> np.ndarray:
-    """(S, M) p of each method vs the base (study.stats.items.crossed_mean_t)."""
-    return crossed_mean_t(y - base[:, None, None, :])[3]
-
-
-def items_before(base, y) -> np.ndarray:
-    """The old report.items model (commit 06540a4), refitted: y ~ method + (1|item) + (1|seed) as variance
-    components of one group (statsmodels MixedLM, REML), the base its own seed level, the cell (method x seed)
-    deviation left in the residual; Wald p-values. (S, M) p-values. ~1-4 s per study: few simulations."""
-    import warnings
-
-    import pandas as pd
-    import statsmodels.formula.api as smf
-
-    S, M, cells, n = y.shape  # no local `C`: patsy evaluates C(...) in this frame
-    out = np.full((S, M), np.nan)
-    for s in range(S):
-        rows = [("base", "base", i, v) for i, v in enumerate(base[s])]
-        rows += [
-            (f"m{m}", str(c), i, y[s, m, c, i]) for m in range(M) for c in range(cells) for i in range(n)
-        ]
-        d = pd.DataFrame(rows, columns=["method", "seed", "item", "y"]).assign(one=1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = smf.mixedlm(
-                "y ~ C(method, Treatment('base'))",
-                d,
-                groups="one",
-                vc_formula={"item": "0 + C(item)", "seed": "0 + C(seed)"},
-            ).fit(reml=True)
-        out[s] = [res.pvalues[f"C(method, Treatment('base'))[T.m{m}]"] for m in range(M)]
-    return out
 
 
 def sim_items(n_sims: int = 1000, seed: int = 2) -> list[dict]:
@@ -290,54 +200,6 @@ def sim_mixed(n_sims: int = 400, seed: int = 3, shift: float = 3.0) -> list[dict
 # --------------------------------------------------------------------------------- paired forgetting
 
 
-def simulate_forgetting(
-    n_sims: int,
-    seed: int = 0,
-    forgetting: float = 0.0,
-    seeds: int = 3,
-    n_items: int = 100,
-    p: float = 0.6,
-    flip: float = 0.15,
-    seed_sd: float = 0.03,
-):
-    """0/1 items: the base right with prob p (a fresh item sample per study); each seed's adapter flips right
-    answers with prob flip + delta_s / p and wrong ones with prob flip p / (1 - p), so its expected forgetting
-    is delta_s ~ N(forgetting, seed_sd). Returns (base (S, n), adapters (S, seeds, n))."""
-    rng = np.random.default_rng(seed)
-    S = n_sims
-    base = (rng.random((S, n_items)) < p).astype(float)
-    delta = forgetting + seed_sd * rng.normal(size=(S, seeds, 1))
-    lose = np.clip(flip + delta / p, 0, 1)
-    gain = flip * p / (1 - p)
-    u = rng.random((S, seeds, n_items))
-    b = base[:, None, :]
-    adapters = np.where(b == 1, (u >= lose).astype(float), (u < gain).astype(float))
-    return base, adapters
-
-
-def forgetting_after(base, adapters):
-    _, lo, hi, _, _ = crossed_mean_t(base[:, None, :] - adapters)
-    return lo, hi
-
-
-def forgetting_before(base, adapters):
-    """Replica of report summarise over cells: a t-interval over the cells' forgetting values (df cells − 1);
-    item sampling, shared by every cell, is not counted."""
-    from scipy import stats as st
-
-    f = (base[:, None, :] - adapters).mean(-1)
-    k = f.shape[1]
-    half = st.t.ppf(0.975, k - 1) * f.std(1, ddof=1) / math.sqrt(k)
-    return f.mean(1) - half, f.mean(1) + half
-
-
-def forgetting_bootstrap(base, adapters, n_boot: int = 1000):
-    """The two-stage (seeds, then items) percentile bootstrap, for comparison."""
-    D = base[:, None, :] - adapters
-    reps = np.stack([hierarchical_means([d], n_boot, seed=i) for i, d in enumerate(D)])
-    return np.quantile(reps, 0.025, 1), np.quantile(reps, 0.975, 1)
-
-
 def sim_forgetting(n_sims: int = 1000, seed: int = 4, boot_sims: int = 300) -> list[dict]:
     rows = []
     base, ad = simulate_forgetting(n_sims, seed)
@@ -374,34 +236,6 @@ def sim_forgetting(n_sims: int = 1000, seed: int = 4, boot_sims: int = 300) -> l
 
 
 # ----------------------------------------------------------------------------------------------- law
-
-
-def simulate_law(rng, slope: float = 0.0, methods: int = 4, cells: int = 9, looks: int = 4):
-    """Points of 4 methods x 9 cells x 4 checkpoints with a method-level confound (method means of x and y
-    both rise with the method's index) and `slope` within methods. Returns (x, y, method, cell)."""
-    m = np.repeat(np.arange(methods), cells * looks)
-    c = np.repeat(np.arange(methods * cells), looks)
-    mx = m * 1.0
-    x = mx + 0.3 * rng.normal(size=methods * cells)[c] + 0.3 * rng.normal(size=len(m))
-    y = (
-        0.5 * mx
-        + slope * (x - mx)
-        + 0.3 * rng.normal(size=methods * cells)[c]
-        + 0.3 * rng.normal(size=len(m))
-    )
-    return x, y, m, c
-
-
-def law_before(x, y, cell, n_boot: int = 300, rng=None) -> float:
-    """Replica of report.stats.poly_fit (degree 1): the pooled R²'s cluster-bootstrap (cells) lower bound."""
-    codes = np.unique(cell, return_inverse=True)[1]
-    k = codes.max() + 1
-    W = rng.multinomial(k, np.full(k, 1 / k), size=n_boot)[:, codes].astype(float)
-    sw = W.sum(1, keepdims=True)
-    mx, my = (W * x).sum(1, keepdims=True) / sw, (W * y).sum(1, keepdims=True) / sw
-    sxy = (W * (x - mx) * (y - my)).sum(1)
-    r2 = sxy**2 / ((W * (x - mx) ** 2).sum(1) * (W * (y - my) ** 2).sum(1))
-    return float(np.quantile(r2, 0.025))
 
 
 def sim_law(n_sims: int = 500, seed: int = 5) -> list[dict]:
