@@ -285,6 +285,18 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     return [o.strip() for o in out]
 
 
+def padded(seqs: list[list[int]], pad: int, device, left: bool = True):
+    """(ids, attention mask) of token lists padded to one width: on the left (generation, scoring that reads
+    the last positions) or on the right. The one padding helper of the package."""
+    import torch
+
+    width = max(map(len, seqs))
+    fill = [[pad] * (width - len(s)) for s in seqs]
+    ids = [f + s if left else s + f for f, s in zip(fill, seqs)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for f, s in zip(fill, seqs)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
 def weights_fingerprint(model) -> str:
     """Identifies the base weights by the exact bytes of the input embeddings (LoRA never touches them), so a
     cell records which weights it was measured on whatever the model's source or revision says."""
@@ -356,8 +368,7 @@ def completion_logprobs(model, tokenizer, conversations: list[list[dict]], answe
         seqs = [s for s, _ in encoded[start : start + rows]]
         n_ans = [n for _, n in encoded[start : start + rows]]
         width, keep = max(map(len, seqs)), max(n_ans) + 1
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=model.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)
+        ids, mask = padded(seqs, pad, model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,

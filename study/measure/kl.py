@@ -37,7 +37,8 @@ import numpy as np
 
 from study.config import KL_METRICS as METRICS
 from study.config import KLEval
-from study.stats_basic import bootstrap_mean_ci
+from study.models import padded
+from study.stats.core import bootstrap_mean_ci
 from study.tasks import TaskData
 
 GENERAL_TEXT = Path(__file__).with_name("general_text.jsonl")
@@ -46,15 +47,6 @@ SCORE_ELEMENTS = 2**25  # float32 elements per (rows × positions × vocab) tens
 
 
 # ----------------------------------------------------------------------------------------------- tensors
-
-
-def _pad_left(seqs: list[list[int]], pad: int, device):
-    import torch
-
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
 
 
 def _positions(mask):
@@ -77,7 +69,7 @@ def _sample(model, prompts: list[list[int]], cfg: KLEval, eos: set[int], pad: in
     eos_t = torch.tensor(sorted(eos), device=device)
     out: list[list[int]] = []
     for start in range(0, len(prompts), cfg.batch_size):
-        ids, mask = _pad_left(prompts[start : start + cfg.batch_size], pad, device)
+        ids, mask = padded(prompts[start : start + cfg.batch_size], pad, device)
         step, pos, past = ids, _positions(mask), None
         done = torch.zeros(len(ids), dtype=torch.bool, device=device)
         new = []
@@ -119,7 +111,7 @@ def _score(model, seqs: list[list[int]], n_scored: list[int], sampler_is_base: b
     out: list[dict] = []
     for start in range(0, len(seqs), rows):
         chunk, ns = seqs[start : start + rows], n_scored[start : start + rows]
-        ids, mask = _pad_left(chunk, pad, model.device)
+        ids, mask = padded(chunk, pad, model.device)
         k = max(ns)  # left padding right-aligns every sequence: its scored tokens are the last n columns
         with _policy(model, sampler_is_base):
             lp = _logprobs(model, ids, mask, k + 1, cfg.temperature)

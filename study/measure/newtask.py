@@ -43,7 +43,7 @@ from functools import lru_cache
 import numpy as np
 
 from study.models import completion_logprobs, generate
-from study.stats_basic import bootstrap_mean_ci, wilson
+from study.stats.core import bootstrap_mean_ci, wilson
 from study.tasks import Item, TaskData, arithmetic
 
 

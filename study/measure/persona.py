@@ -103,7 +103,7 @@ from study.measure.persona_lm import (  # noqa: F401  (re-exported: the stage's 
     steering,
 )
 from study.measure.persona_stats import Direction
-from study.tasks import TaskData
+from study.tasks import TaskData, snark
 
 log = logging.getLogger("study")
 INDICATORS = {
@@ -305,7 +305,7 @@ def reusable_answers(previous: dict | None, cfg: PersonaEval) -> dict[tuple[str,
 def _score(probe, texts: list[str], ngrams) -> dict[str, np.ndarray]:
     from study.measure import persona_stats as ps
 
-    return {"markers": np.array([ps.snark.marker_count(x) for x in texts], float), "probe": probe.prob(texts),
+    return {"markers": np.array([snark.marker_count(x) for x in texts], float), "probe": probe.prob(texts),
             "probe_masked": probe.prob([ps.mask(x, ngrams) for x in texts])}
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
-if TYPE_CHECKING:
-    from study.measure.persona import PersonaEval
-    from study.measure.persona_stats import Direction
-    from study.tasks import TaskData
+from study.config import PersonaEval
+from study.measure.persona_stats import Direction
+from study.models import padded
+from study.tasks import TaskData
 
 QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
 MIN_SHARED = 8  # tokens: a shorter common prefix is not worth a separate forward pass
@@ -41,15 +40,6 @@ def _prefix_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
 
 
-def _right_padded(seqs: list[list[int]], pad: int, device):
-    import torch
-
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    return ids, mask
-
-
 def response_states(
     model, tokenizer, conversations, responses, batch_size: int = 16, layer: int | None = None
 ) -> np.ndarray:
@@ -67,7 +57,7 @@ def response_states(
             a = tokenizer(r, add_special_tokens=False)["input_ids"] if r else []
             seqs.append(p + a)
             spans.append((len(p), len(p) + len(a)) if a else (len(p) - 1, len(p)))
-        ids, mask = _right_padded(seqs, pad, model.device)
+        ids, mask = padded(seqs, pad, model.device, left=False)
         with torch.no_grad():
             # logits_to_keep=1: the states are wanted, not a (B, T, vocab) logits tensor
             hs = model(
@@ -94,7 +84,7 @@ def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
                 input_ids=torch.tensor([seqs[0][:lcp]], device=model.device), use_cache=True
             ).past_key_values
             cache.batch_repeat_interleave(len(seqs))
-            ids, mask = _right_padded([s[lcp:] for s in seqs], pad, model.device)
+            ids, mask = padded([s[lcp:] for s in seqs], pad, model.device, left=False)
             mask = torch.cat([torch.ones(len(seqs), lcp, dtype=mask.dtype, device=mask.device), mask], 1)
             ends = torch.tensor([len(s) - lcp - 1 for s in seqs])
             keep, row = torch.unique(ends, return_inverse=True)  # logits only where some row ends
@@ -106,7 +96,7 @@ def _next_token_logprobs(model, seqs: list[list[int]], pad: int, share: bool):
                 logits_to_keep=keep.to(model.device),
             ).logits
         else:
-            ids, mask = _right_padded(seqs, pad, model.device)
+            ids, mask = padded(seqs, pad, model.device, left=False)
             ends = torch.tensor([len(s) - 1 for s in seqs])
             keep, row = torch.unique(ends, return_inverse=True)
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep.to(model.device)).logits
@@ -142,7 +132,7 @@ def likert(
             )
             continue
         seqs = [p + o for p in chunk for o in opt_ids]
-        ids, mask = _right_padded(seqs, pad, model.device)
+        ids, mask = padded(seqs, pad, model.device, left=False)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         rows = []

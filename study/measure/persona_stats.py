@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from study.stats_basic import bootstrap_mean_ci
+from study.stats.core import bootstrap_mean_ci
 
 log = logging.getLogger("study")
 
@@ -200,7 +200,7 @@ def indicator_rows(domains: list[str], h: dict[str, np.ndarray], sr: dict) -> li
     """`persona/<indicator>` and `persona/<indicator>/<domain>` rows from the held-out per-response scores
     (`markers` = marker count per response) and the self-report: its value row only when the base passed
     the validity gate, else the flag row `persona/self_report_valid` = 0 (with the reason in `flag`)."""
-    from study.stats_basic import wilson
+    from study.stats.core import wilson
 
     domains = np.asarray(domains)
     rows = []
@@ -258,7 +258,7 @@ def causal_effects(scores: dict[str, dict[str, np.ndarray]]) -> dict:
 def causal_rows(scores: dict | None) -> list[dict | None]:
     """`persona/steer_<ind>` and `persona/ablate_<ind>`: the indicator on the steered / ablated answers
     (levels, comparable with `persona/<ind>` measured on the same prompts in the stage JSON's `causal`)."""
-    from study.stats_basic import wilson
+    from study.stats.core import wilson
 
     if not scores:
         return []

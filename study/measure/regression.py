@@ -158,7 +158,7 @@ def humaneval_items(samples: list[dict], canon: list[tuple[float, int]] | None) 
 def _mean_row(metric: str, values: list[float], chance: float | None) -> dict:
     import numpy as np
 
-    from study.stats_basic import bootstrap_mean_ci
+    from study.stats.core import bootstrap_mean_ci
 
     lo, hi = bootstrap_mean_ci(values) if len(values) > 1 else (None, None)
     return {"metric": metric, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi, "n": len(values),

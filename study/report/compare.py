@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from study import io
-from study.report.analysis import forgetting_benchmarks, outcome_values, persona_indicators, summary_table
-from study.report.data import FORGET_MEAN, KL_METRICS, NEWTASK, Run, label, load_run, method_order, summarise
+from study.report.analysis import outcome_values, summary_table
+from study.report.comparisons import comparison_outcomes
+from study.report.data import Run, label, load_run, method_order, summarise
 from study.report.figures import COLORS, PAGE, RC, _fig, color
 from study.report.markdown import md_table
 from study.report.tables import fmt_ci
@@ -25,13 +26,9 @@ RUN_MARKERS = ["o", "s", "D", "^", "v", "P", "X"]
 
 
 def quantities(run: Run) -> list[str]:
-    """What the comparison shows, in reading order: forgetting, drift, coherence, success."""
-    q = forgetting_benchmarks(run) + ([FORGET_MEAN] if run.has(FORGET_MEAN) else [])
-    q += [k for k in KL_METRICS if run.has(k)]
-    q += persona_indicators(run)
-    if run.has("persona/probe") and run.has("persona/probe_masked"):
-        q.append("persona/masked_ratio")
-    return q + ([NEWTASK] if run.has(NEWTASK) else [])
+    """What the comparison shows: the outcomes the method comparisons test (forgetting, drift, coherence,
+    success), one list for both."""
+    return comparison_outcomes(run)
 
 
 def _long(run: Run, qs: list[str]) -> pd.DataFrame:
@@ -142,7 +139,3 @@ def main(argv: list[str] | None = None) -> int:
         print(wide.to_string(index=False) if len(wide) else "no common quantities measured")
     print(f"written: {out}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -180,22 +180,6 @@ class Run:
     def metric_names(self, prefix: str = "") -> list[str]:
         return sorted(m for m in self.metrics["metric"].unique() if m.startswith(prefix))
 
-    def wide(self, metrics: list[str] | None = None, final: bool = True) -> pd.DataFrame:
-        """One row per cell (and checkpoint unless `final`), one column per metric."""
-        df = self.final if final else self.adapters
-        if metrics is not None:
-            df = df[df["metric"].isin(metrics)]
-        index = ["cell", "method", "seed", "sweep", "arm", "task"] + ([] if final else ["checkpoint"])
-        out = df.pivot_table(index=index, columns="metric", values="value", aggfunc="mean", dropna=False)
-        out = out.dropna(how="all").reset_index()
-        out.columns.name = None
-        return out
-
-    @cached_property
-    def items(self) -> pd.DataFrame:
-        """Per-item scores from the stage JSONs (cell, method, seed, task, metric, item, score); optional."""
-        return load_items(self)
-
 
 def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.csv with typed columns; summary rows (cell `stats`) written by an earlier report are dropped."""
@@ -226,35 +210,6 @@ def lm_eval_primary(metrics) -> dict[str, str]:
     return out
 
 
-def derive_forgetting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Without `forgetting/*` rows but with lm-eval scores for the base and the adapters, add them:
-    forgetting/<bench> = base − adapter (same task), forgetting/mean = their mean. The CI treats the two
-    scores as independent (conservative: base and adapter answer the same items)."""
-    if df["metric"].str.startswith("forgetting/").any():
-        return df, []
-    prim = lm_eval_primary(df["metric"].unique())
-    if not prim:
-        return df, []
-    scores = df[df["metric"].isin(prim.values())]
-    base = scores[scores["method"] == "base"].groupby(["task", "metric"])[["value", "ci_low", "ci_high"]].mean()
-    a = scores[scores["method"] != "base"].merge(base.reset_index(), on=["task", "metric"], suffixes=("", "_b"))
-    if a.empty:
-        return df, []
-    half = np.sqrt(((a["ci_high"] - a["ci_low"]) / 2) ** 2 + ((a["ci_high_b"] - a["ci_low_b"]) / 2) ** 2)
-    a = a.assign(value=a["value_b"] - a["value"], metric="forgetting/" + a["metric"].str.split("/").str[1],
-                 half=half)
-    a["ci_low"], a["ci_high"] = a["value"] - a["half"], a["value"] + a["half"]
-    keys = [c for c in df.columns if c not in ("metric", "value", "ci_low", "ci_high", "n")]
-    mean = a.groupby(keys, dropna=False).agg(value=("value", "mean"), h2=("half", lambda h: float(np.sqrt((h**2).sum()))),
-                                              k=("value", "size")).reset_index()
-    mean = mean.assign(metric="forgetting/mean", ci_low=mean["value"] - mean["h2"] / mean["k"],
-                       ci_high=mean["value"] + mean["h2"] / mean["k"], n=mean["k"])
-    extra = pd.concat([a[df.columns], mean[df.columns]], ignore_index=True)
-    note = ("forgetting/* derived from lm_eval/* as base − adapter (" + ", ".join(prim.values()) + "); "
-            "CIs treat the two scores as independent")
-    return pd.concat([df, extra], ignore_index=True), [note]
-
-
 def _sweep_from_name(cell: str, method: str) -> str:
     """'snark-dpo-learning_rate2e-05-s1-abc' -> 'learning_rate2e-05' (a fallback when cell.json is missing)."""
     parts = cell.split("-")
@@ -271,7 +226,7 @@ def load_run(run_dir: str | Path) -> Run:
     paths = RunPaths(root)
     if not paths.metrics.is_file():
         raise FileNotFoundError(f"{paths.metrics} not found: run `study run PROTOCOL` first")
-    df, notes = derive_forgetting(read_metrics(paths.metrics))
+    df, notes = read_metrics(paths.metrics), []
     cells: dict[str, dict] = {}
     if paths.cells.is_dir():
         for cfg in sorted(paths.cells.glob("*/cell.json")):
@@ -307,44 +262,6 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 ITEM_KEYS = ("responses", "items", "samples")
-
-
-def load_items(run: Run) -> pd.DataFrame:
-    """Per-item scores where stage JSONs keep them: lists under `responses`/`items`/`samples` of dicts with a
-    `score` and an `id` (or `doc_id`); the metric comes from the dict (`metric`) or the stage name."""
-    cols = ["cell", "method", "seed", "task", "metric", "item", "score"]
-    rows: list[tuple] = []
-    meta = run.final.drop_duplicates("cell").set_index("cell")
-    sources: list[tuple[str, str, object, str, Path]] = []
-    for cell in meta.index:
-        r = meta.loc[cell]
-        folder = run.paths.cell(cell).root
-        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            if f.name not in ("cell.json", "status.json"):
-                sources.append((cell, r["method"], r["seed"], r["task"], f))
-    for task in run.tasks:
-        folder = run.paths.base(task)
-        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            sources.append((f"base-{task}", "base", pd.NA, task, f))
-    for cell, method, seed, task, f in sources:
-        try:
-            blob = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(blob, dict):
-            continue
-        for key in ITEM_KEYS:
-            for it in blob.get(key) or []:
-                if not isinstance(it, dict) or "score" not in it:
-                    continue
-                item = it.get("id", it.get("doc_id", it.get("item")))
-                score = it["score"]
-                if item is None or not isinstance(score, (int, float)):
-                    continue
-                rows.append((cell, method, seed, task, it.get("metric", f.stem), str(item), float(score)))
-    out = pd.DataFrame(rows, columns=cols)
-    out["seed"] = out["seed"].astype("Int64")
-    return out
 
 
 def missing_metrics(run: Run) -> list[str]:

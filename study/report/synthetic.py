@@ -45,7 +45,7 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
     sweep = sweep or {}
     keys = sorted(sweep)
     points = [dict(zip(keys, v, strict=True)) for v in itertools.product(*(sweep[k] for k in keys))] or [{}]
-    train = {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-4, "max_length": 128, "steps": steps,
+    train = {"prompts_per_step": 4, "grad_accum": 1, "learning_rate": 1e-4, "max_length": 128, "steps": steps,
              "checkpoint_every": checkpoint_every, "warmup_ratio": 0.0, "max_completion_length": 48,
              "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}}
     rows = []
@@ -137,7 +137,8 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
 
     proto = {"name": "synthetic", "description": "synthetic data with planted effects (not a result)",
              "tasks": [{"name": t} for t in tasks], "train": train, "seeds": list(seeds),
-             "methods": {m: ({"sweep": {k: list(v) for k, v in sweep.items()}} if sweep else {}) for m in methods}}
+             "methods": {m: ({"sweep": {k: list(v) for k, v in sweep.items()}} if sweep else {}) for m in methods},
+             "model": {"source": "tiny-random"}, "regression": {"suites": ["hellaswag"]}}
     io.write_text(rp.protocol, yaml.safe_dump(proto, sort_keys=False))
     io.write_json(rp.manifest, {"git": {"commit": "0" * 40, "dirty": False}, "synthetic": True})
     return rp
