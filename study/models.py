@@ -196,6 +196,83 @@ def load_model(source: str, runtime: Runtime, revision: str | None = None):
     return model
 
 
+# ------------------------------------------------------------------------------------------ lora targets
+
+
+def _module_skeleton(source: str, revision: str | None = None):
+    """The model's module tree without its weights (meta device), from its config alone; None when the config
+    is not on this machine (an uncached hub model, a bundled model whose package is not installed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind = source_kind(source)
+    if kind == "tiny":
+        return tiny_model()
+    if kind == "bundled":
+        name = source[len(BUNDLED_PREFIX) :]
+        folder = cache_root() / "models" / name
+        if (folder / "config.json").is_file():
+            config = AutoConfig.from_pretrained(folder)
+        else:
+            try:
+                gguf = bundled_gguf(name)
+            except ModelUnavailable:
+                return None
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+    elif kind == "local":
+        config = AutoConfig.from_pretrained(Path(source).expanduser())
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json", **({"revision": revision} if revision else {}))
+        if not isinstance(cached, str):
+            return None
+        config = AutoConfig.from_pretrained(Path(cached).parent)
+    else:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_lora_targets(source: str, targets: str | list[str], revision: str | None = None) -> str | None:
+    """A problem with LoRA `targets` on this model (names it does not have, layers LoRA cannot adapt), found
+    with PEFT's own matching on the model's module tree (no weights loaded); None if fine or not checkable."""
+    if targets == "all-linear":
+        return None
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        model = _module_skeleton(source, revision)
+    except Exception as e:  # a broken local config is the run's problem too: say it now
+        return f"cannot read the model's config to check them ({type(e).__name__}: {e})"
+    if model is None:
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    wanted = targets if isinstance(targets, list) else [targets]
+    missing = [t for t in wanted if not any(check_target_module_exists(LoraConfig(target_modules=[t] if
+                                                                                isinstance(targets, list) else t), n)
+                                            for n in names)]
+    import torch
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if missing:
+        return (f"{missing} match no module of {source} (its linear layers: {', '.join(linear)}); use those "
+                f"names or `all-linear`")
+    containers = sorted({type(m).__name__ for n, m in model.named_modules() if n and any(m.children())
+                         and check_target_module_exists(LoraConfig(target_modules=targets), n)})
+    if containers:
+        return (f"{targets} match {', '.join(containers)} blocks, not layers LoRA can adapt; name their linear "
+                f"layers instead ({', '.join(linear)}) or use `all-linear`")
+    try:
+        get_peft_model(model, LoraConfig(target_modules=targets, r=1))
+    except (ValueError, TypeError, RuntimeError) as e:
+        return f"PEFT cannot adapt them on {source}: {' '.join(str(e).split())[:300]}; target linear layers"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- tiny
 
 _TINY_TEMPLATE = (
