@@ -131,6 +131,8 @@ CASES = [
      mut(seeds=list(range(1000)), methods={"sft": {"sweep": {"learning_rate": [i / 1e6 + 1e-6 for i in range(300)],
                                                              "warmup_ratio": [i / 1000 for i in range(300)]}}}),
      "cells", "cheap"),
+    ("absurd size", "arithmetic n_train 10**6", mut(tasks=[{"name": "arithmetic", "n_train": 10**6}]),
+     "tasks.0.n_train", "cheap"),
     ("absurd size", "persona direction_prompts 10**9", mut(persona={"direction_prompts": 10**9}),
      "persona.direction_prompts", "cheap"),
     ("absurd size", "regression limit 10**12", mut(regression__limit={"hellaswag": 10**12}),
@@ -313,6 +315,16 @@ def _timed(fn, *a, **k) -> float:
     return time.perf_counter() - t
 
 
+def test_arithmetic_capacity_is_what_the_task_can_draw():
+    """The schema's bound is the task's real number of distinct problems (beyond it, drawing never ends)."""
+    from study.config.protocol import ARITHMETIC_PROBLEMS
+    from study.tasks import arithmetic
+
+    train, held = arithmetic.problems(ARITHMETIC_PROBLEMS - 100, 100)
+    assert len({(p.a, p.domain, p.b) for p in train + held}) == ARITHMETIC_PROBLEMS
+    assert sum(p.domain == "mul" for p in train + held) == 29 * 29  # every mul pair used: the bound is tight
+
+
 def test_loss_type_choices_match_the_installed_trl():
     """The schema's loss lists are what TRL's trainers implement (TRL's configs accept any string)."""
     import inspect
@@ -380,7 +392,7 @@ def mutated(draw):
     return body
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(body=mutated())
 def test_mutated_shipped_protocols_never_crash_and_accepted_ones_plan(tmp_path_factory, body):
     from study.config import ProtocolError, load_protocol
@@ -402,7 +414,7 @@ def test_mutated_shipped_protocols_never_crash_and_accepted_ones_plan(tmp_path_f
     assert plan_rows(proto)  # every accepted protocol plans
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(body=mutated())
 def test_mutated_protocols_through_the_cli(tmp_path_factory, body):
     """The same mutations through `study validate` and `study plan` themselves: exit 0 or 2, no traceback,

@@ -21,6 +21,9 @@ from study.config.methods import OPTIONS, Method, MethodOptions, rows_per_prompt
 from study.config.stages import CheckpointEval, KLEval, NewTaskEval, PersonaEval, RegressionEval
 
 SCHEMA_VERSION = 2  # bump when a change to training makes old cells incomparable (2: prompts_per_step)
+# Distinct arithmetic problems: operations are drawn in turn and `mul` has only 29 x 29 operand pairs
+# (study.tasks.arithmetic._draw), so more problems than 3 x 841 can never be drawn (tests check the number).
+ARITHMETIC_PROBLEMS = 3 * 29 * 29
 MAX_CELLS = 100_000  # tasks x methods x sweep points x seeds; more is a typo (and would not fit in memory)
 
 
@@ -81,6 +84,13 @@ class TaskSpec(Strict):
         if v is not None and (not v or len(set(v)) != len(v)):
             raise ValueError("list each held-out domain once, at least one (or remove the field for the default)")
         return v
+
+    @model_validator(mode="after")
+    def _arithmetic_fits(self) -> TaskSpec:
+        if self.name == "arithmetic" and self.n_train + self.n_heldout > ARITHMETIC_PROBLEMS:
+            raise ValueError(f"@n_train: n_train + n_heldout = {self.n_train + self.n_heldout} is more than the "
+                             f"{ARITHMETIC_PROBLEMS} distinct problems the task draws from; use fewer")
+        return self
 
     @model_validator(mode="after")
     def _own_fields(self) -> TaskSpec:
