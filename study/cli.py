@@ -26,28 +26,37 @@ console = Console()
 err = Console(stderr=True)
 
 
+def _say_problems(protocol: Path, problems: list[str]) -> None:
+    err.print(f"[red]{protocol}: invalid protocol[/]", soft_wrap=True, highlight=False)
+    for line in problems:  # one line per problem, never wrapped (greppable: file, field path, fix)
+        err.print(f"  {protocol}: {line}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 def _load(path: Path):
     try:
         return load_protocol(path)
     except ProtocolError as e:
-        err.print(f"[red]{e.path}: invalid protocol[/]")
-        for line in e.problems:
-            err.print(f"  {line}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        _say_problems(e.path, e.problems)
 
 
 def _problems(protocol: Path, proto) -> None:
-    """The checks that need more than the schema: the tasks' data, and TRL building each method's config."""
+    """The checks that need more than the schema, cheap ones first: the tasks' data (a second), then TRL
+    building each method's config and the LoRA targets against the model's modules (seconds: they import
+    TRL and torch, so they run only when everything else is right)."""
     from study.tasks import check_task
-    from study.train import check_trl_options
 
     problems = [p for i, t in enumerate(proto.tasks) if (p := check_task(t, f"tasks.{i}"))]
-    problems += check_trl_options(proto)
     if problems:
-        err.print(f"[red]{protocol}: invalid protocol[/]")
-        for line in problems:
-            err.print(f"  {line}", markup=False, highlight=False)
-        raise typer.Exit(2)
+        _say_problems(protocol, problems)
+    from study.models import check_lora_targets
+    from study.train import check_trl_options
+
+    problems = check_trl_options(proto)
+    if (p := check_lora_targets(proto.model.source, proto.train.lora.target_modules, proto.model.revision)):
+        problems.append(f"train.lora.target_modules: {p}")
+    if problems:
+        _say_problems(protocol, problems)
 
 
 @app.command()

@@ -137,7 +137,8 @@ def rename_probe(rows: list[dict]) -> list[dict]:
 
 
 def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
-    """Every current row of the run (base, final adapters, checkpoints) plus the derived families."""
+    """Every current row of the run (base, final adapters, checkpoints) plus the derived families. A failed
+    cell contributes no row; a partial one (killed, measurements pending) its current stage files."""
     rows = []
     final = final_stages(proto)
     for task in proto.tasks:
@@ -152,6 +153,8 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
     paired = []
     for cell in proto.cells():
         cp = run.cell(cell.name)
+        if cell_state(run, proto, cell)["state"] == "failed":  # a diverged or broken cell's stage files (NaN
+            continue  # rows, half its stages) are not results; it reruns on the next `study run`
         keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
         for name, settings in final.items():
             rows += [{**keep, "checkpoint": cell.train.steps, **r} for r in current_rows(cp.stage(name), name, settings)]

@@ -15,11 +15,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
 
 from study.config import BUNDLED, BUNDLED_PREFIX, check_source, source_kind
 
@@ -122,33 +121,81 @@ def prepare_bundled(name: str) -> Path:
 # -------------------------------------------------------------------------------------------------- hub
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the hub endpoint, so an offline machine fails at once instead of retrying."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
+HUB_TIMEOUT = float(os.environ.get("STUDY_HUB_TIMEOUT", "10"))  # seconds per connect / read of the probe
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _head(url: str, timeout: float) -> int | str:
+    """HTTP status of a HEAD request (redirects not followed, proxies from the environment honoured), or why
+    there was no answer within `timeout` seconds per connect / read."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # a redirect (to the CDN) already is the hub's answer
+
+    token = os.environ.get("HF_TOKEN")
+    request = urllib.request.Request(url, method="HEAD", headers={"Authorization": f"Bearer {token}"} if token else {})
+    t = time.monotonic()
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return f"no answer within {time.monotonic() - t:.0f} s ({getattr(e, 'reason', e)})"
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_probe(source: str, revision: str | None = None, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Ask the hub for the model's config.json with a bounded timeout. None: the hub answered and has the
+    model; else why not, in one line. A TCP connect is not enough: an endpoint that accepts and never
+    answers hung `study run`."""
+    from urllib.parse import quote
+
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    url = f"{_endpoint()}/{source}/resolve/{quote(revision or 'main', safe='')}/config.json"
+    status = _head(url, timeout)
+    if isinstance(status, str):
+        return f"the hub at {_endpoint()} gave {status}"
+    if status in (401, 403):
+        return f"the hub refuses {source!r} (HTTP {status}): a gated or private model needs a token (HF_TOKEN)"
+    if status == 404:
+        return f"the hub has no {source!r} at revision {revision or 'main'!r} (HTTP 404): check the id"
+    return None if status < 400 else f"the hub answered HTTP {status} for {url}"
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether the hub endpoint answers HTTP within `timeout` (any status counts as an answer)."""
+    return not _hub_offline() and isinstance(_head(_endpoint() + "/", timeout), int)
 
 
 def _hub_kwargs(source: str, revision: str | None = None) -> dict:
-    """Load from the local HF cache when the model is there; else require a reachable hub."""
-    from huggingface_hub import try_to_load_from_cache
+    """Load from the local HF cache when the model is there; else require a hub that answers in time (and
+    bound huggingface_hub's own timeouts, so that a hub that stalls later fails too instead of hanging)."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
     pinned = {"revision": revision} if revision else {}
     cached = try_to_load_from_cache(source, "config.json", **pinned)
     if isinstance(cached, str):
         return {"local_files_only": True, **pinned}
-    if not hub_reachable():
+    problem = hub_probe(source, revision)
+    if problem is not None:
         raise ModelUnavailable(
-            f"model {source!r} is not in the local Hugging Face cache and the hub cannot be reached. "
+            f"model {source!r} is not in the local Hugging Face cache and cannot be fetched: {problem}. "
             f"Provide it by (a) pointing the protocol's model.source at a local directory holding it, or "
             f"(b) running once with network access so that it is cached (huggingface-cli download {source})."
         )
+    constants.HF_HUB_ETAG_TIMEOUT = min(constants.HF_HUB_ETAG_TIMEOUT, int(HUB_TIMEOUT))
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = min(constants.HF_HUB_DOWNLOAD_TIMEOUT, int(HUB_TIMEOUT))
     return pinned
 
 
@@ -194,6 +241,83 @@ def load_model(source: str, runtime: Runtime, revision: str | None = None):
     model.to(runtime.device)
     model.eval()
     return model
+
+
+# ------------------------------------------------------------------------------------------ lora targets
+
+
+def _module_skeleton(source: str, revision: str | None = None):
+    """The model's module tree without its weights (meta device), from its config alone; None when the config
+    is not on this machine (an uncached hub model, a bundled model whose package is not installed)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind = source_kind(source)
+    if kind == "tiny":
+        return tiny_model()
+    if kind == "bundled":
+        name = source[len(BUNDLED_PREFIX) :]
+        folder = cache_root() / "models" / name
+        if (folder / "config.json").is_file():
+            config = AutoConfig.from_pretrained(folder)
+        else:
+            try:
+                gguf = bundled_gguf(name)
+            except ModelUnavailable:
+                return None
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+    elif kind == "local":
+        config = AutoConfig.from_pretrained(Path(source).expanduser())
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json", **({"revision": revision} if revision else {}))
+        if not isinstance(cached, str):
+            return None
+        config = AutoConfig.from_pretrained(Path(cached).parent)
+    else:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_lora_targets(source: str, targets: str | list[str], revision: str | None = None) -> str | None:
+    """A problem with LoRA `targets` on this model (names it does not have, layers LoRA cannot adapt), found
+    with PEFT's own matching on the model's module tree (no weights loaded); None if fine or not checkable."""
+    if targets == "all-linear":
+        return None
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        model = _module_skeleton(source, revision)
+    except Exception as e:  # a broken local config is the run's problem too: say it now
+        return f"cannot read the model's config to check them ({type(e).__name__}: {e})"
+    if model is None:
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    wanted = targets if isinstance(targets, list) else [targets]
+    missing = [t for t in wanted if not any(check_target_module_exists(LoraConfig(target_modules=[t] if
+                                                                                isinstance(targets, list) else t), n)
+                                            for n in names)]
+    import torch
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if missing:
+        return (f"{missing} match no module of {source} (its linear layers: {', '.join(linear)}); use those "
+                f"names or `all-linear`")
+    containers = sorted({type(m).__name__ for n, m in model.named_modules() if n and any(m.children())
+                         and check_target_module_exists(LoraConfig(target_modules=targets), n)})
+    if containers:
+        return (f"{targets} match {', '.join(containers)} blocks, not layers LoRA can adapt; name their linear "
+                f"layers instead ({', '.join(linear)}) or use `all-linear`")
+    try:
+        get_peft_model(model, LoraConfig(target_modules=targets, r=1))
+    except (ValueError, TypeError, RuntimeError) as e:
+        return f"PEFT cannot adapt them on {source}: {' '.join(str(e).split())[:300]}; target linear layers"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- tiny

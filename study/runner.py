@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from filelock import FileLock, Timeout
+from rich.markup import escape
 
 from study import io
 from study.config import Cell, Protocol, load_protocol
@@ -73,9 +74,23 @@ def environment(runtime) -> dict:
     }
 
 
+class _LogFile(logging.FileHandler):
+    """The run's log file. A write that fails (a full disk) is dropped with one line on stderr, once, not a
+    traceback per record: the run goes on, or stops, on its own terms."""
+
+    def handleError(self, record) -> None:
+        if not getattr(self, "_warned", False):
+            self._warned = True
+            print(f"study: cannot write the log {self.baseFilename} ({sys.exc_info()[1]}); records are dropped",
+                  file=sys.stderr)
+
+
 def _setup_logging(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    for old in [h for h in log.handlers if isinstance(h, _LogFile) and h.baseFilename == str(path.resolve())]:
+        log.removeHandler(old)  # a second Runner in one process (tests) logs each record once
+        old.close()
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -107,6 +122,10 @@ class Runner:
         rp = self.run_paths
         quiet_libraries()
         _setup_logging(rp.log)
+        removed = io.remove_orphans(rp.root)
+        if removed:
+            log.info("removed %d orphaned temporary file(s) left by a killed run: %s", len(removed),
+                     ", ".join(str(p.relative_to(rp.root)) for p in removed[:5]))
         self.runtime = resolve_runtime(self.proto.model.device, self.proto.model.dtype)
         self.env = environment(self.runtime)
         io.write_text(rp.protocol, yaml.safe_dump(self.proto.model_dump(mode="json"), sort_keys=False))
@@ -127,8 +146,14 @@ class Runner:
             TimeRemainingColumn,
         )
 
-        self.start()
+        from study.models import ModelUnavailable
+
         rp = self.run_paths
+        try:
+            self.start()
+        except OSError as e:  # a full or read-only results folder: nothing can be recorded, so stop here
+            self.console.print(f"[red]cannot write to {rp.root}[/]: {e}")
+            return 1
         cells = [c for c in self.proto.cells() if not only or only in c.name]
         log.info("run %s: %d cells on %s/%s", self.path, len(cells), self.runtime.device, self.runtime.dtype)
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -143,19 +168,29 @@ class Runner:
             return 2
         with Progress(*columns, console=self.console, transient=False) as progress:
             overall = progress.add_task("cells", total=len(cells))
-            for task in self.proto.tasks:
-                try:
-                    self.measure_base(task, progress)
-                except Exception as e:  # the cells can still be trained and measured; the run will exit 1
-                    failed.append((f"base/{task.name}", self._failed(None, e, progress)))
-            for cell in cells:
-                try:
-                    if not self.run_cell(cell, progress, wait=wait):
-                        elsewhere.append(cell.name)
-                except Exception as e:  # one failing cell never stops the others
-                    failed.append((cell.name, self._failed(cell, e, progress)))
-                progress.advance(overall)
-        collect_metrics(rp, self.proto)
+            try:
+                for task in self.proto.tasks:
+                    try:
+                        self.measure_base(task, progress)
+                    except ModelUnavailable:
+                        raise
+                    except Exception as e:  # the cells can still be trained and measured; the run will exit 1
+                        failed.append((f"base/{task.name}", self._failed(None, e, progress)))
+                for cell in cells:
+                    try:
+                        if not self.run_cell(cell, progress, wait=wait):
+                            elsewhere.append(cell.name)
+                    except ModelUnavailable:
+                        raise
+                    except Exception as e:  # one failing cell never stops the others
+                        failed.append((cell.name, self._failed(cell, e, progress)))
+                    progress.advance(overall)
+            except ModelUnavailable as e:  # no cell can run without the model: stop now, not once per cell
+                failed.append(("model", self._failed(None, e, progress)))
+        try:
+            collect_metrics(rp, self.proto)
+        except OSError as e:  # a full disk: the stage files are intact, `study report RUN` rebuilds the table
+            failed.append(("metrics.csv", self._failed(None, e, progress)))
         self.report()
         self._summary(cells, failed, elsewhere, time.time() - t0)
         return 1 if failed or elsewhere else 0
@@ -163,9 +198,9 @@ class Runner:
     def _failed(self, cell: Cell | None, e: Exception, progress) -> str:
         """Record a failure; a failure while recording it (a full disk) is logged, never raised."""
         reason = f"{type(e).__name__}: {e}"
-        where = cell.name if cell else "base measurement"
+        where = cell.name if cell else "the run"
         log.error("%s failed: %s\n%s", where, reason, traceback.format_exc())
-        progress.console.print(f"[red]failed[/] {where}: {reason}")
+        progress.console.print(f"[red]failed[/] {escape(where)}: {escape(reason)}", highlight=False)
         if cell is not None:
             try:
                 io.write_json(self.run_paths.cell(cell.name).status,
@@ -178,8 +213,9 @@ class Runner:
         from rich.table import Table
 
         rp = self.run_paths
-        table = Table(title=f"{self.path.name}: {len(cells) - len(failed) - len(elsewhere)}/{len(cells)} cells "
-                            f"done here in {seconds:.0f} s")
+        names = {c.name for c in cells}
+        done = len(cells) - len({n for n, _ in failed if n in names}) - len(elsewhere)
+        table = Table(title=f"{self.path.name}: {done}/{len(cells)} cells done here in {seconds:.0f} s")
         for col in ("cell", "state", "newtask/success"):
             table.add_column(col)
         for cell in cells:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -54,9 +55,10 @@ def trl_config(cell: Cell, output_dir: Path, runtime: Runtime, report_to: list[s
         run_name=cell.name,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        gradient_checkpointing=t.gradient_checkpointing,
         max_length=t.max_length,
     )
+    if t.gradient_checkpointing:  # passed only when on: transformers 5 warns on the name even when False
+        common["gradient_checkpointing"] = True
     if cell.method.trainer == "grpo":
         common.pop("max_length")
         common["max_completion_length"] = t.max_completion_length
@@ -169,7 +171,28 @@ def _trim_log(log_path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------------- train
 
 
-def _callbacks(paths: CellPaths, progress: Callable[[int], None] | None):
+class DivergenceError(RuntimeError):
+    """Training diverged; the message names the step, the quantity and its value."""
+
+
+def lora_update_norm(model) -> float:
+    """||ΔW||_F of the model's LoRA update over all modules (ΔW = scaling · B A), the live counterpart of
+    `lora/delta_norm` (study.lora_norm): r x r products, in float64, so it is cheap at every logging step."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for module in model.modules():
+            lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict):
+                continue
+            for name in lora_a:
+                a, b = lora_a[name].weight.double(), lora_b[name].weight.double()
+                total += float(torch.trace((a @ a.T) @ (b.T @ b))) * module.scaling[name] ** 2
+    return math.sqrt(total) if total >= 0 else math.nan
+
+
+def _callbacks(paths: CellPaths, progress: Callable[[int], None] | None, cell: Cell | None = None):
     from transformers import TrainerCallback
 
     class JsonlLog(TrainerCallback):
@@ -183,7 +206,31 @@ def _callbacks(paths: CellPaths, progress: Callable[[int], None] | None):
             if progress:
                 progress(state.global_step)
 
-    return [JsonlLog()]
+    class Divergence(TrainerCallback):
+        """Fail the cell at the first logged step whose loss or gradient norm is not finite, whose gradient
+        norm passes train.max_grad_norm_abort, or whose LoRA update passes train.max_weight_norm_abort (a
+        diverged run otherwise finishes as "done", with a grad norm of 0 or a loss of 0.0 from NaN weights)."""
+
+        def on_log(self, args, state, control, logs=None, model=None, **kw):
+            if not logs or "loss" not in logs and "grad_norm" not in logs:
+                return  # the end-of-training summary
+            t, step = cell.train, state.global_step
+            where = f"training diverged at step {step}/{t.steps}"
+            fix = "lower the learning rate (or raise the guard in train: if this is expected)"
+            for key in ("loss", "grad_norm"):
+                value = logs.get(key)
+                if _is_number(value) and not math.isfinite(value):
+                    raise DivergenceError(f"{where}: {key} is {value}; {fix}")
+            grad = logs.get("grad_norm")
+            if _is_number(grad) and grad > t.max_grad_norm_abort:
+                raise DivergenceError(f"{where}: grad_norm {grad:.3g} > train.max_grad_norm_abort "
+                                      f"{t.max_grad_norm_abort:g}; {fix}")
+            norm = lora_update_norm(model) if model is not None else 0.0
+            if not math.isfinite(norm) or norm > t.max_weight_norm_abort:
+                raise DivergenceError(f"{where}: LoRA update ||ΔW||_F {norm:.3g} > train.max_weight_norm_abort "
+                                      f"{t.max_weight_norm_abort:g}; {fix}")
+
+    return [JsonlLog()] + ([Divergence()] if cell is not None else [])
 
 
 def _is_number(v) -> bool:
@@ -216,7 +263,7 @@ def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None,
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our JSONL log and rich progress replace its prints
-    for cb in _callbacks(paths, progress):
+    for cb in _callbacks(paths, progress, cell):
         trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=resume)
 
@@ -231,4 +278,4 @@ def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None,
     return paths.adapter
 
 
-__all__ = ["Method", "check_trl_options", "checkpoints", "lora_config", "make_trainer", "train_cell", "trl_config"]
+__all__ = ["DivergenceError", "Method", "check_trl_options", "checkpoints", "lora_config", "make_trainer", "train_cell", "trl_config"]

@@ -62,7 +62,7 @@ def test_cli_validate_exit_codes(write_protocol):
     assert subprocess.run(run + [str(good)], capture_output=True).returncode == 0
     out = subprocess.run(run + [str(bad)], capture_output=True, text=True)
     assert out.returncode != 0
-    lines = [ln.strip() for ln in out.stderr.splitlines()]
+    lines = [ln.strip().removeprefix(f"{bad}: ") for ln in out.stderr.splitlines()]
     assert any(ln.startswith("methods.ppo") and "sft, dpo, kto" in ln and "grpo" in ln for ln in lines)
     assert any(ln.startswith("methods.dpo.beta") for ln in lines)
 
@@ -118,10 +118,12 @@ def test_trl_pass_through_is_checked_by_building_the_trl_config(write_protocol):
     cell = good.cells()[0]
     assert trl_config(cell, REPO / "results" / "_t", Runtime("cpu", "float32")).lr_scheduler_type == "cosine"
     bad = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
-        "sft": {"trl": {"no_such_option": 1}}, "kto": {"loss_type": "bogus"}})))
+        "sft": {"trl": {"no_such_option": 1}}, "dpo": {"trl": {"optim": "bogus"}}})))
     problems = check_trl_options(bad)
     assert any(p.startswith("methods.sft") and "no_such_option" in p for p in problems), problems
-    assert any(p.startswith("methods.kto") and "bogus" in p for p in problems), problems
+    assert any(p.startswith("methods.dpo") and "bogus" in p for p in problems), problems
+    with pytest.raises(ProtocolError, match="methods.kto.loss_type"):  # a loss TRL lacks: the schema says so
+        load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={"kto": {"loss_type": "bogus"}})))
 
 
 def test_orpo_and_the_control_are_arms(write_protocol):
@@ -133,6 +135,11 @@ def test_orpo_and_the_control_are_arms(write_protocol):
 
 
 def test_sweep_values_cannot_leave_the_run_folder(write_protocol):
+    from study.config.protocol import _token
+
     body = dict(TINY_PROTOCOL, methods={"grpo": {"sweep": {"loss_type": ["/../../../../outside/x"]}}})
-    cell = load_protocol(write_protocol(body)).cells()[0]
-    assert "/" not in cell.name and ".." not in cell.name
+    with pytest.raises(ProtocolError, match="methods.grpo.sweep.loss_type.0"):  # not a loss TRL has
+        load_protocol(write_protocol(body))
+    for value in ("/../../../../outside/x", "..", ".", "a/b", "\x00", "~root", "x" * 300):
+        token = _token(value)  # whatever a future free-text sweep field holds, its token stays a name
+        assert "/" not in token and token not in ("", ".", "..") and not token.startswith(".") and len(token) <= 24

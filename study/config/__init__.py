@@ -2,6 +2,7 @@
 any module (train, measure, report, cli) can read it without pulling in models or torch."""
 
 from study.config.base import BUNDLED, BUNDLED_PREFIX, TINY, Strict, check_source, source_kind
+from study.config.loading import ProtocolError, load_protocol
 from study.config.methods import OPTIONS, Method, MethodOptions, rows_per_prompt, trl_options
 from study.config.protocol import (
     SCHEMA_VERSION,
@@ -10,10 +11,8 @@ from study.config.protocol import (
     ModelSpec,
     Primary,
     Protocol,
-    ProtocolError,
     TaskSpec,
     TrainSpec,
-    load_protocol,
 )
 from study.config.stages import (
     KL_METRICS,

@@ -14,9 +14,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from study.config.base import Strict
+from study.config.base import Strict, sub_errors
 
 
 class Method(StrEnum):
@@ -82,6 +82,13 @@ RESERVED_TRL = {
 }
 
 
+# The loss variants TRL's trainers implement (TRL's configs accept any string and fail only at the first
+# training step; tests/test_protocol_fuzz.py checks these lists against the installed TRL's source).
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+GRPOLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"]
+
+
 class MethodOptions(Strict):
     """Options every method has. A budget field given here (steps) breaks the match between methods and
     needs the protocol's `allow_unmatched: true`."""
@@ -99,19 +106,24 @@ class MethodOptions(Strict):
     """Any other field of the method's TRL config class, passed through as is (e.g. `optim: adafactor`,
     `lr_scheduler_type: cosine`); checked by building that config in `study validate`."""
 
-    @field_validator("sweep")
+    @field_validator("sweep", mode="before")
     @classmethod
-    def _sweepable(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _sweepable(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # pydantic reports the type
         allowed = sorted(set(cls.model_fields) - {"sweep", "trl"})
         for key, values in v.items():
             if key not in allowed:
-                raise ValueError(f"cannot sweep {key!r} for this method: sweepable fields are {allowed}")
+                raise ValueError(f"@{key}: cannot sweep {key!r} for this method: sweepable fields are {allowed}")
             if not isinstance(values, list) or not values:
-                raise ValueError(f"sweep {key!r} needs a non-empty list of values")
+                raise ValueError(f"@{key}: needs a non-empty list of values, e.g. `{key}: [a, b]`")
             if len({repr(x) for x in values}) != len(values):
-                raise ValueError(f"sweep {key!r} lists a value twice; list each once")
-            for x in values:  # each value must be a valid value of the field itself
-                cls.model_validate({key: x})
+                raise ValueError(f"@{key}: lists a value twice; list each once")
+            for i, x in enumerate(values):  # each value must be a valid value of the field itself
+                try:
+                    cls.model_validate({key: x})
+                except ValidationError as e:
+                    raise ValueError(sub_errors(e, f"{key}.{i}")) from None
         return v
 
     @field_validator("trl")
@@ -119,7 +131,9 @@ class MethodOptions(Strict):
     def _not_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
             if key in RESERVED_TRL:
-                raise ValueError(f"trl.{key} is set by the protocol: use {RESERVED_TRL[key]} instead")
+                raise ValueError(f"@{key}: set by the protocol: use {RESERVED_TRL[key]} instead")
+            if key in cls.model_fields:
+                raise ValueError(f"@{key}: an option of this method: set it beside `trl:`, not under it")
         return v
 
 
@@ -134,14 +148,14 @@ class ControlOptions(MethodOptions):
 class DPOOptions(MethodOptions):
     beta: float = Field(0.1, gt=0, le=100)
     """Preference temperature (how far from the reference the policy may move)."""
-    loss_type: str = "sigmoid"
-    """TRL's DPO loss (`sigmoid`, `ipo`, `hinge`, ...); checked against TRL's choices at validate time."""
+    loss_type: DPOLoss = "sigmoid"
+    """TRL's DPO loss (`sigmoid`, `ipo`, `hinge`, ...: the losses DPOTrainer implements)."""
 
 
 class KTOOptions(MethodOptions):
     beta: float = Field(0.1, gt=0, le=100)
     """Preference temperature."""
-    loss_type: str = "kto"
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
     """TRL's KTO loss (`kto`, `apo_zero_unpaired`)."""
 
 
@@ -158,7 +172,7 @@ class GRPOOptions(MethodOptions):
     """Completions sampled per prompt (a group); completions per step = prompts_per_step × this."""
     temperature: float = Field(1.0, gt=0, le=10)
     """Sampling temperature of the rollouts."""
-    loss_type: str | None = None
+    loss_type: GRPOLoss | None = None
     """TRL's GRPO loss variant (`grpo`, `dapo`, `dr_grpo`, ...; None: TRL's default)."""
     reward: Literal["combined", "markers_only"] | None = None
     """The proxy reward: None (the task's own: the combined persona reward, or arithmetic's exact match),

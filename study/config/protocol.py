@@ -9,20 +9,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from study.config.base import Strict, check_source
 from study.config.methods import OPTIONS, Method, MethodOptions, rows_per_prompt
 from study.config.stages import CheckpointEval, KLEval, NewTaskEval, PersonaEval, RegressionEval
 
 SCHEMA_VERSION = 2  # bump when a change to training makes old cells incomparable (2: prompts_per_step)
-MAX_FILE_BYTES = 1_000_000  # a protocol is a page of YAML; anything larger is a mistake or an attack
-MAX_YAML_ALIASES = 100  # aliases expand at load: a handful is useful, thousands is a billion-laughs bomb
+# Distinct arithmetic problems: operations are drawn in turn and `mul` has only 29 x 29 operand pairs
+# (study.tasks.arithmetic._draw), so more problems than 3 x 841 can never be drawn (tests check the number).
+MAX_CELLS = 100_000  # tasks x methods x sweep points x seeds; more is a typo (and would not fit in memory)
 
 
 class ModelSpec(Strict):
@@ -79,6 +80,8 @@ class TaskSpec(Strict):
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and Path(v).is_file():
+            raise ValueError(f"data {str(v)!r} is a file: point it at a folder of <domain>.jsonl files")
         if v is not None and not Path(v).is_dir():
             raise ValueError(f"data folder {str(v)!r} does not exist: point it at a folder of <domain>.jsonl files")
         return v
@@ -88,6 +91,13 @@ class TaskSpec(Strict):
     def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= v[0] <= v[1] <= 1_000_000:
             raise ValueError(f"{list(v)}: give [low, high] with 0 <= low <= high <= 1000000")
+        return v
+
+    @field_validator("heldout_domains")
+    @classmethod
+    def _domains(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("list each held-out domain once, at least one (or remove the field for the default)")
         return v
 
     @model_validator(mode="after")
@@ -103,8 +113,19 @@ class TaskSpec(Strict):
             room = m * (m + 1) // 2 if op in ("add", "mul") else m * m
             need = total // len(self.ops) + (i < total % len(self.ops))
             if need > room:
-                raise ValueError(f"arithmetic: {need} distinct {op} problems asked for, but operands in "
+                raise ValueError(f"@{op}_range: {need} distinct {op} problems asked for, but operands in "
                                  f"[{lo}, {hi}] give {room}; widen {op}_range or ask for fewer problems")
+        return self
+
+    @model_validator(mode="after")
+    def _own_fields(self) -> TaskSpec:
+        """Fields of the other task are errors, not silently ignored."""
+        other = {"snark": ("n_train", "n_heldout", "ops", "add_range", "sub_range", "mul_range"),
+                 "arithmetic": ("data", "heldout_domains")}[self.name]
+        for field in other:  # (compared with the default, so a dumped protocol.yaml loads again)
+            default = type(self).model_fields[field].get_default(call_default_factory=True)
+            if getattr(self, field) != default:
+                raise ValueError(f"@{field}: not a field of the {self.name} task; remove it")
         return self
 
 
@@ -116,7 +137,17 @@ class LoraSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
     target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters: `all-linear` or a list of module names the model has."""
+    """Modules that get adapters: `all-linear` or a list of module names the model has (checked against the
+    model's modules by `study validate` for tiny, bundled, local and cached hub models)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or not all(v)):
+            raise ValueError("list each module name once, at least one (or `all-linear`)")
+        if isinstance(v, str) and not v:
+            raise ValueError("empty: use `all-linear` or a list of module names")
+        return v
 
 
 class TrainSpec(Strict):
@@ -142,13 +173,21 @@ class TrainSpec(Strict):
     """Trade compute for memory (worth it for billions of parameters on a GPU, not for 135M on a CPU)."""
     checkpoint_every: int = Field(10, gt=0, le=1_000_000)
     """Save an adapter checkpoint every k steps (kept for emergence trajectories and for resuming)."""
+    max_grad_norm_abort: float = Field(1e4, gt=0, le=1e30)
+    """Divergence guard: fail the cell (with the step) when a logged gradient norm (before clipping) exceeds
+    this. A non-finite loss or gradient norm always fails it. Healthy LoRA runs stay below ~100."""
+    max_weight_norm_abort: float = Field(1e4, gt=0, le=1e30)
+    """Divergence guard: fail the cell when the LoRA update's size ||ΔW||_F (over all modules, as the metric
+    `lora/delta_norm` reports it) exceeds this at a logging step, or is not finite. Healthy runs stay well
+    below 100; a diverged one reaches 1e10."""
     lora: LoraSpec = LoraSpec()
     """The LoRA adapter, shared by every method."""
 
     @model_validator(mode="after")
     def _accum_divides(self) -> TrainSpec:
         if self.prompts_per_step % self.grad_accum:
-            raise ValueError(f"grad_accum={self.grad_accum} must divide prompts_per_step={self.prompts_per_step}")
+            raise ValueError(f"@grad_accum: {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}; "
+                             f"change one of them")
         return self
 
 
@@ -259,13 +298,20 @@ class Protocol(Strict):
     results_dir: Path | None = None
     """Where run folders go (default: `results/` next to the protocols folder)."""
 
+    @field_validator("results_dir")
+    @classmethod
+    def _results_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{str(v)!r} is a file: point results_dir at a folder (created if absent)")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
-            raise ValueError(f"seeds {v} repeat a seed: a repeated seed is the same cell counted twice; list each once")
+            raise ValueError(f"{v} repeat a seed: a repeated seed is the same cell counted twice; list each once")
         if any(s < 0 or s >= 2**31 for s in v):
-            raise ValueError("seeds must be in [0, 2**31)")
+            raise ValueError(f"{[s for s in v if s < 0 or s >= 2**31]} out of range: seeds must be in [0, 2**31)")
         return v
 
     @field_validator("tasks")
@@ -273,38 +319,43 @@ class Protocol(Strict):
     def _tasks(cls, v: list[TaskSpec]) -> list[TaskSpec]:
         names = [t.name for t in v]
         if len(set(names)) != len(names):
-            raise ValueError(f"tasks {names} list a task twice; list each once")
+            raise ValueError(f"{names} list a task twice; list each once")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Protocol:
         if not len(self.methods):
-            raise ValueError("methods: no method given; name at least one of " + ", ".join(Method))
+            raise ValueError("@methods: no method given; name at least one of " + ", ".join(Method))
+        n_cells = len(self.tasks) * len(self.seeds) * sum(
+            math.prod(len(vals) for vals in spec.sweep.values()) for _, spec in self.methods.items())
+        if n_cells > MAX_CELLS:
+            raise ValueError(f"@seeds: {n_cells} cells (tasks x methods x sweep points x seeds) is more than {MAX_CELLS}: "
+                             f"shorten the sweeps or the seeds")
         if not self.allow_unmatched:
             for m, spec in self.methods.items():
                 if spec.steps is not None or "steps" in spec.sweep:
-                    raise ValueError(f"methods.{m}.steps: a method's own step count breaks the matched budget; "
+                    raise ValueError(f"@methods.{m}.steps: a method's own step count breaks the matched budget; "
                                      f"remove it, or set allow_unmatched: true")
         if "humaneval" in self.regression.suites and not self.regression.confirm_run_unsafe_code:
-            raise ValueError("regression.confirm_run_unsafe_code: humaneval executes model-written code (in a "
+            raise ValueError("@regression.confirm_run_unsafe_code: humaneval executes model-written code (in a "
                              "sandbox); set `regression.confirm_run_unsafe_code: true` to allow it, or drop "
                              "humaneval from regression.suites")
         names = {t.name for t in self.tasks}
         if self.persona is not None and "snark" not in names:
-            raise ValueError("persona: the persona stage measures the snark task; add it to tasks or remove persona")
+            raise ValueError("@persona: the persona stage measures the snark task; add it to tasks or remove persona")
         ck = self.checkpoints
         if ck is not None and ck.steps:
             bad = [s for s in ck.steps if s <= 0 or s >= self.train.steps or s % self.train.checkpoint_every]
             if bad:
-                raise ValueError(f"checkpoints.steps {bad}: no checkpoint is saved there; use multiples of "
+                raise ValueError(f"@checkpoints.steps: {bad}: no checkpoint is saved there; use multiples of "
                                  f"train.checkpoint_every={self.train.checkpoint_every} below train.steps="
                                  f"{self.train.steps}")
         for i, p in enumerate(self.primary):
             if p.task not in names:
-                raise ValueError(f"primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})")
+                raise ValueError(f"@primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})")
             for side in p.contrast:
                 if side not in self.methods:
-                    raise ValueError(f"primary.{i}.contrast: {side!r} is not a method of this protocol")
+                    raise ValueError(f"@primary.{i}.contrast: {side!r} is not a method of this protocol; add it to methods")
         return self
 
     def cells(self) -> list[Cell]:
@@ -320,6 +371,7 @@ class Protocol(Strict):
         return out
 
 
+GUARDS = ("max_grad_norm_abort", "max_weight_norm_abort")  # TrainSpec fields that only abort a diverging run
 TRAIN_OVERRIDES = ("learning_rate", "warmup_ratio", "steps")  # method options that set a TrainSpec field
 
 
@@ -364,101 +416,11 @@ class Cell(Strict):
 
     @property
     def key(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # the divergence guards decide whether a run is kept, not what it trains: not part of the key
+        blob = json.dumps(self.model_dump(mode="json", exclude={"train": set(GUARDS)}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
     def name(self) -> str:
         sweep = "".join(f"-{k}{_token(v)}" for k, v in sorted(self.sweep.items()))
         return f"{self.task.name}-{self.method.value}{sweep}-s{self.seed}-{self.key}"
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-
-class ProtocolError(ValueError):
-    """A protocol file is unreadable or invalid; `problems` holds one line per problem."""
-
-    def __init__(self, path: Path, problems: list[str]):
-        self.path, self.problems = path, problems
-        super().__init__(f"{path}: " + "; ".join(problems))
-
-
-RENAMED = {("train", "batch_size"): "renamed to train.prompts_per_step (prompts per optimizer step; GRPO's "
-                                    "completions per step = prompts_per_step × num_generations)"}
-
-
-def _fix_hint(loc: tuple, msg: str, err_type: str, raw: dict) -> str:
-    parts = [str(p) for p in loc]
-    field = ".".join(parts) or "(top level)"
-    if not parts and re.match(r"[a-z_]+(\.[a-z0-9_]+)*: ", msg):  # a cross-field check names its own field
-        return msg
-    if tuple(parts[-2:]) in RENAMED and err_type == "extra_forbidden":
-        return f"{field}: {RENAMED[tuple(parts[-2:])]}"
-    if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 2:
-        return f"{field}: unknown method; use one of {', '.join(Method)}"
-    if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 3:
-        own = sorted(OPTIONS[Method(parts[1])].model_fields)
-        return (f"{field}: not an option of {parts[1]} (its options: {', '.join(own)}; any other TRL field "
-                f"goes under methods.{parts[1]}.trl)")
-    if err_type == "extra_forbidden":
-        return f"{field}: unknown field; remove it or check its spelling"
-    if err_type in ("greater_than_equal", "greater_than"):
-        return f"{field}: {msg}; use a larger value"
-    if err_type in ("less_than_equal", "less_than"):
-        return f"{field}: {msg}; use a smaller value"
-    if err_type == "finite_number":
-        return f"{field}: must be a finite number (not nan or inf)"
-    if err_type == "missing":
-        return f"{field}: required field is missing; add it"
-    return f"{field}: {msg}"
-
-
-def _read_yaml(path: Path) -> Any:
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ProtocolError(path, [f"file is {path.stat().st_size} bytes; a protocol is at most {MAX_FILE_BYTES}"])
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ProtocolError(path, [f"not UTF-8 text (byte {e.start}): save the protocol as UTF-8 YAML"]) from None
-    try:
-        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
-        if aliases > MAX_YAML_ALIASES:
-            raise ProtocolError(path, [f"{aliases} YAML aliases (more than {MAX_YAML_ALIASES}): write the values "
-                                       f"out instead of nesting aliases"])
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProtocolError(path, [f"not valid YAML: {' '.join(str(e).split())}"]) from None
-    except RecursionError:
-        raise ProtocolError(path, ["YAML nested too deeply"]) from None
-
-
-def load_protocol(path: str | Path) -> Protocol:
-    """Read and validate a protocol file; raise ProtocolError with one line per problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProtocolError(path, [f"file not found: {path}"])
-    raw = _read_yaml(path)
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ProtocolError(path, ["the file must be a mapping of fields (name, model, tasks, methods, ...)"])
-    tasks, methods = raw.get("tasks"), raw.get("methods")
-    if tasks is not None and not isinstance(tasks, list):
-        raise ProtocolError(path, ["tasks: must be a list, e.g. `tasks: [{name: snark}]`"])
-    if methods is not None and not isinstance(methods, dict):
-        raise ProtocolError(path, ["methods: must be a mapping of method name to options, e.g. `methods: {sft: }`"])
-    for task in tasks or []:  # relative data paths are relative to the protocol file
-        if isinstance(task, dict) and isinstance(task.get("data"), str):
-            task["data"] = str((path.parent / task["data"]).resolve())
-    if isinstance(raw.get("results_dir"), str):
-        raw["results_dir"] = str((path.parent / raw["results_dir"]).resolve())
-    for name, spec in (methods or {}).items():  # an empty block (`sft:`) means "the shared budget"
-        if spec is None:
-            methods[name] = {}
-    try:
-        return Protocol.model_validate(raw)
-    except ValidationError as e:
-        lines = [_fix_hint(err["loc"], err["msg"].removeprefix("Value error, "), err["type"], raw)
-                 for err in e.errors()]
-        raise ProtocolError(path, list(dict.fromkeys(lines))) from None

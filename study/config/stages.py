@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from study.config.base import Strict
+from study.config.base import Strict, check_source
 
 KL_METRICS = ("kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general")
 KLMetric = Literal["kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general"]
@@ -31,7 +32,7 @@ class NewTaskEval(Strict):
     """Tokens generated per held-out prompt (greedy)."""
     batch_size: int = Field(16, gt=0, le=4096)
     """Prompts per generate call."""
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, le=1_000_000)
     """Score at most this many held-out prompts (None: all)."""
 
 
@@ -65,6 +66,16 @@ class KLEval(Strict):
         if v is not None and not Path(v).is_file():
             raise ValueError(f"general-text file {str(v)!r} does not exist: point it at a JSONL of "
                              f'{{"text": ...}} lines, or remove the field for the bundled one')
+        if v is not None:
+            try:
+                with open(v, encoding="utf-8") as f:
+                    first = next((ln for ln in f if ln.strip()), "")
+                ok = isinstance(json.loads(first).get("text"), str)
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"general-text file {str(v)!r} is not a JSONL of {{\"text\": ...}} lines "
+                                 f"(its first line is not one): fix the file or remove the field")
         return v
 
     @field_validator("metrics")
@@ -113,7 +124,14 @@ class RegressionEval(Strict):
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if not v or len(set(v)) != len(v):
-            raise ValueError("suites: list each suite once, at least one")
+            raise ValueError("list each suite once, at least one")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"folder {str(v)!r} does not exist: point it at a benchmark mirror or remove the field")
         return v
 
     @model_validator(mode="after")
@@ -121,9 +139,11 @@ class RegressionEval(Strict):
         for field in ("limit", "num_fewshot"):
             for suite, n in getattr(self, field).items():
                 if suite not in ALL_SUITES:
-                    raise ValueError(f"{field}: unknown suite {suite!r}; known: {', '.join(ALL_SUITES)}")
+                    raise ValueError(f"@{field}.{suite}: unknown suite; known: {', '.join(ALL_SUITES)}")
                 if n is not None and n < (1 if field == "limit" else 0):
-                    raise ValueError(f"{field}.{suite}: must be {'>= 1' if field == 'limit' else '>= 0'}")
+                    raise ValueError(f"@{field}.{suite}: must be {'>= 1' if field == 'limit' else '>= 0'}")
+                if n is not None and n > (1_000_000 if field == "limit" else 64):
+                    raise ValueError(f"@{field}.{suite}: {n} is implausibly large; use a smaller value")
         for suite in self.num_fewshot:
             if suite in FIXED_SHOTS:
                 raise ValueError(f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
@@ -137,17 +157,17 @@ class RegressionEval(Strict):
 class PersonaEval(Strict):
     """The persona-coherence stage (protocol field `persona:`)."""
 
-    limit_per_domain: int | None = Field(None, gt=0)
+    limit_per_domain: int | None = Field(None, gt=0, le=1_000_000)
     """Prompts per domain, held-out and in-domain test alike (None: all; 26 resp. 4 with the bundled data)."""
     max_new_tokens: int = Field(64, gt=0, le=8192)
     """Tokens generated per prompt (greedy for the indicators, sampled for test-retest)."""
     batch_size: int = Field(16, gt=0, le=4096)
     """Sequences per generation / forward batch."""
-    probe_c: float | None = Field(None, gt=0)
+    probe_c: float | None = Field(None, gt=0, le=1e6)
     """The probe's inverse regularisation; None: chosen by leave-one-training-domain-out CV."""
     retest_seeds: list[int] = [1, 2]
     """Sampling seeds for test-retest (two or more; empty: no test-retest)."""
-    retest_prompts: int = Field(24, ge=0)
+    retest_prompts: int = Field(24, ge=0, le=100_000)
     """Held-out prompts re-answered under every retest seed (balanced over domains)."""
     retest_temperature: float = Field(0.7, gt=0, le=10)
     """Sampling temperature of the retest answers."""
@@ -156,13 +176,13 @@ class PersonaEval(Strict):
     cold context, each paraphrase is asked in 1 + this many contexts (the respondents of alpha)."""
     questionnaire: Path | None = None
     """A questionnaire YAML (default: the bundled questionnaire.yaml)."""
-    respondents: int | None = Field(None, gt=1)
+    respondents: int | None = Field(None, gt=1, le=10_000)
     """Paraphrased instructions used as respondents for the self-report (None: all in the file)."""
     persona_system_prompt: str = PERSONA_PROMPT
     """The system prompt that elicits the persona from the base, for the activation direction."""
-    direction_prompts: int = Field(48, ge=4)
+    direction_prompts: int = Field(48, ge=4, le=100_000)
     """Training-split prompts the direction is built from (a seeded sample balanced over domains)."""
-    layer: int | None = Field(None, ge=1)
+    layer: int | None = Field(None, ge=1, le=1000)
     """Hidden-state layer of the direction (1 = first block's output); None: best train-split separation."""
     seed: int = Field(0, ge=0, lt=2**31)
     """Seeds the direction's prompt sample and its cross-fitting split."""
@@ -193,7 +213,25 @@ class PersonaEval(Strict):
     @classmethod
     def _retest(cls, v: list[int]) -> list[int]:
         if len(v) == 1 or len(set(v)) != len(v):
-            raise ValueError("retest_seeds: give two or more distinct seeds, or [] for no test-retest")
+            raise ValueError("give two or more distinct seeds, or [] for no test-retest")
+        if len(v) > 100 or any(s < 0 or s >= 2**31 for s in v):
+            raise ValueError("at most 100 seeds, each in [0, 2**31)")
+        return v
+
+    @field_validator("questionnaire")
+    @classmethod
+    def _questionnaire(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"questionnaire file {str(v)!r} does not exist: point it at a questionnaire YAML, "
+                             f"or remove the field for the bundled one")
+        return v
+
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str | None) -> str | None:
+        problem = check_source(v) if v is not None else None
+        if problem:
+            raise ValueError(f"the judge is not a model source: {problem}")
         return v
 
 
@@ -225,9 +263,16 @@ class CheckpointEval(Strict):
     """Minimum effect per tracked metric for an emergence onset (study.stats.onsets): the paired per-prompt
     difference from the reference must exceed it, e.g. {persona/probe: 0.05}; absent metrics: 0."""
 
-    @field_validator("stages")
+    @field_validator("stages", "kl_metrics")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
-            raise ValueError("stages: list each stage once")
+            raise ValueError("list each once")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("list each step once, at least one (or remove the field for every checkpoint)")
         return v

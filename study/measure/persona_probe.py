@@ -9,7 +9,9 @@ import hashlib
 import importlib.util
 import logging
 import math
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,7 +99,7 @@ def _reference_features(texts: list[str]) -> np.ndarray:
         return np.load(path)
     x = features(texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npy")  # unique per writer
     np.save(tmp, x)
     tmp.replace(path)
     return x

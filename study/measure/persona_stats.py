@@ -160,7 +160,7 @@ class Direction:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz")  # unique per writer
         np.savez(tmp, layer=self.layer, vector=self.vector, origin=self.origin,
                  separation=np.array(self.separation), key=self.key)
         tmp.replace(path)

@@ -83,12 +83,26 @@ def build(spec: TaskSpec) -> TaskData:
 
 
 def check_task(spec: TaskSpec, field: str = "task") -> str | None:
-    """A problem with the task's data that the schema cannot see (unknown held-out domains, unreadable
-    files), as one line naming the field and the fix; None when the task builds."""
+    """A problem with the task's data that the schema cannot see (unknown held-out domains, no training data
+    left, unreadable files), as one line naming the field and the fix; None when the task builds."""
+    if spec.name == "snark":
+        try:
+            rows = snark.load_rows(spec.data)
+        except Exception as e:  # any unreadable or malformed file is the protocol's problem, said in one line
+            return f"{field}.data: {' '.join(str(e).split())}; fix the file or remove the field for the bundled data"
+        known = sorted({r.domain for r in rows})
+        heldout = spec.heldout_domains or list(snark.HELDOUT_DOMAINS)
+        unknown = [d for d in heldout if d not in known]
+        if unknown:
+            return f"{field}.heldout_domains: {unknown} are not domains of the data; use some of {known}"
+        if not [r for r in rows if snark.split_of(r, tuple(heldout)) == "train"]:
+            return f"{field}.heldout_domains: {heldout} leave no training data; hold out fewer of {known}"
     try:
-        build(spec)
-    except (ValueError, OSError, KeyError) as e:
-        return f"{field}: {e}"
+        data = build(spec)
+    except Exception as e:
+        return f"{field}: {type(e).__name__}: {' '.join(str(e).split())}"
+    if not data.heldout:
+        return f"{field}: the task has no held-out items to measure; hold out at least one domain"
     return None
 
 
