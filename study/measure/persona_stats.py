@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
