@@ -44,7 +44,9 @@ def check_programs(items: list[tuple[dict, str]], timeout: float) -> list[dict]:
     """Judge `problem["prompt"] + completion` against `problem["test"]` (its `check(entry_point)`) for each
     (problem, completion), each in its own pair of sandboxes with `timeout` seconds of wall clock and CPU
     (plus 2 s for start-up); returns [{"passed": bool, "result": "passed" | "timed out" | "failed: ..."}]."""
-    limits = sandbox.Limits(wall_s=timeout + 2.0, cpu_s=max(1, int(timeout + 1)))
+    # CPU time above the wall clock: a busy loop meets the wall clock first and reads as "timed out"; the CPU
+    # limit still stops a program that burns several cores at once
+    limits = sandbox.Limits(wall_s=timeout + 2.0, cpu_s=max(1, int(timeout + 4)))
     out = []
     for problem, completion in items:
         r = sandbox.check_program(problem["prompt"] + completion, problem["test"], problem["entry_point"], limits)
