@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from study import bench
-from study.bench import compare, common
+from study.bench import common, compare
 from study.measure.lm_eval_local import Source, mmlu_quota
 from study.measure.regression import SUITES, RegressionEval
 

@@ -34,14 +34,18 @@ def small_stages(proto, lm_eval_limit: int = 20, items: int = 16) -> dict:
     HumanEval is left out: generated programs, no per-item choice, 0/10 on this model."""
     from study.bench.common import small_limits
 
-    out = {"newtask": proto.newtask.model_copy(update={"limit": items}),
-           "kl": proto.kl.model_copy(update={"n_prompts": items // 2, "n_general": items // 2})}
+    out = {
+        "newtask": proto.newtask.model_copy(update={"limit": items}),
+        "kl": proto.kl.model_copy(update={"n_prompts": items // 2, "n_general": items // 2}),
+    }
     suites = [s for s in proto.regression.suites if s != "humaneval"]
-    out["regression"] = proto.regression.model_copy(update={"suites": suites,
-                                                            "limit": small_limits(suites, lm_eval_limit)})
+    out["regression"] = proto.regression.model_copy(
+        update={"suites": suites, "limit": small_limits(suites, lm_eval_limit)}
+    )
     if proto.persona is not None:
-        out["persona"] = proto.persona.model_copy(update={"direction_prompts": 8, "retest_prompts": 4,
-                                                          "limit_per_domain": max(1, items // 8)})
+        out["persona"] = proto.persona.model_copy(
+            update={"direction_prompts": 8, "retest_prompts": 4, "limit_per_domain": max(1, items // 8)}
+        )
     return out
 
 
@@ -80,14 +84,18 @@ def stage_pass(model, tokenizer, data, stages: dict, runtime, bf16: bool, say=pr
     items = data.heldout[: nt.limit]
     convs = [data.messages(it.prompt) for it in items]
     calls = {
-        "generation": lambda: {"answers": generate(model, tokenizer, convs, nt.max_new_tokens, nt.batch_size)},
-        "scoring": lambda: {"logprobs": completion_logprobs(model, tokenizer, convs, [it.good for it in items],
-                                                            nt.batch_size)},
+        "generation": lambda: {
+            "answers": generate(model, tokenizer, convs, nt.max_new_tokens, nt.batch_size)
+        },
+        "scoring": lambda: {
+            "logprobs": completion_logprobs(model, tokenizer, convs, [it.good for it in items], nt.batch_size)
+        },
         "newtask": lambda: newtask.run(model, tokenizer, data, nt),
         "kl": lambda: kl.run(model, tokenizer, data, stages["kl"]),
         "regression": lambda: regression.run(model, tokenizer, stages["regression"]),
-        "persona": lambda: persona.run(model, tokenizer, data, stages["persona"],
-                                       previous={"newtask": out["newtask"]["result"]}),
+        "persona": lambda: persona.run(
+            model, tokenizer, data, stages["persona"], previous={"newtask": out["newtask"]["result"]}
+        ),
     }
     out: dict[str, dict] = {}
     mode = "bfloat16-autocast" if bf16 else "float32"
@@ -99,10 +107,17 @@ def stage_pass(model, tokenizer, data, stages: dict, runtime, bf16: bool, say=pr
             t = time.perf_counter()
             result = calls[name]()
             seconds = time.perf_counter() - t
-        out[name] = {"result": result, "seconds": seconds, "tokens": tally.as_dict(), "loadavg": load,
-                     "compute": mode}
-        say(f"  {mode:17s} {name:10s} {seconds:7.1f} s  prefill {tally.prefill_tokens:6d}  "
-            f"decode {tally.decode_tokens:6d} tokens  (load {load:.1f})")
+        out[name] = {
+            "result": result,
+            "seconds": seconds,
+            "tokens": tally.as_dict(),
+            "loadavg": load,
+            "compute": mode,
+        }
+        say(
+            f"  {mode:17s} {name:10s} {seconds:7.1f} s  prefill {tally.prefill_tokens:6d}  "
+            f"decode {tally.decode_tokens:6d} tokens  (load {load:.1f})"
+        )
     return out
 
 
@@ -120,8 +135,12 @@ def _row_shifts(a: list[dict], b: list[dict]) -> dict:
         shift = abs(float(s["value"]) - float(r["value"]))
         lo, hi = r.get("ci_low"), r.get("ci_high")
         half = (hi - lo) / 2 if lo is not None and hi is not None else None
-        out[r["metric"]] = {"fp32": r["value"], "bf16": s["value"], "shift": shift,
-                            "share_of_ci": shift / half if half else (0.0 if shift == 0 else None)}
+        out[r["metric"]] = {
+            "fp32": r["value"],
+            "bf16": s["value"],
+            "shift": shift,
+            "share_of_ci": shift / half if half else (0.0 if shift == 0 else None),
+        }
     return out
 
 
@@ -139,35 +158,64 @@ def _per_item(name: str, a: dict, b: dict) -> dict:
     if name == "generation":
         return {"answers_changed": _changed_share(a["answers"], b["answers"])}
     if name == "scoring":
-        return {"max_abs_logprob_per_token": _max((x[0] - y[0]) / max(1, x[1])
-                                                  for x, y in zip(a["logprobs"], b["logprobs"], strict=True))}
+        return {
+            "max_abs_logprob_per_token": _max(
+                (x[0] - y[0]) / max(1, x[1]) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)
+            )
+        }
     if name == "newtask":
         key = lambda r: (r["metric"], r["id"])  # noqa: E731
         mb = {key(r): r for r in b["responses"]}
-        margins = [(r["margin"], mb[key(r)]["margin"]) for r in a["responses"] if "margin" in r and key(r) in mb]
-        gens = [(r["response"], mb[key(r)]["response"]) for r in a["responses"] if "response" in r and key(r) in mb]
-        return {"max_abs_pref_margin": _max(x - y for x, y in margins),
-                "answers_changed": _changed_share(*zip(*gens)) if gens else 0.0}
+        margins = [
+            (r["margin"], mb[key(r)]["margin"]) for r in a["responses"] if "margin" in r and key(r) in mb
+        ]
+        gens = [
+            (r["response"], mb[key(r)]["response"])
+            for r in a["responses"]
+            if "response" in r and key(r) in mb
+        ]
+        return {
+            "max_abs_pref_margin": _max(x - y for x, y in margins),
+            "answers_changed": _changed_share(*zip(*gens)) if gens else 0.0,
+        }
     if name == "kl":
         key = lambda r: (r["metric"], r["id"], r.get("sample"))  # noqa: E731
         sb = {key(r): r for r in b["sequences"]}
-        same = [(r, sb[key(r)]) for r in a["sequences"] if key(r) in sb and r.get("text") == sb[key(r)].get("text")]
+        same = [
+            (r, sb[key(r)])
+            for r in a["sequences"]
+            if key(r) in sb and r.get("text") == sb[key(r)].get("text")
+        ]
         diffs = [x - y for r, s in same for x, y in zip(r["token_kl"], s["token_kl"], strict=True)]
         per_seq = [r["kl"] / max(1, r["tokens"]) - s["kl"] / max(1, s["tokens"]) for r, s in same]
-        return {"sequences_compared": len(same), "sequences": len(a["sequences"]),
-                "max_abs_token_kl": _max(diffs), "max_abs_kl_per_token": _max(per_seq),
-                "mean_kl_per_token_fp32": sum(r["kl"] for r, _ in same) / max(1, sum(r["tokens"] for r, _ in same))}
+        return {
+            "sequences_compared": len(same),
+            "sequences": len(a["sequences"]),
+            "max_abs_token_kl": _max(diffs),
+            "max_abs_kl_per_token": _max(per_seq),
+            "mean_kl_per_token_fp32": sum(r["kl"] for r, _ in same)
+            / max(1, sum(r["tokens"] for r, _ in same)),
+        }
     if name == "regression":
         key = lambda r: (r["suite"], r["task"], r["doc_id"])  # noqa: E731
         rb = {key(r): r for r in b.get("responses", []) if "ll" in r}
         pairs = [(r["ll"], rb[key(r)]["ll"]) for r in a.get("responses", []) if "ll" in r and key(r) in rb]
-        flips = [max(range(len(x)), key=x.__getitem__) != max(range(len(y)), key=y.__getitem__) for x, y in pairs]
-        return {"items": len(pairs), "choice_flip_share": sum(flips) / max(1, len(flips)),
-                "max_abs_loglikelihood": _max(u - v for x, y in pairs for u, v in zip(x, y, strict=True))}
+        flips = [
+            max(range(len(x)), key=x.__getitem__) != max(range(len(y)), key=y.__getitem__) for x, y in pairs
+        ]
+        return {
+            "items": len(pairs),
+            "choice_flip_share": sum(flips) / max(1, len(flips)),
+            "max_abs_loglikelihood": _max(u - v for x, y in pairs for u, v in zip(x, y, strict=True)),
+        }
     if name == "persona":
         key = lambda r: (r["set"], r["id"])  # noqa: E731
         pb = {key(r): r for r in b["responses"]}
-        same = [(r, pb[key(r)]) for r in a["responses"] if key(r) in pb and r["response"] == pb[key(r)]["response"]]
+        same = [
+            (r, pb[key(r)])
+            for r in a["responses"]
+            if key(r) in pb and r["response"] == pb[key(r)]["response"]
+        ]
         out = {"responses_compared": len(same), "responses": len(a["responses"])}
         for v in ("probe", "probe_masked", "activation"):
             out[f"max_abs_{v}"] = _max(r[v] - s[v] for r, s in same if v in r and v in s)
@@ -185,17 +233,25 @@ def compare(fp32: dict[str, dict], bf16: dict[str, dict]) -> dict[str, dict]:
         rows = _row_shifts(a.get("rows", []), b.get("rows", []))
         items = _per_item(name, a, b)
         worst = max(rows.items(), key=lambda kv: kv[1]["share_of_ci"] or 0.0, default=(None, None))
-        fails = [f"{m}: shift {r['shift']:.4g} = {r['share_of_ci']:.2f} of its CI half-width"
-                 for m, r in rows.items() if r["share_of_ci"] is not None and r["share_of_ci"] > ROW_CI_SHARE]
+        fails = [
+            f"{m}: shift {r['shift']:.4g} = {r['share_of_ci']:.2f} of its CI half-width"
+            for m, r in rows.items()
+            if r["share_of_ci"] is not None and r["share_of_ci"] > ROW_CI_SHARE
+        ]
         if name == "regression" and items["choice_flip_share"] > CHOICE_FLIP_SHARE:
             fails.append(f"{items['choice_flip_share']:.1%} of items changed their choice")
         if name == "generation" and items["answers_changed"] > CHOICE_FLIP_SHARE:
             fails.append(f"{items['answers_changed']:.1%} of greedy answers changed")
         if name == "scoring" and items["max_abs_logprob_per_token"] > SCORING_TOLERANCE:
             fails.append(f"log p per token moved by {items['max_abs_logprob_per_token']:.3g}")
-        out[name] = {"verdict": "pass" if not fails else "fail", "why": fails, "per_item": items,
-                     "worst_row": worst[0], "rows": rows,
-                     "speedup": fp32[name]["seconds"] / max(bf16[name]["seconds"], 1e-9)}
+        out[name] = {
+            "verdict": "pass" if not fails else "fail",
+            "why": fails,
+            "per_item": items,
+            "worst_row": worst[0],
+            "rows": rows,
+            "speedup": fp32[name]["seconds"] / max(bf16[name]["seconds"], 1e-9),
+        }
     return out
 
 
@@ -205,14 +261,24 @@ SCORING_TOLERANCE = 0.05
 
 
 def markdown(verdicts: dict[str, dict]) -> str:
-    lines = ["| stage | verdict | bf16 speed-up | largest per-item difference | worst row (shift / CI half-width) |",
-             "|---|---|---:|---|---|"]
+    lines = [
+        "| stage | verdict | bf16 speed-up | largest per-item difference | worst row (shift / CI half-width) |",
+        "|---|---|---:|---|---|",
+    ]
     for name, v in verdicts.items():
-        items = ", ".join(f"{k} {x:.3g}" if isinstance(x, float) else f"{k} {x}" for k, x in v["per_item"].items())
+        items = ", ".join(
+            f"{k} {x:.3g}" if isinstance(x, float) else f"{k} {x}" for k, x in v["per_item"].items()
+        )
         w = v["rows"].get(v["worst_row"]) if v["worst_row"] else None
-        worst = f"{v['worst_row']}: {w['shift']:.3g} / {w['share_of_ci']:.2f}" if w and w["share_of_ci"] is not None else ""
+        worst = (
+            f"{v['worst_row']}: {w['shift']:.3g} / {w['share_of_ci']:.2f}"
+            if w and w["share_of_ci"] is not None
+            else ""
+        )
         lines.append(f"| {name} | {v['verdict']} | {v['speedup']:.2f}x | {items} | {worst} |")
-    lines.append(f"\nTolerances: every row's shift <= {ROW_CI_SHARE} of its fp32 95% CI half-width; lm-eval and "
-                 f"greedy generation: <= {CHOICE_FLIP_SHARE:.0%} of items change; scoring: <= "
-                 f"{SCORING_TOLERANCE} nats per token.")
+    lines.append(
+        f"\nTolerances: every row's shift <= {ROW_CI_SHARE} of its fp32 95% CI half-width; lm-eval and "
+        f"greedy generation: <= {CHOICE_FLIP_SHARE:.0%} of items change; scoring: <= "
+        f"{SCORING_TOLERANCE} nats per token."
+    )
     return "\n".join(lines) + "\n"

@@ -36,8 +36,10 @@ class Tally:
     _t: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("prefill_tokens", "decode_tokens", "prefill_seconds",
-                                              "decode_seconds", "calls")}
+        return {
+            k: getattr(self, k)
+            for k in ("prefill_tokens", "decode_tokens", "prefill_seconds", "decode_seconds", "calls")
+        }
 
 
 def _decoder(model):
@@ -78,8 +80,10 @@ def token_meter(model):
         setattr(tally, f"{kind}_seconds", getattr(tally, f"{kind}_seconds") + time.perf_counter() - t)
         tally.calls += 1
 
-    hooks = [decoder.register_forward_pre_hook(pre, with_kwargs=True),
-             decoder.register_forward_hook(post, with_kwargs=True)]
+    hooks = [
+        decoder.register_forward_pre_hook(pre, with_kwargs=True),
+        decoder.register_forward_hook(post, with_kwargs=True),
+    ]
     try:
         yield tally
     finally:
@@ -118,8 +122,15 @@ def decode_rate(model, batch: int, prompt: int, new_tokens: int) -> float:
     def gen(n: int) -> float:
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         return time.perf_counter() - t
 
     gen(2)  # warm-up
@@ -127,8 +138,9 @@ def decode_rate(model, batch: int, prompt: int, new_tokens: int) -> float:
     return batch * (new_tokens - 1) / max(full - one, 1e-9)
 
 
-def sweep(model, runtime, bf16: bool, prefill_grid: dict | None = None, decode_grid: dict | None = None,
-          say=print) -> dict:
+def sweep(
+    model, runtime, bf16: bool, prefill_grid: dict | None = None, decode_grid: dict | None = None, say=print
+) -> dict:
     """Both rooflines of `model` in one compute mode: every point of the grids, and the best of each."""
     import os
 
@@ -144,13 +156,15 @@ def sweep(model, runtime, bf16: bool, prefill_grid: dict | None = None, decode_g
                 if batch * seq > pg["max_tokens"]:
                     continue
                 r = prefill_rate(model, batch, seq)
-                out["prefill"].append({"batch": batch, "seq": seq, "tokens_per_s": r,
-                                       "loadavg": os.getloadavg()[0]})
+                out["prefill"].append(
+                    {"batch": batch, "seq": seq, "tokens_per_s": r, "loadavg": os.getloadavg()[0]}
+                )
                 say(f"  roofline {out['compute']:17s} prefill batch {batch:3d} x {seq:4d}: {r:9.1f} tokens/s")
         for batch in dg["batch"]:
             r = decode_rate(model, batch, dg["prompt"], dg["new_tokens"])
-            out["decode"].append({"batch": batch, "prompt": dg["prompt"], "tokens_per_s": r,
-                                  "loadavg": os.getloadavg()[0]})
+            out["decode"].append(
+                {"batch": batch, "prompt": dg["prompt"], "tokens_per_s": r, "loadavg": os.getloadavg()[0]}
+            )
             say(f"  roofline {out['compute']:17s} decode  batch {batch:3d}:        {r:9.1f} tokens/s")
     for kind in ("prefill", "decode"):
         out[f"best_{kind}"] = max(out[kind], key=lambda p: p["tokens_per_s"])
@@ -173,24 +187,34 @@ def fraction(tally: dict, seconds: float, roof: dict) -> dict:
 
 def markdown(roofs: dict[str, dict], stages: dict[str, dict]) -> str:
     """The roofline table and each stage's fractions, as results/bench/roofline.md."""
-    lines = ["| compute | work | best tokens/s | at batch | seq | load avg |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| compute | work | best tokens/s | at batch | seq | load avg |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for roof in roofs.values():
         for kind in ("prefill", "decode"):
             b = roof.get(f"best_{kind}")
             if b:
-                lines.append(f"| {roof['compute']} | {kind} | {b['tokens_per_s']:.0f} | {b['batch']} | "
-                             f"{b.get('seq', b.get('prompt'))} | {b['loadavg']:.1f} |")
-    lines += ["", "| stage | compute | seconds | prefill tokens | decode tokens | prefill tok/s in model | "
-              "decode tok/s in model | fraction of roofline (wall) | prefill frac | decode frac | load avg |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                lines.append(
+                    f"| {roof['compute']} | {kind} | {b['tokens_per_s']:.0f} | {b['batch']} | "
+                    f"{b.get('seq', b.get('prompt'))} | {b['loadavg']:.1f} |"
+                )
+    lines += [
+        "",
+        "| stage | compute | seconds | prefill tokens | decode tokens | prefill tok/s in model | "
+        "decode tok/s in model | fraction of roofline (wall) | prefill frac | decode frac | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def f(x, spec=".2f"):
         return "" if x is None else format(x, spec)
 
     for name, s in stages.items():
         t, fr = s["tokens"], s["roofline"]
-        lines.append(f"| {name} | {s['compute']} | {s['seconds']:.1f} | {t['prefill_tokens']} | "
-                     f"{t['decode_tokens']} | {f(fr['prefill_tokens_per_s'], '.0f')} | "
-                     f"{f(fr['decode_tokens_per_s'], '.0f')} | {f(fr['fraction'])} | "
-                     f"{f(fr['prefill_fraction'])} | {f(fr['decode_fraction'])} | {s['loadavg']:.1f} |")
+        lines.append(
+            f"| {name} | {s['compute']} | {s['seconds']:.1f} | {t['prefill_tokens']} | "
+            f"{t['decode_tokens']} | {f(fr['prefill_tokens_per_s'], '.0f')} | "
+            f"{f(fr['decode_tokens_per_s'], '.0f')} | {f(fr['fraction'])} | "
+            f"{f(fr['prefill_fraction'])} | {f(fr['decode_fraction'])} | {s['loadavg']:.1f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -40,12 +40,24 @@ def training_fractions(roof_fp32: dict, train_file: Path) -> dict:
         return {}
     best = roof_fp32["best_prefill"]["tokens_per_s"]
     methods = io.read_json(train_file).get("methods", {})
-    return {m: {"tokens_per_s": t["tokens_per_s"],
-                "fraction": t["tokens_per_s"] * TRAIN_FORWARD_EQUIVALENTS / best} for m, t in methods.items()}
+    return {
+        m: {
+            "tokens_per_s": t["tokens_per_s"],
+            "fraction": t["tokens_per_s"] * TRAIN_FORWARD_EQUIVALENTS / best,
+        }
+        for m, t in methods.items()
+    }
 
 
-def run(protocol: Path, parts: list[str], lm_eval_limit: int, items: int = 16, grids: dict | None = None,
-        say=print, folder: Path = BENCH) -> dict:
+def run(
+    protocol: Path,
+    parts: list[str],
+    lm_eval_limit: int,
+    items: int = 16,
+    grids: dict | None = None,
+    say=print,
+    folder: Path = BENCH,
+) -> dict:
     from study.config import load_protocol
     from study.measure import persona
     from study.models import load_model, load_tokenizer, quiet_libraries, resolve_runtime
@@ -85,27 +97,41 @@ def run(protocol: Path, parts: list[str], lm_eval_limit: int, items: int = 16, g
         for mode, stage_runs in passes.items():
             roof = out["roofline"].get(mode)
             for name, s in stage_runs.items():
-                table[f"{name} ({mode})"] = {"compute": s["compute"], "seconds": s["seconds"],
-                                             "tokens": s["tokens"], "loadavg": s["loadavg"],
-                                             "roofline": rl.fraction(s["tokens"], s["seconds"], roof)}
+                table[f"{name} ({mode})"] = {
+                    "compute": s["compute"],
+                    "seconds": s["seconds"],
+                    "tokens": s["tokens"],
+                    "loadavg": s["loadavg"],
+                    "roofline": rl.fraction(s["tokens"], s["seconds"], roof),
+                }
         out["stages"] = table
         out["training"] = training_fractions(out["roofline"]["float32"], folder / "train.json")
         io.write_json(folder / "roofline.json", out)
         md = rl.markdown(out["roofline"], table)
         if out["training"]:
             md += "\n| training (train.json) | tokens/s | fraction of fp32 prefill x 2 |\n|---|---:|---:|\n"
-            md += "".join(f"| {m} | {t['tokens_per_s']:.0f} | {t['fraction']:.2f} |\n"
-                          for m, t in out["training"].items())
+            md += "".join(
+                f"| {m} | {t['tokens_per_s']:.0f} | {t['fraction']:.2f} |\n"
+                for m, t in out["training"].items()
+            )
         (folder / "roofline.md").write_text(md)
         say(md)
     if "bf16" in parts and "bfloat16" in passes:
         verdicts = b16.compare(passes["float32"], passes["bfloat16"])
-        io.write_json(folder / "bf16.json", {"env": env, "protocol": str(protocol),
-                                            "stage_settings": out["stage_settings"],
-                                            "tolerances": {"row_ci_share": b16.ROW_CI_SHARE,
-                                                           "choice_flip_share": b16.CHOICE_FLIP_SHARE,
-                                                           "scoring_nats_per_token": b16.SCORING_TOLERANCE},
-                                            "stages": verdicts})
+        io.write_json(
+            folder / "bf16.json",
+            {
+                "env": env,
+                "protocol": str(protocol),
+                "stage_settings": out["stage_settings"],
+                "tolerances": {
+                    "row_ci_share": b16.ROW_CI_SHARE,
+                    "choice_flip_share": b16.CHOICE_FLIP_SHARE,
+                    "scoring_nats_per_token": b16.SCORING_TOLERANCE,
+                },
+                "stages": verdicts,
+            },
+        )
         md = b16.markdown(verdicts)
         (folder / "bf16.md").write_text(md)
         say(md)
