@@ -77,8 +77,9 @@ def cpu_bf16_supported() -> bool:
 @contextmanager
 def compute_autocast(runtime: Runtime | None, enabled: bool = True):
     """bf16 autocast around model calls when `runtime.autocast` says so (and `enabled`); otherwise nothing.
-    Yields whether autocast is on. Weights stay in their dtype; softmax/log-softmax run in fp32 under
-    torch's CPU autocast policy."""
+    Yields whether autocast is on. Weights stay in their dtype. The logits come out in bf16 and CPU autocast
+    leaves log_softmax of a bf16 tensor in bf16 (checked, torch 2.13): every log-softmax over logits must
+    take `.float()` logits first, as completion_logprobs, kl._logprobs and persona do."""
     if runtime is None or not enabled or not runtime.autocast:
         yield False
         return

@@ -187,7 +187,11 @@ def test_roofline_sweep_on_the_tiny_model_is_positive_and_picks_the_best(tiny):
     from study.bench import roofline
     from study.models import Runtime
 
-    out = roofline.sweep(tiny[0], Runtime("cpu", "float32"), False, **TINY_GRIDS, say=lambda _: None)
+    both = roofline.sweep(tiny[0], Runtime("cpu", "float32", "bfloat16"), **TINY_GRIDS, say=lambda _: None)
+    assert set(both) == {"float32", "bfloat16"} and both["bfloat16"]["compute"] == "bfloat16-autocast"
+    assert set(roofline.sweep(tiny[0], Runtime("cpu", "float32"), **TINY_GRIDS, say=lambda _: None)) == {
+        "float32"}  # no autocast on this runtime: fp32 only
+    out = both["float32"]
     assert [(p["batch"], p["seq"]) for p in out["prefill"]] == [(1, 8), (4, 8), (1, 16)]  # 4 x 16 > cap
     assert all(p["tokens_per_s"] > 0 for p in out["prefill"] + out["decode"])
     assert out["best_prefill"] == max(out["prefill"], key=lambda p: p["tokens_per_s"])
@@ -200,7 +204,7 @@ def test_roofline_sweep_picks_the_planted_best_batch(tiny, monkeypatch):
 
     monkeypatch.setattr(roofline, "prefill_rate", lambda m, b, s: 1000.0 if (b, s) == (4, 8) else 10.0 * b)
     monkeypatch.setattr(roofline, "decode_rate", lambda m, b, p, n: 50.0 if b == 1 else 5.0)
-    out = roofline.sweep(tiny[0], Runtime("cpu", "float32"), False, **TINY_GRIDS, say=lambda _: None)
+    out = roofline.sweep(tiny[0], Runtime("cpu", "float32"), **TINY_GRIDS, say=lambda _: None)["float32"]
     assert (out["best_prefill"]["batch"], out["best_prefill"]["seq"]) == (4, 8)
     assert out["best_decode"]["batch"] == 1
     frac = roofline.fraction({"prefill_tokens": 1000, "decode_tokens": 50, "prefill_seconds": 1.0,

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-PREFILL_GRID = {"batch": (1, 4, 16, 32), "seq": (64, 256), "max_tokens": 4096}
+PREFILL_GRID = {"batch": (1, 4, 16, 32), "seq": (64, 256), "max_tokens": 2048}
 DECODE_GRID = {"batch": (1, 8, 32, 64), "prompt": 32, "new_tokens": 16}
 
 
@@ -139,35 +139,47 @@ def decode_rate(model, batch: int, prompt: int, new_tokens: int) -> float:
 
 
 def sweep(
-    model, runtime, bf16: bool, prefill_grid: dict | None = None, decode_grid: dict | None = None, say=print
-) -> dict:
-    """Both rooflines of `model` in one compute mode: every point of the grids, and the best of each."""
+    model,
+    runtime,
+    bf16_too: bool = True,
+    prefill_grid: dict | None = None,
+    decode_grid: dict | None = None,
+    say=print,
+) -> dict[str, dict]:
+    """The rooflines of `model`: every point of the grids in fp32 and, when `bf16_too` and the runtime has
+    autocast, right after it under bf16 autocast (back to back: on a shared CPU the load drifts between
+    minutes, so the ratio is read point by point). Returns {"float32": ..., "bfloat16": ...}, each with
+    its points and the best prefill and decode point."""
     import os
 
     from study.models import compute_autocast
 
     pg, dg = prefill_grid or PREFILL_GRID, decode_grid or DECODE_GRID
-    out: dict = {"compute": "bfloat16-autocast" if bf16 else "float32", "prefill": [], "decode": []}
-    with compute_autocast(runtime, bf16) as on:
-        if bf16 and not on:
-            return out | {"skipped": "this CPU has no native bf16 (or the runtime forces fp32)"}
-        for seq in pg["seq"]:
-            for batch in pg["batch"]:
-                if batch * seq > pg["max_tokens"]:
-                    continue
-                r = prefill_rate(model, batch, seq)
-                out["prefill"].append(
-                    {"batch": batch, "seq": seq, "tokens_per_s": r, "loadavg": os.getloadavg()[0]}
-                )
-                say(f"  roofline {out['compute']:17s} prefill batch {batch:3d} x {seq:4d}: {r:9.1f} tokens/s")
-        for batch in dg["batch"]:
-            r = decode_rate(model, batch, dg["prompt"], dg["new_tokens"])
-            out["decode"].append(
-                {"batch": batch, "prompt": dg["prompt"], "tokens_per_s": r, "loadavg": os.getloadavg()[0]}
-            )
-            say(f"  roofline {out['compute']:17s} decode  batch {batch:3d}:        {r:9.1f} tokens/s")
-    for kind in ("prefill", "decode"):
-        out[f"best_{kind}"] = max(out[kind], key=lambda p: p["tokens_per_s"])
+    modes = [False] + ([True] if bf16_too and runtime.autocast else [])
+    out = {
+        ("bfloat16" if m else "float32"): {
+            "compute": "bfloat16-autocast" if m else "float32",
+            "prefill": [],
+            "decode": [],
+        }
+        for m in modes
+    }
+    points = [("prefill", b, s) for s in pg["seq"] for b in pg["batch"] if b * s <= pg["max_tokens"]]
+    points += [("decode", b, dg["prompt"]) for b in dg["batch"]]
+    for kind, batch, seq in points:
+        for m in modes:
+            roof = out["bfloat16" if m else "float32"]
+            with compute_autocast(runtime, m):
+                if kind == "prefill":
+                    r = prefill_rate(model, batch, seq)
+                else:
+                    r = decode_rate(model, batch, seq, dg["new_tokens"])
+            key = "seq" if kind == "prefill" else "prompt"
+            roof[kind].append({"batch": batch, key: seq, "tokens_per_s": r, "loadavg": os.getloadavg()[0]})
+            say(f"  roofline {roof['compute']:17s} {kind:7s} batch {batch:3d} x {seq:4d}: {r:9.1f} tokens/s")
+    for roof in out.values():
+        for kind in ("prefill", "decode"):
+            roof[f"best_{kind}"] = max(roof[kind], key=lambda p: p["tokens_per_s"])
     return out
 
 

@@ -74,10 +74,9 @@ def run(
     out: dict = {"env": env, "protocol": str(protocol)}
     if "roofline" in parts:
         t = time.perf_counter()
-        out["roofline"] = {"float32": rl.sweep(model, runtime, False, **(grids or {}), say=say)}
-        if runtime.autocast:
-            out["roofline"]["bfloat16"] = rl.sweep(model, runtime, True, **(grids or {}), say=say)
+        out["roofline"] = rl.sweep(model, runtime, True, **(grids or {}), say=say)
         out["roofline_seconds"] = time.perf_counter() - t
+        io.write_json(folder / "roofline.json", out)  # kept if a stage below fails
     data = build(proto.tasks[0])
     stages = b16.small_stages(proto, lm_eval_limit, items)
     model = perturbed_adapter(model, lora_config(proto.cells()[0]))
