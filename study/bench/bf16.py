@@ -153,6 +153,13 @@ def _changed_share(a: list[str], b: list[str]) -> float:
     return sum(x != y for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
+def _score_of(record: dict) -> float | None:
+    for k in ("acc_norm", "acc"):
+        if isinstance(record.get(k), int | float):
+            return float(record[k])
+    return None
+
+
 def _per_item(name: str, a: dict, b: dict) -> dict:
     """The stage's per-item differences (see the module docstring)."""
     if name == "generation":
@@ -203,9 +210,17 @@ def _per_item(name: str, a: dict, b: dict) -> dict:
         flips = [
             max(range(len(x)), key=x.__getitem__) != max(range(len(y)), key=y.__getitem__) for x, y in pairs
         ]
+        # the suite's own per-item score (acc_norm: length-normalised choice; mc2: probability mass): a 0/1
+        # score that changes by >= 0.5 is an item whose scored choice flipped
+        scores = [(_score_of(r), _score_of(rb[key(r)])) for r in a.get("responses", []) if key(r) in rb]
+        scores = [(x, y) for x, y in scores if x is not None and y is not None]
+        flipped = [abs(x - y) >= 0.5 for x, y in scores]
         return {
             "items": len(pairs),
-            "choice_flip_share": sum(flips) / max(1, len(flips)),
+            "choice_flip_share": max(sum(flips) / max(1, len(flips)), sum(flipped) / max(1, len(flipped))),
+            "argmax_loglikelihood_flip_share": sum(flips) / max(1, len(flips)),
+            "item_score_flip_share": sum(flipped) / max(1, len(flipped)),
+            "max_abs_item_score": _max(x - y for x, y in scores),
             "max_abs_loglikelihood": _max(u - v for x, y in pairs for u, v in zip(x, y, strict=True)),
         }
     if name == "persona":

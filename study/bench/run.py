@@ -89,6 +89,9 @@ def run(
     passes = {"float32": b16.stage_pass(model, tok, data, stages, runtime, False, say=say)}
     if runtime.autocast:
         passes["bfloat16"] = b16.stage_pass(model, tok, data, stages, runtime, True, say=say)
+    if "roofline" in parts:
+        with model.disable_adapter():  # the base, as in the sweep
+            rl.recheck(model, runtime, out["roofline"], (grids or {}).get("decode_grid"), say=say)
     out["stage_settings"] = {k: v.model_dump(mode="json") for k, v in stages.items()}
     out["loadavg_end"] = list(__import__("os").getloadavg())
     if "roofline" in parts:
@@ -102,6 +105,7 @@ def run(
                     "tokens": s["tokens"],
                     "loadavg": s["loadavg"],
                     "roofline": rl.fraction(s["tokens"], s["seconds"], roof),
+                    "timing": s["result"].get("timing"),  # the stage's own split (KL sampling, suites, ...)
                 }
         out["stages"] = table
         out["training"] = training_fractions(out["roofline"]["float32"], folder / "train.json")
