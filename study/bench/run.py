@@ -23,6 +23,7 @@ def perturbed_adapter(model, lora, seed: int = 0, scale: float = 0.02):
     import torch
     from peft import get_peft_model
 
+    torch.manual_seed(seed)  # PEFT draws the A matrices from the global generator: the same adapter every run
     model = get_peft_model(model, lora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
