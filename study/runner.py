@@ -278,7 +278,8 @@ class Runner:
             with host.attached(None) as model:
                 measure_model(model, host.tokenizer, build(task), stages,
                               lambda n: base_stage_path(rp, n, task.name),
-                              rp.base(task.name) / "persona_direction.npz", base=True, say=say)
+                              rp.base(task.name) / "persona_direction.npz", base=True, say=say,
+                              runtime=self.runtime)
 
     # ------------------------------------------------------------------------------------------ cells
 
@@ -323,12 +324,12 @@ class Runner:
         direction = self.run_paths.base(cell.task.name) / "persona_direction.npz"
         with host.attached(cp.adapter) as model:
             measure_model(model, host.tokenizer, data, final_stages(self.proto), cp.stage, direction,
-                          say=_say(progress, cell.name))
+                          say=_say(progress, cell.name), runtime=self.runtime)
         ck = checkpoint_stages(self.proto)
         for n, folder in intermediate_checkpoints(self.proto, cell, cp) if ck else ():
             with host.attached(folder) as model:
                 measure_model(model, host.tokenizer, data, ck, lambda s, n=n: cp.checkpoint(n) / f"{s}.json",
-                              direction, say=_say(progress, f"{cell.name}@{n}"))
+                              direction, say=_say(progress, f"{cell.name}@{n}"), runtime=self.runtime)
         io.write_json(cp.record, {"cell": cell.name, "model": {"source": cell.model, "revision": cell.revision,
                                                               "fingerprint": host.fingerprint}, **self.env})
         io.write_json(cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t})

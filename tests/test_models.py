@@ -31,7 +31,10 @@ def test_runtime_defaults_to_machine(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_bf16_supported", lambda: False)
     assert models.resolve_runtime() == models.Runtime("cpu", "float32")
+    monkeypatch.setattr(models, "cpu_bf16_supported", lambda: True)  # fp32 weights, bf16 autocast
+    assert models.resolve_runtime() == models.Runtime("cpu", "float32", autocast="bfloat16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert models.resolve_runtime() == models.Runtime("cuda", "bfloat16")
