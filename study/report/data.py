@@ -210,6 +210,31 @@ def lm_eval_primary(metrics) -> dict[str, str]:
     return out
 
 
+def floor_notes(df: pd.DataFrame) -> list[str]:
+    """A line per task naming the suites at floor for the base (its score within its CI of chance): their
+    forgetting is noise and stays out of forgetting/mean (the `flag` column of metrics.csv)."""
+    if "flag" not in df.columns:
+        return []
+    base = df[(df["method"] == "base") & (df["flag"] == "floor") & df["metric"].str.startswith("lm_eval/")]
+    return [f"{task}: suites at floor for this base model (left out of forgetting/mean): "
+            + ", ".join(sorted({m.split("/")[1] for m in g["metric"]})) for task, g in base.groupby("task")]
+
+
+def with_forgetting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """A table without `forgetting/*` rows (written by other code) gets them from study.metrics, the one
+    implementation; the note says so."""
+    if df["metric"].str.startswith("forgetting/").any() or not df["metric"].str.startswith("lm_eval/").any():
+        return df, []
+    from study.metrics import forgetting_rows
+
+    rows = forgetting_rows(df.replace({np.nan: None}).to_dict("records"))
+    if not rows:
+        return df, []
+    note = ("forgetting/* derived from lm_eval/* as base − adapter by study.metrics.forgetting_rows (the two "
+            "scores' CIs combined as independent: no per-item records in this table)")
+    return pd.concat([df, pd.DataFrame(rows)], ignore_index=True), [note]
+
+
 def _sweep_from_name(cell: str, method: str) -> str:
     """'snark-dpo-learning_rate2e-05-s1-abc' -> 'learning_rate2e-05' (a fallback when cell.json is missing)."""
     parts = cell.split("-")
@@ -226,7 +251,8 @@ def load_run(run_dir: str | Path) -> Run:
     paths = RunPaths(root)
     if not paths.metrics.is_file():
         raise FileNotFoundError(f"{paths.metrics} not found: run `study run PROTOCOL` first")
-    df, notes = read_metrics(paths.metrics), []
+    df, notes = with_forgetting(read_metrics(paths.metrics))
+    notes += floor_notes(df)
     cells: dict[str, dict] = {}
     if paths.cells.is_dir():
         for cfg in sorted(paths.cells.glob("*/cell.json")):
