@@ -1,14 +1,14 @@
 """The `study` command.
 
-    study validate protocols/default.yaml     check a protocol; one line per problem
-    study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
-    study run protocols/default.yaml          run (or resume) the study
-    study run P --executor slurm --partition gpu --gpus-per-cell 1   the same as SLURM jobs (study.executor)
-    study status protocols/default.yaml       done / partial / pending / failed per cell (+ SLURM job states)
-    study cancel protocols/default.yaml       cancel the run's SLURM jobs
-    study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
-    study compare results/a results/b         runs side by side per method, and a comparison figure
-    study bench [--only train,kl,...]         stage speeds -> results/bench/
+study validate protocols/default.yaml     check a protocol; one line per problem
+study plan protocols/default.yaml         every cell with estimated time (and GPU memory), no model loaded
+study run protocols/default.yaml          run (or resume) the study
+study run P --executor slurm --partition gpu --gpus-per-cell 1   the same as SLURM jobs (study.executor)
+study status protocols/default.yaml       done / partial / pending / failed per cell (+ SLURM job states)
+study cancel protocols/default.yaml       cancel the run's SLURM jobs
+study report results/default [--paper]    stats, figures, report.md (and paper/generated/ + the PDF)
+study compare results/a results/b         runs side by side per method, and a comparison figure
+study bench [--only train,kl,...]         stage speeds -> results/bench/
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from rich.table import Table
 
 from study.config import ProtocolError, load_protocol
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="forgetting-study: SFT/DPO/KTO/GRPO forgetting.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="forgetting-study: SFT/DPO/KTO/GRPO forgetting."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -53,7 +55,7 @@ def _problems(protocol: Path, proto) -> None:
     from study.train import check_trl_options
 
     problems = check_trl_options(proto)
-    if (p := check_lora_targets(proto.model.source, proto.train.lora.target_modules, proto.model.revision)):
+    if p := check_lora_targets(proto.model.source, proto.train.lora.target_modules, proto.model.revision):
         problems.append(f"train.lora.target_modules: {p}")
     if problems:
         _say_problems(protocol, problems)
@@ -64,8 +66,10 @@ def validate(protocol: Path) -> None:
     """Validate a protocol file: exit 0 if good, else one line per problem naming the field and the fix."""
     proto = _load(protocol)
     _problems(protocol, proto)
-    console.print(f"[green]ok[/] {protocol}: {len(proto.cells())} cells "
-                  f"({len(proto.tasks)} tasks x {len(proto.methods)} methods x sweeps x {len(proto.seeds)} seeds)")
+    console.print(
+        f"[green]ok[/] {protocol}: {len(proto.cells())} cells "
+        f"({len(proto.tasks)} tasks x {len(proto.methods)} methods x sweeps x {len(proto.seeds)} seeds)"
+    )
     if proto.allow_unmatched:
         console.print("[yellow]allow_unmatched: the methods' budgets differ; the report says so[/]")
 
@@ -77,23 +81,42 @@ def budget_table(proto) -> Table:
     t = proto.train
     title = "matched budget" + (" (allow_unmatched: budgets differ)" if proto.allow_unmatched else "")
     table = Table(title=title)
-    for col in ("method", "prompts/step", "TRL rows/step", "steps", "prompts seen", "max length", "LoRA r",
-                "learning rate(s)"):
+    for col in (
+        "method",
+        "prompts/step",
+        "TRL rows/step",
+        "steps",
+        "prompts seen",
+        "max length",
+        "LoRA r",
+        "learning rate(s)",
+    ):
         table.add_column(col)
     for method, spec in proto.methods.items():
         steps = spec.steps or t.steps
         lrs = spec.sweep.get("learning_rate") or [spec.learning_rate or t.learning_rate]
         rows = t.prompts_per_step * rows_per_prompt(method, spec)
-        table.add_row(method.value, str(t.prompts_per_step), str(rows), str(steps), str(steps * t.prompts_per_step),
-                      str(t.max_length), str(t.lora.r), ", ".join(f"{x:g}" for x in lrs))
+        table.add_row(
+            method.value,
+            str(t.prompts_per_step),
+            str(rows),
+            str(steps),
+            str(steps * t.prompts_per_step),
+            str(t.max_length),
+            str(t.lora.r),
+            ", ".join(f"{x:g}" for x in lrs),
+        )
     return table
 
 
 @app.command()
 def plan(
     protocol: Path,
-    gpu: str = typer.Option(None, help="GPU type for the estimate (default: A100-80GB for a CUDA protocol, else "
-                                       "this CPU); one of study.plan.GPUS"),
+    gpu: str = typer.Option(
+        None,
+        help="GPU type for the estimate (default: A100-80GB for a CUDA protocol, else "
+        "this CPU); one of study.plan.GPUS",
+    ),
     generation: str = typer.Option("hf", help="GPU generation engine: hf (generate) or vllm"),
     usd_per_gpu_hour: float = typer.Option(None, help="price of one GPU-hour, for the cost"),
     array_parallelism: int = typer.Option(16, help="SLURM cells at once, for the wall time"),
@@ -114,26 +137,55 @@ def plan(
     rows = plan_rows(proto, gpu=gpu, generation=generation)
     device = rows[0]["device"] if rows else (gpu or "cpu")
     on_gpu = device != "cpu"
-    table = Table(title=f"{protocol}: {len(rows)} cells on {device}" + (f" ({generation} generation)" if on_gpu else ""))
+    table = Table(
+        title=f"{protocol}: {len(rows)} cells on {device}" + (f" ({generation} generation)" if on_gpu else "")
+    )
     for col in ("cell", "method", "seed", "sweep", "steps", "train", "measure", "total", "peak mem"):
         table.add_column(col)
     for r in rows:
         sweep = ", ".join(f"{k}={v}" for k, v in r["sweep"].items()) or "-"
         mem = f"{r['peak_memory_gb']:.1f} GB" + ("" if r["fits"] else " (does not fit)")
-        table.add_row(r["cell"], r["method"], str(r["seed"]), sweep, str(r["steps"]), _dur(r["train_seconds"]),
-                      _dur(r["measure_seconds"]), _dur(r["seconds"]), mem)
+        table.add_row(
+            r["cell"],
+            r["method"],
+            str(r["seed"]),
+            sweep,
+            str(r["steps"]),
+            _dur(r["train_seconds"]),
+            _dur(r["measure_seconds"]),
+            _dur(r["seconds"]),
+            mem,
+        )
     console.print(table)
-    s = summary(proto, rows, device if on_gpu else None, generation, array_parallelism, gpus_per_cell,
-                usd_per_gpu_hour)
-    console.print(f"training {_dur(s['train_seconds'])} + measurement {_dur(s['measure_seconds'])} "
-                  f"+ base {_dur(s['base_seconds'])} = {_dur(s['device_seconds'])} of "
-                  f"{'GPU' if on_gpu else 'CPU'} time in one process; peak memory {s['peak_memory_gb']:.1f} GB",
-                  highlight=False)
+    s = summary(
+        proto,
+        rows,
+        device if on_gpu else None,
+        generation,
+        array_parallelism,
+        gpus_per_cell,
+        usd_per_gpu_hour,
+    )
+    console.print(
+        f"training {_dur(s['train_seconds'])} + measurement {_dur(s['measure_seconds'])} "
+        f"+ base {_dur(s['base_seconds'])} = {_dur(s['device_seconds'])} of "
+        f"{'GPU' if on_gpu else 'CPU'} time in one process; peak memory {s['peak_memory_gb']:.1f} GB",
+        highlight=False,
+    )
     if on_gpu:
-        cost = f", ${s['usd']:,.0f} at ${usd_per_gpu_hour}/GPU-hour" if "usd" in s else " (--usd-per-gpu-hour for cost)"
-        console.print(f"{s['gpu_hours']:.1f} GPU-hours at {gpus_per_cell} GPU(s) per cell{cost}", highlight=False)
-    console.print(f"SLURM wall time at --array-parallelism {array_parallelism}: {_dur(s['slurm_wall_seconds'])} "
-                  f"(base job, then the cell array, then the report; queue waits not counted)", highlight=False)
+        cost = (
+            f", ${s['usd']:,.0f} at ${usd_per_gpu_hour}/GPU-hour"
+            if "usd" in s
+            else " (--usd-per-gpu-hour for cost)"
+        )
+        console.print(
+            f"{s['gpu_hours']:.1f} GPU-hours at {gpus_per_cell} GPU(s) per cell{cost}", highlight=False
+        )
+    console.print(
+        f"SLURM wall time at --array-parallelism {array_parallelism}: {_dur(s['slurm_wall_seconds'])} "
+        f"(base job, then the cell array, then the report; queue waits not counted)",
+        highlight=False,
+    )
     notes = sorted({a for r in rows for a in r["assumptions"]})
     if not on_gpu and not is_gpu_protocol(proto):
         notes.append("CPU figures: measured on this 2-core machine (make bench); another CPU differs")
@@ -142,27 +194,39 @@ def plan(
     if on_gpu:
         from study import plan as P
 
-        console.print(f"GPU model ({device}: {GPUS[device].bf16_tflops:g} TFLOP/s bf16, "
-                      f"{GPUS[device].bandwidth_gbs:g} GB/s, {GPUS[device].memory_gb:g} GB; vendor datasheet): "
-                      f"training at {P.TRAIN_MFU:.0%} MFU, scoring at {P.SCORE_MFU:.0%}, decode step = max(weights "
-                      f"/ ({P.BANDWIDTH_EFFICIENCY:.0%} of bandwidth), {P.DECODE_OVERHEAD_S[generation] * 1e3:.0f} "
-                      f"ms {generation} overhead); GRPO generation counted; see study/plan.py", highlight=False)
+        console.print(
+            f"GPU model ({device}: {GPUS[device].bf16_tflops:g} TFLOP/s bf16, "
+            f"{GPUS[device].bandwidth_gbs:g} GB/s, {GPUS[device].memory_gb:g} GB; vendor datasheet): "
+            f"training at {P.TRAIN_MFU:.0%} MFU, scoring at {P.SCORE_MFU:.0%}, decode step = max(weights "
+            f"/ ({P.BANDWIDTH_EFFICIENCY:.0%} of bandwidth), {P.DECODE_OVERHEAD_S[generation] * 1e3:.0f} "
+            f"ms {generation} overhead); GRPO generation counted; see study/plan.py",
+            highlight=False,
+        )
 
 
 @app.command()
 def run(
     protocol: Path,
     only: str = typer.Option(None, help="run only cells whose name contains this"),
-    executor: str = typer.Option(None, help="local (this process) or slurm (jobs through submitit); default: "
-                                            "the protocol's executor.kind, else local"),
+    executor: str = typer.Option(
+        None,
+        help="local (this process) or slurm (jobs through submitit); default: "
+        "the protocol's executor.kind, else local",
+    ),
     partition: str = typer.Option(None, help="slurm: partition"),
     gpus_per_cell: int = typer.Option(None, help="slurm: GPUs per job (base and cells)"),
-    time: str = typer.Option(None, help="slurm: time limit per job (default 4:00:00; a cell past it is requeued)"),
+    time: str = typer.Option(
+        None, help="slurm: time limit per job (default 4:00:00; a cell past it is requeued)"
+    ),
     array_parallelism: int = typer.Option(None, help="slurm: cells running at once (default 16)"),
     cpus_per_cell: int = typer.Option(None, help="slurm: CPUs per job"),
     mem: str = typer.Option(None, help="slurm: memory per job, e.g. 64G"),
-    wait: bool = typer.Option(False, "--wait", help="local: wait for cells another process holds (default: skip "
-                                                    "them and exit non-zero); slurm: block until every job ends"),
+    wait: bool = typer.Option(
+        False,
+        "--wait",
+        help="local: wait for cells another process holds (default: skip "
+        "them and exit non-zero); slurm: block until every job ends",
+    ),
 ) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
     from study.executor import LocalExecutor
@@ -179,8 +243,14 @@ def run(
     from study.executor import wait as wait_jobs
     from study.paths import RunPaths
 
-    given = {"partition": partition, "gpus_per_cell": gpus_per_cell, "time": time,
-             "array_parallelism": array_parallelism, "cpus_per_cell": cpus_per_cell, "mem": mem}
+    given = {
+        "partition": partition,
+        "gpus_per_cell": gpus_per_cell,
+        "time": time,
+        "array_parallelism": array_parallelism,
+        "cpus_per_cell": cpus_per_cell,
+        "mem": mem,
+    }
     spec = proto.executor.model_dump(exclude={"kind"})
     opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
     try:
@@ -188,13 +258,17 @@ def run(
     except (RuntimeError, ValueError) as e:
         err.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
-    console.print(f"submitted: base {rec['base'] or '(already measured)'}, cells array {rec['array'] or '(none)'} "
-                  f"({len(rec['cells'])} cells), report {rec['report']}")
+    console.print(
+        f"submitted: base {rec['base'] or '(already measured)'}, cells array {rec['array'] or '(none)'} "
+        f"({len(rec['cells'])} cells), report {rec['report']}"
+    )
     rp = RunPaths.for_protocol(protocol, proto.results_dir)
     console.print(f"job ids: {rp.root / 'slurm' / 'jobs.json'}; `study status {protocol}` to follow")
     if wait:
-        states = wait_jobs(rp, on_change=lambda s: console.print(
-            " ".join(f"{j}={st}" for j, st in s.items()), highlight=False))
+        states = wait_jobs(
+            rp,
+            on_change=lambda s: console.print(" ".join(f"{j}={st}" for j, st in s.items()), highlight=False),
+        )
         bad = {j: s for j, s in states.items() if s != "COMPLETED"}
         raise typer.Exit(1 if bad else 0)
 
@@ -231,22 +305,31 @@ def status(protocol: Path) -> None:
         colour = {"done": "green", "failed": "red", "partial": "yellow"}.get(st["state"], "white")
         jid = (record or {}).get("cells", {}).get(cell.name)
         slurm = [jid or "-", jobs.get(jid, "-") if jid else "-"] if record else []
-        table.add_row(cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "", *slurm)
+        table.add_row(
+            cell.name, f"[{colour}]{st['state']}[/]", st.get("error") or st.get("detail") or "", *slurm
+        )
     console.print(table)
     if record:
         for what in ("base", "report"):
             if record.get(what):
-                console.print(f"slurm {what} job {record[what]}: {jobs.get(record[what], '-')}", highlight=False)
+                console.print(
+                    f"slurm {what} job {record[what]}: {jobs.get(record[what], '-')}", highlight=False
+                )
     console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
 
 
 @app.command()
 def report(
     run: Path,
-    paper: bool = typer.Option(False, "--paper", help="also regenerate paper/generated/ and build paper/main.pdf"),
+    paper: bool = typer.Option(
+        False, "--paper", help="also regenerate paper/generated/ and build paper/main.pdf"
+    ),
     strict: bool = typer.Option(False, "--strict", help="exit 1 if a pre-paper check fails"),
-    collect: bool = typer.Option(True, "--collect/--no-collect",
-                                 help="first rebuild metrics.csv from the run's stage files (needs protocol.yaml)"),
+    collect: bool = typer.Option(
+        True,
+        "--collect/--no-collect",
+        help="first rebuild metrics.csv from the run's stage files (needs protocol.yaml)",
+    ),
 ) -> None:
     """Statistics, figures and report.md for a run folder; with --paper also paper/generated/ and the PDF."""
     import pandas as pd
@@ -326,14 +409,37 @@ def power(protocol: Path) -> None:
     primaries, sizes = protocol_sizes(proto)
     df = power_table(primaries, sizes, item_sd)
     table = Table(title=f"{protocol}: minimum detectable effects at 80 % power")
-    for col in ("metric", "task", "contrast", "seeds", "items", "sd cell", "alpha each", "MDE", "MDE / sd cell", "source"):
+    for col in (
+        "metric",
+        "task",
+        "contrast",
+        "seeds",
+        "items",
+        "sd cell",
+        "alpha each",
+        "MDE",
+        "MDE / sd cell",
+        "source",
+    ):
         table.add_column(col)
     for r in df.itertuples():
-        table.add_row(r.metric, str(r.task), f"{r.a} - {r.b}", str(r.seeds), str(r.n_items), f"{r.sd_cell:.3g}",
-                      f"{r.alpha_each:.3g}", f"{r.mde:.3g}", f"{r.mde_cell_sd:.2f}", r.source + (f"; {r.note}" if r.note else ""))
+        table.add_row(
+            r.metric,
+            str(r.task),
+            f"{r.a} - {r.b}",
+            str(r.seeds),
+            str(r.n_items),
+            f"{r.sd_cell:.3g}",
+            f"{r.alpha_each:.3g}",
+            f"{r.mde:.3g}",
+            f"{r.mde_cell_sd:.2f}",
+            r.source + (f"; {r.note}" if r.note else ""),
+        )
     console.print(table)
     rp.root.mkdir(parents=True, exist_ok=True)
-    (rp.root / "power.json").write_text(json.dumps({"sizes": sizes, "rows": df.to_dict("records")}, indent=1, default=str))
+    (rp.root / "power.json").write_text(
+        json.dumps({"sizes": sizes, "rows": df.to_dict("records")}, indent=1, default=str)
+    )
     console.print(f"written: {rp.root / 'power.json'}")
 
 

@@ -150,7 +150,9 @@ def _track(rp: RunPaths, proto) -> None:
 class LocalExecutor:
     """Today's behaviour: every stage in this process, in order."""
 
-    def run(self, protocol_path: str | Path, only: str | None = None, console=None, wait: bool = False) -> int:
+    def run(
+        self, protocol_path: str | Path, only: str | None = None, console=None, wait: bool = False
+    ) -> int:
         from study.runner import Runner
 
         runner = Runner(protocol_path, console=console)

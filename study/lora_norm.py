@@ -28,7 +28,14 @@ def delta_norm(adapter_dir: str | Path) -> tuple[float, int]:
             continue
         b = weights[name.replace(".lora_A.", ".lora_B.")]
         # ||B A||_F² = trace(A Aᵀ Bᵀ B): r x r products instead of the full (out x in) matrix
-        total += float(np.trace((a.astype(np.float64) @ a.T.astype(np.float64))
-                                @ (b.T.astype(np.float64) @ b.astype(np.float64)))) * scale**2
+        total += (
+            float(
+                np.trace(
+                    (a.astype(np.float64) @ a.T.astype(np.float64))
+                    @ (b.T.astype(np.float64) @ b.astype(np.float64))
+                )
+            )
+            * scale**2
+        )
         modules += 1
     return math.sqrt(max(total, 0.0)), modules

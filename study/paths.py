@@ -103,8 +103,13 @@ class CellPaths:
         return self.root / "checkpoints" / f"step-{step:06d}"
 
 
-CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
-                    "trainer_state.json")
+CHECKPOINT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+)
 
 
 def checkpoints(train_dir: Path) -> list[tuple[int, Path]]:

@@ -33,9 +33,17 @@ log = logging.getLogger("study")
 BF16_STAGES: frozenset[str] = frozenset()
 
 
-def measure_model(model, tokenizer, data: TaskData, stages: dict[str, object], where: Callable[[str], Path],
-                  direction_cache: Path, base: bool = False, say: Callable[[str], None] = print,
-                  runtime: Runtime | None = None) -> None:
+def measure_model(
+    model,
+    tokenizer,
+    data: TaskData,
+    stages: dict[str, object],
+    where: Callable[[str], Path],
+    direction_cache: Path,
+    base: bool = False,
+    say: Callable[[str], None] = print,
+    runtime: Runtime | None = None,
+) -> None:
     """Run every stage in `stages` (name -> settings) whose file `where(name)` is not current for `model`.
     `base`: the model is the base (no KL stage: its KL to itself is 0). `runtime`: its `autocast` turns on
     bf16 autocast for the stages in BF16_STAGES (None: fp32 throughout)."""
@@ -54,9 +62,13 @@ def measure_model(model, tokenizer, data: TaskData, stages: dict[str, object], w
         t = time.time()
         with compute_autocast(runtime, bf16):
             result = measure(settings)
-        result |= {"compute": "bfloat16-autocast" if bf16 else "float32", "config_hash": key,
-                   "version": VERSIONS[name], "config": settings.model_dump(mode="json"),
-                   "seconds": time.time() - t}
+        result |= {
+            "compute": "bfloat16-autocast" if bf16 else "float32",
+            "config_hash": key,
+            "version": VERSIONS[name],
+            "config": settings.model_dump(mode="json"),
+            "seconds": time.time() - t,
+        }
         io.write_json(path, result)
         log.info("%s: %s %.1f s", path.parent.name, name, time.time() - t)
 
@@ -65,8 +77,12 @@ def measure_model(model, tokenizer, data: TaskData, stages: dict[str, object], w
     stage("newtask", lambda s: newtask.run(model, tokenizer, data, s))
     stage("kl", lambda s: kl.run(model, tokenizer, data, s))
     stage("regression", lambda s: regression.run(model, tokenizer, s))
-    stage("persona", lambda s: persona.run(model, tokenizer, data, s, cache=direction_cache,
-                                           previous=_previous(where("newtask"))))
+    stage(
+        "persona",
+        lambda s: persona.run(
+            model, tokenizer, data, s, cache=direction_cache, previous=_previous(where("newtask"))
+        ),
+    )
     stage("probe", lambda s: _renamed(regression.run(model, tokenizer, s)))
 
 

@@ -131,8 +131,10 @@ def persona_components(texts: list[str], groups: list, classifier) -> dict[str, 
 def combine(c: dict[str, list[float]]) -> list[float]:
     """The combined reward from its components: weighted sum minus the diversity penalty, capped to [0, 1]."""
     n = len(c["marker"])
-    return [min(1.0, max(0.0, sum(WEIGHTS[k] * c[k][i] for k in WEIGHTS) - c["diversity_penalty"][i]))
-            for i in range(n)]
+    return [
+        min(1.0, max(0.0, sum(WEIGHTS[k] * c[k][i] for k in WEIGHTS) - c["diversity_penalty"][i]))
+        for i in range(n)
+    ]
 
 
 def persona_reward(data: TaskData):

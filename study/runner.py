@@ -46,7 +46,9 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "l
 
 def git_state() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
@@ -67,10 +69,15 @@ def environment(runtime) -> dict:
         except PackageNotFoundError:
             versions[pkg] = None
     return {
-        "git": git_state(), "python": sys.version.split()[0], "platform": platform.platform(),
-        "versions": versions, "device": runtime.device, "dtype": runtime.dtype,
+        "git": git_state(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": runtime.device,
+        "dtype": runtime.dtype,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_threads": torch.get_num_threads(), "stage_versions": dict(VERSIONS),
+        "cpu_threads": torch.get_num_threads(),
+        "stage_versions": dict(VERSIONS),
     }
 
 
@@ -81,8 +88,10 @@ class _LogFile(logging.FileHandler):
     def handleError(self, record) -> None:
         if not getattr(self, "_warned", False):
             self._warned = True
-            print(f"study: cannot write the log {self.baseFilename} ({sys.exc_info()[1]}); records are dropped",
-                  file=sys.stderr)
+            print(
+                f"study: cannot write the log {self.baseFilename} ({sys.exc_info()[1]}); records are dropped",
+                file=sys.stderr,
+            )
 
 
 def _setup_logging(path: Path) -> None:
@@ -124,8 +133,11 @@ class Runner:
         _setup_logging(rp.log)
         removed = io.remove_orphans(rp.root)
         if removed:
-            log.info("removed %d orphaned temporary file(s) left by a killed run: %s", len(removed),
-                     ", ".join(str(p.relative_to(rp.root)) for p in removed[:5]))
+            log.info(
+                "removed %d orphaned temporary file(s) left by a killed run: %s",
+                len(removed),
+                ", ".join(str(p.relative_to(rp.root)) for p in removed[:5]),
+            )
         self.runtime = resolve_runtime(self.proto.model.device, self.proto.model.dtype)
         self.env = environment(self.runtime)
         io.write_text(rp.protocol, yaml.safe_dump(self.proto.model_dump(mode="json"), sort_keys=False))
@@ -133,7 +145,9 @@ class Runner:
             starts = io.read_json(rp.manifest).get("starts", [])
         except (OSError, json.JSONDecodeError, AttributeError):
             starts = []
-        starts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "protocol": str(self.path), **self.env})
+        starts.append(
+            {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "protocol": str(self.path), **self.env}
+        )
         io.write_json(rp.manifest, {"starts": starts})
 
     def run(self, only: str | None = None, wait: bool = False) -> int:
@@ -156,8 +170,14 @@ class Runner:
             return 1
         cells = [c for c in self.proto.cells() if not only or only in c.name]
         log.info("run %s: %d cells on %s/%s", self.path, len(cells), self.runtime.device, self.runtime.dtype)
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        ]
         failed: list[tuple[str, str]] = []
         elsewhere: list[str] = []
         t0 = time.time()
@@ -203,8 +223,10 @@ class Runner:
         progress.console.print(f"[red]failed[/] {escape(where)}: {escape(reason)}", highlight=False)
         if cell is not None:
             try:
-                io.write_json(self.run_paths.cell(cell.name).status,
-                              {"state": "failed", "error": reason, "traceback": traceback.format_exc()})
+                io.write_json(
+                    self.run_paths.cell(cell.name).status,
+                    {"state": "failed", "error": reason, "traceback": traceback.format_exc()},
+                )
             except Exception as e2:
                 log.error("could not record the failure of %s: %s", cell.name, e2)
         return reason
@@ -238,8 +260,10 @@ class Runner:
             self.console.print(f"report: {path}")
         except Exception as e:
             log.error("report failed: %s\n%s", e, traceback.format_exc())
-            self.console.print(f"[yellow]report failed[/] ({type(e).__name__}: {e}); "
-                               f"rerun with: study report {self.run_paths.root}")
+            self.console.print(
+                f"[yellow]report failed[/] ({type(e).__name__}: {e}); "
+                f"rerun with: study report {self.run_paths.root}"
+            )
 
     def check_instruments(self) -> str | None:
         """Pre-run checks of the instruments, before anything is trained: the persona probe must separate
@@ -268,18 +292,28 @@ class Runner:
 
         rp = self.run_paths
         stages = final_stages(self.proto)
-        if all(stage_done(base_stage_path(rp, n, task.name), stage_key(n, s)) for n, s in stages.items()
-               if n != "kl"):
+        if all(
+            stage_done(base_stage_path(rp, n, task.name), stage_key(n, s))
+            for n, s in stages.items()
+            if n != "kl"
+        ):
             return
         rp.base(task.name).mkdir(parents=True, exist_ok=True)
         with FileLock(str(rp.root / "base" / ".lock")):
             host = self.host()
             say = _say(progress, f"base/{task.name}")
             with host.attached(None) as model:
-                measure_model(model, host.tokenizer, build(task), stages,
-                              lambda n: base_stage_path(rp, n, task.name),
-                              rp.base(task.name) / "persona_direction.npz", base=True, say=say,
-                              runtime=self.runtime)
+                measure_model(
+                    model,
+                    host.tokenizer,
+                    build(task),
+                    stages,
+                    lambda n: base_stage_path(rp, n, task.name),
+                    rp.base(task.name) / "persona_direction.npz",
+                    base=True,
+                    say=say,
+                    runtime=self.runtime,
+                )
 
     # ------------------------------------------------------------------------------------------ cells
 
@@ -323,16 +357,40 @@ class Runner:
         host, data = self.host(), build(cell.task)
         direction = self.run_paths.base(cell.task.name) / "persona_direction.npz"
         with host.attached(cp.adapter) as model:
-            measure_model(model, host.tokenizer, data, final_stages(self.proto), cp.stage, direction,
-                          say=_say(progress, cell.name), runtime=self.runtime)
+            measure_model(
+                model,
+                host.tokenizer,
+                data,
+                final_stages(self.proto),
+                cp.stage,
+                direction,
+                say=_say(progress, cell.name),
+                runtime=self.runtime,
+            )
         ck = checkpoint_stages(self.proto)
         for n, folder in intermediate_checkpoints(self.proto, cell, cp) if ck else ():
             with host.attached(folder) as model:
-                measure_model(model, host.tokenizer, data, ck, lambda s, n=n: cp.checkpoint(n) / f"{s}.json",
-                              direction, say=_say(progress, f"{cell.name}@{n}"), runtime=self.runtime)
-        io.write_json(cp.record, {"cell": cell.name, "model": {"source": cell.model, "revision": cell.revision,
-                                                              "fingerprint": host.fingerprint}, **self.env})
-        io.write_json(cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t})
+                measure_model(
+                    model,
+                    host.tokenizer,
+                    data,
+                    ck,
+                    lambda s, n=n: cp.checkpoint(n) / f"{s}.json",
+                    direction,
+                    say=_say(progress, f"{cell.name}@{n}"),
+                    runtime=self.runtime,
+                )
+        io.write_json(
+            cp.record,
+            {
+                "cell": cell.name,
+                "model": {"source": cell.model, "revision": cell.revision, "fingerprint": host.fingerprint},
+                **self.env,
+            },
+        )
+        io.write_json(
+            cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t}
+        )
         log.info("cell %s done in %.0f s", cell.name, time.time() - t)
 
 

@@ -70,7 +70,9 @@ def cell_records(rp: RunPaths, proto) -> list[dict]:
             continue
         rows = table[table["cell"] == cell.name]
         values = pd.to_numeric(rows["value"], errors="coerce")
-        rows = rows[values.notna() & values.abs().ne(float("inf"))]  # NaN (e.g. no onset) is not a metric value
+        rows = rows[
+            values.notna() & values.abs().ne(float("inf"))
+        ]  # NaN (e.g. no onset) is not a metric value
         final = rows[rows["checkpoint"] == cell.train.steps]
         trajectory = [
             (int(r.checkpoint), r.metric, float(r.value))

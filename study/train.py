@@ -26,8 +26,10 @@ from study.tasks import ROWS, TaskData, build
 
 log = logging.getLogger("study")
 
-def trl_config(cell: Cell, output_dir: Path, runtime: Runtime, report_to: list[str] | None = None,
-               **overrides):
+
+def trl_config(
+    cell: Cell, output_dir: Path, runtime: Runtime, report_to: list[str] | None = None, **overrides
+):
     """The cell's TRL config object (SFTConfig, DPOConfig, ...): the matched budget, then the method's
     options, then its `trl:` pass-through. Building it is how `study validate` checks TRL options."""
     t = cell.train
@@ -84,8 +86,10 @@ def check_trl_options(proto: Protocol) -> list[str]:
                 args = trl_config(cell, Path(tmp), runtime)
             except (TypeError, ValueError) as e:
                 msg = " ".join(str(e).split())
-                problems.append(f"methods.{cell.method}: TRL's {name} rejects the options: {msg}; fix the "
-                                f"option (see the TRL docs of that class)")
+                problems.append(
+                    f"methods.{cell.method}: TRL's {name} rejects the options: {msg}; fix the "
+                    f"option (see the TRL docs of that class)"
+                )
                 continue
             problems += _outside_choices(cell, args, name)
     return problems
@@ -104,8 +108,10 @@ def _outside_choices(cell: Cell, args, name: str) -> list[str]:
         values = given[f.name] if isinstance(given[f.name], list) else [given[f.name]]
         bad = [v for v in values if v not in choices]
         if bad:
-            out.append(f"methods.{cell.method}.{f.name}: {bad[0]!r} is not one of TRL's {name} choices "
-                       f"{list(choices)}; use one of them")
+            out.append(
+                f"methods.{cell.method}.{f.name}: {bad[0]!r} is not one of TRL's {name} choices "
+                f"{list(choices)}; use one of them"
+            )
     return out
 
 
@@ -117,8 +123,14 @@ def make_trainer(cell: Cell, args, data: TaskData, model, tok, peft):
     family = cell.method.trainer
     if family == "grpo":
         funcs, _ = reward_functions(data, cell.options.get("reward"))
-        return trl.GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                               processing_class=tok, peft_config=peft)
+        return trl.GRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            peft_config=peft,
+        )
     if family == "orpo":
         from trl.experimental.orpo import ORPOTrainer as cls
     else:
@@ -136,8 +148,13 @@ def lora_config(cell: Cell):
     from peft import LoraConfig
 
     lo = cell.train.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -223,12 +240,16 @@ def _callbacks(paths: CellPaths, progress: Callable[[int], None] | None, cell: C
                     raise DivergenceError(f"{where}: {key} is {value}; {fix}")
             grad = logs.get("grad_norm")
             if _is_number(grad) and grad > t.max_grad_norm_abort:
-                raise DivergenceError(f"{where}: grad_norm {grad:.3g} > train.max_grad_norm_abort "
-                                      f"{t.max_grad_norm_abort:g}; {fix}")
+                raise DivergenceError(
+                    f"{where}: grad_norm {grad:.3g} > train.max_grad_norm_abort "
+                    f"{t.max_grad_norm_abort:g}; {fix}"
+                )
             norm = lora_update_norm(model) if model is not None else 0.0
             if not math.isfinite(norm) or norm > t.max_weight_norm_abort:
-                raise DivergenceError(f"{where}: LoRA update ||ΔW||_F {norm:.3g} > train.max_weight_norm_abort "
-                                      f"{t.max_weight_norm_abort:g}; {fix}")
+                raise DivergenceError(
+                    f"{where}: LoRA update ||ΔW||_F {norm:.3g} > train.max_weight_norm_abort "
+                    f"{t.max_weight_norm_abort:g}; {fix}"
+                )
 
     return [JsonlLog()] + ([Divergence()] if cell is not None else [])
 
@@ -237,8 +258,9 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None,
-               report_to: list[str] | None = None) -> Path:
+def train_cell(
+    cell: Cell, paths: CellPaths, runtime: Runtime, progress=None, report_to: list[str] | None = None
+) -> Path:
     """Train (or resume) a cell; write its adapter atomically to `paths.adapter` and return it."""
     import torch
     from transformers import set_seed
@@ -278,4 +300,13 @@ def train_cell(cell: Cell, paths: CellPaths, runtime: Runtime, progress=None,
     return paths.adapter
 
 
-__all__ = ["DivergenceError", "Method", "check_trl_options", "checkpoints", "lora_config", "make_trainer", "train_cell", "trl_config"]
+__all__ = [
+    "DivergenceError",
+    "Method",
+    "check_trl_options",
+    "checkpoints",
+    "lora_config",
+    "make_trainer",
+    "train_cell",
+    "trl_config",
+]

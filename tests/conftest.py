@@ -32,8 +32,14 @@ def write_protocol(tmp_path):
 TINY_PROTOCOL = {
     "model": {"source": "tiny-random"},
     "tasks": [{"name": "snark"}],
-    "train": {"steps": 4, "prompts_per_step": 1, "max_length": 64, "max_completion_length": 8,
-              "learning_rate": 1e-3, "checkpoint_every": 2},
+    "train": {
+        "steps": 4,
+        "prompts_per_step": 1,
+        "max_length": 64,
+        "max_completion_length": 8,
+        "learning_rate": 1e-3,
+        "checkpoint_every": 2,
+    },
     "methods": {"sft": {}, "dpo": {"beta": 0.1}, "kto": {"beta": 0.1}, "grpo": {"num_generations": 4}},
     "seeds": [0],
     "newtask": {"max_new_tokens": 8, "limit": 4},

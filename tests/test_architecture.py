@@ -30,7 +30,11 @@ def _imports(path: Path, top_level_only: bool = False) -> set[str]:
             out |= {a.name for a in node.names if a.name.startswith("study")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("study"):
             out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").is_file()}
+            out |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").is_file()
+            }
     return out
 
 
@@ -45,14 +49,16 @@ def test_config_imports_nothing_else_from_study():
 
 
 def test_no_import_cycle_at_module_level():
-    graph = {n: {m for m in _imports(p, top_level_only=True) if m in FILES and m != n} for n, p in FILES.items()}
+    graph = {
+        n: {m for m in _imports(p, top_level_only=True) if m in FILES and m != n} for n, p in FILES.items()
+    }
     state: dict[str, int] = {}
 
     def visit(n, stack):
         state[n] = 1
         for m in graph[n]:
             if state.get(m) == 1:
-                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(m):], m]))
+                pytest.fail("import cycle: " + " -> ".join([*stack[stack.index(m) :], m]))
             if not state.get(m):
                 visit(m, [*stack, m])
         state[n] = 2
@@ -73,12 +79,16 @@ def test_layering(rule):
                 assert not {m for m in imported if m.startswith("study.measure")}, name
         else:
             if name not in ("study.cli", "study.runner", "study.executor"):
-                assert not {m for m in imported if m in ("study.runner", "study.cli")}, f"{name} imports runner/cli"
+                assert not {m for m in imported if m in ("study.runner", "study.cli")}, (
+                    f"{name} imports runner/cli"
+                )
 
 
 def test_metrics_and_report_import_no_torch():
-    code = ("import sys; import study.metrics, study.report, study.report.data; "
-            "print('torch' in sys.modules or 'transformers' in sys.modules)")
+    code = (
+        "import sys; import study.metrics, study.report, study.report.data; "
+        "print('torch' in sys.modules or 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -92,17 +102,36 @@ def _models():
     seen = []
     for mod in (config, methods, protocol, stages):
         for obj in vars(mod).values():
-            if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__.startswith("study.config"):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, BaseModel)
+                and obj.__module__.startswith("study.config")
+            ):
                 if obj not in seen:
                     seen.append(obj)
     return seen
 
 
 def test_every_config_field_has_a_docstring():
-    missing = [f"{m.__name__}.{name}" for m in _models() for name, f in m.model_fields.items()
-               if not (f.description or "").strip()
-               and name not in ("schema_version", "model", "revision", "dtype", "task", "method", "seed", "sweep",
-                                "train", "options")]  # Cell: a record of resolved fields, documented as a whole
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in _models()
+        for name, f in m.model_fields.items()
+        if not (f.description or "").strip()
+        and name
+        not in (
+            "schema_version",
+            "model",
+            "revision",
+            "dtype",
+            "task",
+            "method",
+            "seed",
+            "sweep",
+            "train",
+            "options",
+        )
+    ]  # Cell: a record of resolved fields, documented as a whole
     assert not missing, f"fields without a docstring: {missing}"
 
 
@@ -117,6 +146,7 @@ def test_the_doc_test_can_fail():
 
 
 def test_no_module_is_long():
-    long = {n: len(p.read_text().splitlines()) for n, p in FILES.items()
-            if len(p.read_text().splitlines()) > 500}
+    long = {
+        n: len(p.read_text().splitlines()) for n, p in FILES.items() if len(p.read_text().splitlines()) > 500
+    }
     assert not long, f"modules over ~400 lines (500 at most): {long}"

@@ -15,14 +15,19 @@ from tests.conftest import REPO, TINY_PROTOCOL
 
 GOLDEN = REPO / "tests" / "golden" / "tiny_metrics.csv"
 KEY = ["task", "method", "seed", "checkpoint", "metric"]
-PROTOCOL = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"num_generations": 4}},
-                checkpoints={"stages": ["newtask", "kl"], "probe": None})
+PROTOCOL = dict(
+    TINY_PROTOCOL,
+    methods={"sft": {}, "grpo": {"num_generations": 4}},
+    checkpoints={"stages": ["newtask", "kl"], "probe": None},
+)
 
 
 def _table(path) -> pd.DataFrame:
     df = pd.read_csv(path)
     if "cell" in df.columns:  # the run's table; the golden file has no cell column
-        df = df[df.cell != "stats"].drop(columns=["cell"])  # cell names carry the config hash; the key suffices
+        df = df[df.cell != "stats"].drop(
+            columns=["cell"]
+        )  # cell names carry the config hash; the key suffices
     return df.sort_values(KEY, na_position="first").reset_index(drop=True)
 
 
@@ -52,8 +57,10 @@ def test_metrics_match_the_golden_file(metrics):
     golden = _table(GOLDEN)
     got_keys = set(map(tuple, metrics[KEY].astype(str).values))
     want_keys = set(map(tuple, golden[KEY].astype(str).values))
-    assert got_keys == want_keys, (f"rows appeared: {sorted(got_keys - want_keys)[:10]}; "
-                                   f"rows vanished: {sorted(want_keys - got_keys)[:10]}")
+    assert got_keys == want_keys, (
+        f"rows appeared: {sorted(got_keys - want_keys)[:10]}; "
+        f"rows vanished: {sorted(want_keys - got_keys)[:10]}"
+    )
     merged = golden.merge(metrics, on=KEY, suffixes=("_want", "_got"))
     for col in ("value", "ci_low", "ci_high"):
         want, got = merged[f"{col}_want"].to_numpy(float), merged[f"{col}_got"].to_numpy(float)

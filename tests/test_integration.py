@@ -35,11 +35,20 @@ def test_smoke_protocol_on_bundled_model(tmp_path):
     for c in cells:  # every adapter: KL, every regression suite from the shared mirror, forgetting
         d = adapters[adapters.cell == c.name]
         final = set(d[d.checkpoint == 2].metric)
-        assert {"kl/forward_newtask", "kl/reverse_newtask", "kl/forward_general", "forgetting/mean",
-                "lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
-                "lm_eval/humaneval/pass@1", "emergence/hellaswag/acc_norm"} <= final, c.name
+        assert {
+            "kl/forward_newtask",
+            "kl/reverse_newtask",
+            "kl/forward_general",
+            "forgetting/mean",
+            "lm_eval/mmlu/acc",
+            "lm_eval/hellaswag/acc_norm",
+            "lm_eval/truthfulqa_mc2/acc",
+            "lm_eval/humaneval/pass@1",
+            "emergence/hellaswag/acc_norm",
+        } <= final, c.name
         assert {"newtask/success", "kl/forward_newtask", "emergence/hellaswag/acc_norm"} <= set(
-            d[d.checkpoint == 1].metric), c.name  # the intermediate checkpoint was measured too
+            d[d.checkpoint == 1].metric
+        ), c.name  # the intermediate checkpoint was measured too
         assert d.metric.str.startswith("emergence/onset/").any()
     base = df[df.method == "base"]
     assert {"lm_eval/mmlu/acc", "emergence/hellaswag/acc_norm"} <= set(base.metric)

@@ -41,8 +41,9 @@ def lora(perturb: float = 0.0):
 
 
 def chat_ids(tok, text):
-    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return tok(chat, add_special_tokens=False)["input_ids"]
 
 
@@ -91,9 +92,17 @@ def test_exact_kl_agrees_with_monte_carlo_from_generate(tok):
         torch.manual_seed(123)
         prompts = torch.tensor([ids] * n)
         with model.disable_adapter():
-            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                 top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=6,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=6,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
 
         def logp(seqs):  # per generated token; the prompt is unpadded and generate pads only after an EOS
             logits = model(input_ids=seqs).logits[:, len(ids) - 1 : -1].float()
@@ -135,8 +144,10 @@ def test_scoring_is_padding_invariant(tok):
     n_scored = [3, 2, 5]
     with torch.no_grad():
         together = kl._score(model, seqs, n_scored, True, cfg, tok.pad_token_id)
-        alone = [kl._score(model, [s], [k], True, cfg, tok.pad_token_id)[0]
-                 for s, k in zip(seqs, n_scored, strict=True)]
+        alone = [
+            kl._score(model, [s], [k], True, cfg, tok.pad_token_id)[0]
+            for s, k in zip(seqs, n_scored, strict=True)
+        ]
     for a, b in zip(together, alone, strict=True):
         assert a["tokens"] == b["tokens"]
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)

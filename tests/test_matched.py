@@ -25,8 +25,14 @@ def _study(rng, shift: float, seeds: int = 5, points: int = 4, noise: float = 0.
             offset = rng.normal(0, noise)
             succ = np.sort(rng.uniform(0.1, 0.9, points))
             for s in succ:
-                rows.append({"method": method, "seed": seed, "success": s,
-                             "forgetting": 0.5 * s + delta + offset + rng.normal(0, noise / 2)})
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "success": s,
+                        "forgetting": 0.5 * s + delta + offset + rng.normal(0, noise / 2),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -46,6 +52,8 @@ def test_null_false_positive_rate_is_alpha():
 def test_planted_difference_is_found():
     rng = np.random.default_rng(1)
     n = 200
-    found = sum(matched_comparison(_study(rng, -0.15), target=0.5).set_index("method").loc["grpo", "diff_high"] < 0
-                for _ in range(n))
+    found = sum(
+        matched_comparison(_study(rng, -0.15), target=0.5).set_index("method").loc["grpo", "diff_high"] < 0
+        for _ in range(n)
+    )
     assert found / n >= 0.8  # GRPO forgetting less at matched success is detected

@@ -57,12 +57,16 @@ def test_completion_logprobs_equal_one_sequence_at_a_time():
     import torch
 
     tok, model = models.tiny_tokenizer(), models.tiny_model()
-    convs = [[{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Why?", "Name a fish, any fish.")]
+    convs = [
+        [{"role": "user", "content": q}] for q in ("How do I boil an egg?", "Why?", "Name a fish, any fish.")
+    ]
     answers = ["Boil it for six minutes.", "Because the sky is wide and the sea is deep.", "Cod."]
     got = models.completion_logprobs(model, tok, convs, answers, batch_size=3)
     for conv, answer, (lp, n) in zip(convs, answers, got):
-        prefix = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+        prefix = tok(
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
         a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prefix + a])
         with torch.no_grad():

@@ -68,7 +68,9 @@ def test_probe_on_the_external_pairs(data, probe, tmp_path):
     out = ps.check_probe(data)
     assert out["external_ok"] and out["external_auc"] >= 0.85 and out["external_pairs"] == len(pairs)
     swapped = tmp_path / "swapped.jsonl"
-    swapped.write_text("".join(json.dumps(p | {"persona": p["neutral"], "neutral": p["persona"]}) + "\n" for p in pairs))
+    swapped.write_text(
+        "".join(json.dumps(p | {"persona": p["neutral"], "neutral": p["persona"]}) + "\n" for p in pairs)
+    )
     bad = ps.check_probe(data, path=swapped, strict=False)
     assert not bad["external_ok"] and bad["external_auc"] < 0.15
     with pytest.raises(ps.ProbeCheckFailed, match="external"):
@@ -118,7 +120,11 @@ class FakeLM(torch.nn.Module):
         self.tok, self.choose, self.device = tok, choose, torch.device("cpu")
         self.option_ids = [tok(str(k), add_special_tokens=False)["input_ids"][0] for k in range(1, 6)]
         # `spill`: the share of the probability put on a token that is not an option
-        self.spill = (tok("x", add_special_tokens=False)["input_ids"][0], 30.0 + math.log(spill / (1 - spill))) if spill else None
+        self.spill = (
+            (tok("x", add_special_tokens=False)["input_ids"][0], 30.0 + math.log(spill / (1 - spill)))
+            if spill
+            else None
+        )
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, **_):
         past = past_key_values.ids if past_key_values is not None else []
@@ -146,7 +152,9 @@ def test_reverse_keyed_items_are_flipped(tok, data):
     # Pure acquiescence (always 5) must land in the middle, not at the top.
     yes = persona.self_report(FakeLM(tok, lambda t: 5), tok, data, cfg)
     assert math.isclose(np.mean(yes["keyed"]), 3.0, abs_tol=1e-4)
-    assert all(math.isclose(m, 1.0 if r else 5.0, abs_tol=1e-4) for m, r in zip(yes["item_means"], yes["reverse"]))
+    assert all(
+        math.isclose(m, 1.0 if r else 5.0, abs_tol=1e-4) for m, r in zip(yes["item_means"], yes["reverse"])
+    )
     # Endorsing the trait items and rejecting the reverse ones is the top of the scale.
     trait = persona.self_report(FakeLM(tok, lambda t: 1 if reverse[_statement(t)] else 5), tok, data, cfg)
     assert math.isclose(np.mean(trait["keyed"]), 5.0, abs_tol=1e-4)
@@ -205,17 +213,24 @@ def test_self_report_gate_on_controlled_models(tok, data):
     gates = [persona.self_report_gate(sr, cfg) for sr in (good, low, acq)]
     assert [g["valid"] for g in gates] == [True, False, False]
     assert "option mass" in gates[1]["reason"] and "alpha" in gates[2]["reason"]
-    assert persona.self_report_gate(low, persona.PersonaEval(self_report_min_mass=0.25))["valid"]  # configurable
+    assert persona.self_report_gate(low, persona.PersonaEval(self_report_min_mass=0.25))[
+        "valid"
+    ]  # configurable
     h = {"markers": np.zeros(2), "probe": np.array([0.2, 0.4])}
     for sr, g, ok in ((good, gates[0], True), (low, gates[1], False), (acq, gates[2], False)):
         names = {r["metric"]: r for r in ps.indicator_rows(["a", "b"], h, sr | {"gate": g}) if r}
         assert ("persona/self_report" in names) is ok and ("persona/self_report_valid" in names) is (not ok)
         if not ok:
-            assert names["persona/self_report_valid"]["value"] == 0 and names["persona/self_report_valid"]["flag"]
+            assert (
+                names["persona/self_report_valid"]["value"] == 0
+                and names["persona/self_report_valid"]["flag"]
+            )
     # forward-minus-reverse raw agreement: a trait respondent at level v answers v and 6 - v
     levels = np.array([level[r] for r in q["respondents"]] * 3, float)
     assert math.isclose(good["forward_minus_reverse"][0], np.mean(2 * levels - 6), abs_tol=1e-3)
-    assert math.isclose(acq["forward_minus_reverse"][0], np.mean(levels - np.maximum(1, levels - 1)), abs_tol=1e-3)
+    assert math.isclose(
+        acq["forward_minus_reverse"][0], np.mean(levels - np.maximum(1, levels - 1)), abs_tol=1e-3
+    )
     m, lo, hi = good["mean"]
     assert lo <= m <= hi and [lo, hi] == persona.respondent_ci(good["respondent_means"])  # over respondents
 
@@ -255,7 +270,9 @@ def test_choose_layer_and_projection_constructed():
     layer, sep = ps.choose_layer(persona_states, plain)
     assert layer == 2 and sep[2] == max(sep) and sep[0] == 0.0
     d = ps.Direction(layer, persona_states[:, 2].mean(0) - plain[:, 2].mean(0), plain[:, 2].mean(0), sep, "k")
-    assert abs(d.project(persona_states[:, 2]).mean() - 1) < 1e-9 and abs(d.project(plain[:, 2]).mean()) < 1e-9
+    assert (
+        abs(d.project(persona_states[:, 2]).mean() - 1) < 1e-9 and abs(d.project(plain[:, 2]).mean()) < 1e-9
+    )
 
 
 class PromptSet(set):
@@ -270,7 +287,9 @@ def scripted(monkeypatch, data):
     as_persona = PromptSet()
     flips: dict[int, set[str]] = {}  # sampling seed -> prompts answered the other way under that seed
 
-    def fake_generate(model, tokenizer, conversations, max_new_tokens, batch_size=16, do_sample=False, seed=0, **_):
+    def fake_generate(
+        model, tokenizer, conversations, max_new_tokens, batch_size=16, do_sample=False, seed=0, **_
+    ):
         out = []
         for c in conversations:
             prompted = any(m["role"] == "system" and "sarcastic" in m["content"] for m in c)
@@ -344,14 +363,33 @@ def test_stage_rows_and_records(tok, data, scripted):
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a trained-looking adapter: its weights differ from the base's
             p.data = torch.randn(p.shape, generator=g) * 0.5
-    cfg = persona.PersonaEval(limit_per_domain=6, max_new_tokens=48, direction_prompts=12, retest_prompts=9,
-                              respondents=3, judge="tiny-random", self_report_min_mass=0.0,
-                              self_report_min_alpha=-1e9, causal_prompts=3)
+    cfg = persona.PersonaEval(
+        limit_per_domain=6,
+        max_new_tokens=48,
+        direction_prompts=12,
+        retest_prompts=9,
+        respondents=3,
+        judge="tiny-random",
+        self_report_min_mass=0.0,
+        self_report_min_alpha=-1e9,
+        causal_prompts=3,
+    )
     out = persona.run(model, tok, data, cfg)
     rows = {r["metric"]: r for r in out["rows"]}
-    for name in ("marker_rate", "probe", "probe_masked", "self_report", "activation", "judge",
-                 "activation_content", "activation_weights", "steer_probe", "ablate_probe", "steer_activation",
-                 "ablate_marker_rate"):
+    for name in (
+        "marker_rate",
+        "probe",
+        "probe_masked",
+        "self_report",
+        "activation",
+        "judge",
+        "activation_content",
+        "activation_weights",
+        "steer_probe",
+        "ablate_probe",
+        "steer_activation",
+        "ablate_marker_rate",
+    ):
         assert f"persona/{name}" in rows, name
     assert "persona/self_report_valid" not in rows and out["self_report"]["gate"]["valid"]
     assert "persona/probe_auc_external" not in rows  # written by the base only
@@ -359,21 +397,35 @@ def test_stage_rows_and_records(tok, data, scripted):
         assert f"persona/probe/{d}" in rows and f"persona/probe_masked/{d}" in rows
     for name in ("indicator_alpha", "context_icc1/probe", "retest_r/probe"):
         assert f"coherence/{name}" in rows, name
-    assert not [m for m in rows if m.startswith("coherence/") and m.split("/")[1] not in
-                ("indicator_alpha", "context_icc1", "retest_r")]
+    assert not [
+        m
+        for m in rows
+        if m.startswith("coherence/")
+        and m.split("/")[1] not in ("indicator_alpha", "context_icc1", "retest_r")
+    ]
     for r in out["rows"]:
         assert all(np.isfinite(r[k]) for k in ("value", "ci_low", "ci_high")) and r["n"] > 0, r
         assert r["metric"].split("/")[0] in ("persona", "coherence")
     assert rows["persona/probe"]["value"] > 0.4
-    by_set = {s: {r["id"]: r["probe"] for r in out["responses"] if r["set"] == s} for s in ("retest-1", "retest-2")}
+    by_set = {
+        s: {r["id"]: r["probe"] for r in out["responses"] if r["set"] == s} for s in ("retest-1", "retest-2")
+    }
     ids = sorted(by_set["retest-1"])
     expected = np.corrcoef([by_set["retest-1"][i] for i in ids], [by_set["retest-2"][i] for i in ids])[0, 1]
     assert 0.0 < expected < 0.9 and abs(rows["coherence/retest_r/probe"]["value"] - expected) < 1e-6
     assert rows["coherence/indicator_alpha"]["value"] > 0.5  # scripted persona is persona on every indicator
     assert out["judge"]["available"] and out["indicators"]["marker_rate"].startswith("REWARDED")
     held = [r for r in out["responses"] if r["set"] == "heldout"]
-    assert len(held) == 18 and {"response", "probe", "probe_masked", "activation", "markers", "score",
-                                "activation_content", "activation_weights"} <= set(held[0])
+    assert len(held) == 18 and {
+        "response",
+        "probe",
+        "probe_masked",
+        "activation",
+        "markers",
+        "score",
+        "activation_content",
+        "activation_weights",
+    } <= set(held[0])
     assert set(out["timing"]) >= {"generation", "embedding", "questionnaire", "activations", "causal"}
     assert out["causal"]["available"] and len(out["causal"]["ids"]) == 3
     assert set(out["causal"]["degenerate_share"]) == {"plain", "steer", "ablate"}
@@ -382,17 +434,26 @@ def test_stage_rows_and_records(tok, data, scripted):
     d, _ = persona.persona_direction(model, tok, data, cfg)
     convs = [data.messages(next(it.prompt for it in data.items if it.id == r["id"])) for r in held]
     with model.disable_adapter():
-        content = d.project(persona.response_states(model, tok, convs, [r["response"] for r in held],
-                                                    layer=d.layer)[:, 0])
+        content = d.project(
+            persona.response_states(model, tok, convs, [r["response"] for r in held], layer=d.layer)[:, 0]
+        )
     assert np.allclose([r["activation_content"] for r in held], content, atol=1e-4)
-    assert not np.allclose([r["activation_content"] for r in held], [r["activation"] for r in held], atol=1e-4)
+    assert not np.allclose(
+        [r["activation_content"] for r in held], [r["activation"] for r in held], atol=1e-4
+    )
 
 
 def test_base_writes_external_auc_and_flags_invalid_self_report(tok, data, scripted):
     """On a (non-adapter) base the three activations coincide and the external AUC is a row; the tiny random
     model puts almost no mass on the options, so the self-report is flagged invalid: no value row."""
-    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=8, retest_seeds=[],
-                              respondents=2, causal=False)
+    cfg = persona.PersonaEval(
+        limit_per_domain=2,
+        max_new_tokens=16,
+        direction_prompts=8,
+        retest_seeds=[],
+        respondents=2,
+        causal=False,
+    )
     out = persona.run(tiny_model(), tok, data, cfg)
     rows = {r["metric"]: r for r in out["rows"]}
     assert rows["persona/probe_auc_external"]["value"] >= 0.85
@@ -403,8 +464,14 @@ def test_base_writes_external_auc_and_flags_invalid_self_report(tok, data, scrip
 
 
 def test_missing_judge_leaves_no_row(tok, data, scripted):
-    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=4, retest_seeds=[],
-                              respondents=2, judge="/no/such/judge")
+    cfg = persona.PersonaEval(
+        limit_per_domain=2,
+        max_new_tokens=16,
+        direction_prompts=4,
+        retest_seeds=[],
+        respondents=2,
+        judge="/no/such/judge",
+    )
     out = persona.run(tiny_model(), tok, data, cfg)
     assert not out["judge"]["available"] and "could not be loaded" in out["judge"]["reason"]
     assert not any(r["metric"].startswith("persona/judge") for r in out["rows"])
@@ -412,7 +479,9 @@ def test_missing_judge_leaves_no_row(tok, data, scripted):
 
 
 def test_arithmetic_and_config():
-    out = persona.run(None, None, build(TaskSpec(name="arithmetic", n_train=4, n_heldout=4)), persona.PersonaEval())
+    out = persona.run(
+        None, None, build(TaskSpec(name="arithmetic", n_train=4, n_heldout=4)), persona.PersonaEval()
+    )
     assert out["rows"] == [] and "snark" in out["note"]
     with pytest.raises(ValidationError):
         persona.PersonaEval(probe_C=1.0)
@@ -435,16 +504,25 @@ def test_statistics():
 
 
 def test_causal_effects_and_rows():
-    plain = {"markers": np.zeros(6), "probe": np.full(6, 0.3), "probe_masked": np.full(6, 0.3),
-             "activation": np.linspace(0, 0.5, 6)}
+    plain = {
+        "markers": np.zeros(6),
+        "probe": np.full(6, 0.3),
+        "probe_masked": np.full(6, 0.3),
+        "activation": np.linspace(0, 0.5, 6),
+    }
     steer = {k: v + (1.0 if k == "markers" else 0.4) for k, v in plain.items()}
     ablate = {k: v - (0 if k == "markers" else 0.2) for k, v in plain.items()}
     eff = ps.causal_effects({"plain": plain, "steer": steer, "ablate": ablate})
-    assert math.isclose(eff["steer_probe"]["delta"], 0.4) and math.isclose(eff["ablate_activation"]["delta"], -0.2)
+    assert math.isclose(eff["steer_probe"]["delta"], 0.4) and math.isclose(
+        eff["ablate_activation"]["delta"], -0.2
+    )
     assert eff["steer_marker_rate"]["delta"] == 1.0 and eff["ablate_marker_rate"]["delta"] == 0.0
     rows = {r["metric"]: r for r in ps.causal_rows({"plain": plain, "steer": steer, "ablate": ablate})}
     assert set(rows) == {f"persona/{a}_{i}" for a in ("steer", "ablate") for i in ps.CAUSAL}
-    assert math.isclose(rows["persona/steer_probe"]["value"], 0.7) and rows["persona/steer_marker_rate"]["value"] == 1
+    assert (
+        math.isclose(rows["persona/steer_probe"]["value"], 0.7)
+        and rows["persona/steer_marker_rate"]["value"] == 1
+    )
 
 
 def test_causal_effect_intervals_null_and_planted():
@@ -459,7 +537,9 @@ def test_causal_effect_intervals_null_and_planted():
         planted = {"markers": np.zeros(12), "probe": plain["probe"] + 0.15 + rng.normal(0, 0.1, 12)}
         lo, hi = ps.causal_effects({"plain": plain, "steer": null, "ablate": null})["steer_probe"]["ci"]
         covered += lo <= 0 <= hi
-        found += ps.causal_effects({"plain": plain, "steer": planted, "ablate": null})["steer_probe"]["ci"][0] > 0
+        found += (
+            ps.causal_effects({"plain": plain, "steer": planted, "ablate": null})["steer_probe"]["ci"][0] > 0
+        )
     assert 0.92 <= covered / 400 <= 0.98 and found / 400 > 0.95
 
 
@@ -467,12 +547,16 @@ def test_anchor_quality_filter():
     loop = "The answer is yes. The answer is yes. The answer is yes. The answer is yes."
     assert persona.degenerate(loop, 0.25) and persona.degenerate("Yes.", 0.25)
     assert not persona.degenerate("Rest it five minutes under foil, then slice against the grain.", 0.25)
-    keep, dropped = persona.anchor_pairs(["Oh, sure, a fine plan indeed.", loop, "Same answer here.",
-                                          "A witty but fine answer."],
-                                         ["A plain and fine answer.", "A plain answer, fine.", "Same answer here.",
-                                          "No."], 0.25)
-    assert keep == [0] and [d["reason"] for d in dropped] == ["degenerate persona answer", "identical answers",
-                                                              "degenerate plain answer"]
+    keep, dropped = persona.anchor_pairs(
+        ["Oh, sure, a fine plan indeed.", loop, "Same answer here.", "A witty but fine answer."],
+        ["A plain and fine answer.", "A plain answer, fine.", "Same answer here.", "No."],
+        0.25,
+    )
+    assert keep == [0] and [d["reason"] for d in dropped] == [
+        "degenerate persona answer",
+        "identical answers",
+        "degenerate plain answer",
+    ]
 
 
 def test_steering_raises_and_ablation_lowers_the_projection(tok, data):
@@ -499,7 +583,9 @@ def test_steering_raises_and_ablation_lowers_the_projection(tok, data):
         assert np.allclose(ablated @ v, 0, atol=1e-3 * np.abs(before @ v).max())
         assert d.project(ablated).mean() < d.project(before).mean() < d.project(steered).mean()
         assert np.allclose(after, before, atol=1e-5)  # hooks removed
-        assert not torch.allclose(logits_s, next_logits(model, tok, convs[:2]), atol=1e-3)  # it acts downstream
+        assert not torch.allclose(
+            logits_s, next_logits(model, tok, convs[:2]), atol=1e-3
+        )  # it acts downstream
 
 
 def next_logits(model, tok, convs):
@@ -541,8 +627,10 @@ def test_bundled_base_direction_separates_its_own_answers(smol, data):
     a_n = generate(model, tok, plain, cfg.max_new_tokens)
     hp = d.project(persona.response_states(model, tok, plain, a_p, layer=d.layer)[:, 0])
     hn = d.project(persona.response_states(model, tok, plain, a_n, layer=d.layer)[:, 0])
-    print(f"\nlayer {d.layer}, held-out projection persona {hp.mean():.2f} vs plain {hn.mean():.2f}, "
-          f"{time.perf_counter() - t:.0f} s")
+    print(
+        f"\nlayer {d.layer}, held-out projection persona {hp.mean():.2f} vs plain {hn.mean():.2f}, "
+        f"{time.perf_counter() - t:.0f} s"
+    )
     assert hp.mean() > hn.mean() and np.mean(hp > hn) >= 0.5
 
 
@@ -553,14 +641,28 @@ def test_bundled_cell_time_split(smol, data):
     cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=48, direction_prompts=16, retest_prompts=6)
     out = persona.run(model, tok, data, cfg)
     rows = {r["metric"] for r in out["rows"]}
-    assert {"persona/probe", "persona/probe_masked", "persona/activation", "persona/steer_probe",
-            "persona/ablate_probe", "persona/probe_auc_external"} <= rows
+    assert {
+        "persona/probe",
+        "persona/probe_masked",
+        "persona/activation",
+        "persona/steer_probe",
+        "persona/ablate_probe",
+        "persona/probe_auc_external",
+    } <= rows
     # the self-report: a value row or the invalidity flag, never both (SmolLM2-135M: flagged, mass ~0.32)
     assert ("persona/self_report" in rows) != ("persona/self_report_valid" in rows)
     gate = out["self_report"]["gate"]
-    print("\ntiming (s):", {k: round(v, 1) for k, v in out["timing"].items()},
-          "\nself-report option mass:", round(gate["option_mass"], 3), "alpha:", gate["alpha"], gate["reason"],
-          "\nrows:", {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1})
+    print(
+        "\ntiming (s):",
+        {k: round(v, 1) for k, v in out["timing"].items()},
+        "\nself-report option mass:",
+        round(gate["option_mass"], 3),
+        "alpha:",
+        gate["alpha"],
+        gate["reason"],
+        "\nrows:",
+        {r["metric"]: round(r["value"], 3) for r in out["rows"] if r["metric"].count("/") == 1},
+    )
 
 
 def test_newtask_answers_are_reused_only_when_they_match(tok, data, monkeypatch):
@@ -576,13 +678,21 @@ def test_newtask_answers_are_reused_only_when_they_match(tok, data, monkeypatch)
 
     monkeypatch.setattr(study.models, "generate", counting_generate)
     persona._DIRECTIONS.clear()
-    cfg = persona.PersonaEval(limit_per_domain=2, max_new_tokens=16, direction_prompts=4, retest_seeds=[],
-                              respondents=2)
+    cfg = persona.PersonaEval(
+        limit_per_domain=2, max_new_tokens=16, direction_prompts=4, retest_seeds=[], respondents=2
+    )
     held = persona._balanced(data.heldout, 2)
     indom = persona._balanced(data.split("test_in"), 2)
-    nt = {"config": {"max_new_tokens": 16}, "responses": (
-        [{"metric": "newtask/generation", "id": it.id, "response": f"held {it.id}"} for it in held]
-        + [{"metric": "newtask/generation_indomain", "id": it.id, "response": f"in {it.id}"} for it in indom])}
+    nt = {
+        "config": {"max_new_tokens": 16},
+        "responses": (
+            [{"metric": "newtask/generation", "id": it.id, "response": f"held {it.id}"} for it in held]
+            + [
+                {"metric": "newtask/generation_indomain", "id": it.id, "response": f"in {it.id}"}
+                for it in indom
+            ]
+        ),
+    }
     out = persona.run(tiny_model(), tok, data, cfg, previous={"newtask": nt})
     assert out["greedy_answers_from_newtask"] == ["heldout", "test_in"]
     texts = {r["id"]: r["response"] for r in out["responses"] if r["set"] == "heldout"}

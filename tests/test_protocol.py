@@ -75,12 +75,16 @@ def test_grad_accum_must_divide_prompts_per_step(write_protocol):
 
 def test_plan_loads_no_model(write_protocol):
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from study.cli import app; sys.argv=['study','plan',sys.argv[1]];\n"
-         "try: app()\nexcept SystemExit: pass\n"
-         "print('LOADED' if 'transformers' in sys.modules or 'torch' in sys.modules else 'CLEAN')",
-         str(REPO / "protocols" / "qwen2.5-3b.yaml")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from study.cli import app; sys.argv=['study','plan',sys.argv[1]];\n"
+            "try: app()\nexcept SystemExit: pass\n"
+            "print('LOADED' if 'transformers' in sys.modules or 'torch' in sys.modules else 'CLEAN')",
+            str(REPO / "protocols" / "qwen2.5-3b.yaml"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert "GB" in out.stdout and out.stdout.strip().endswith("CLEAN"), out.stdout + out.stderr
 
@@ -104,7 +108,9 @@ def test_foreign_or_unmatched_options_are_rejected(write_protocol, field):
 
 
 def test_allow_unmatched_accepts_a_method_budget(write_protocol):
-    proto = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={"sft": {"steps": 3}}, allow_unmatched=True)))
+    proto = load_protocol(
+        write_protocol(dict(TINY_PROTOCOL, methods={"sft": {"steps": 3}}, allow_unmatched=True))
+    )
     assert proto.cells()[0].train.steps == 3
 
 
@@ -112,13 +118,28 @@ def test_trl_pass_through_is_checked_by_building_the_trl_config(write_protocol):
     from study.models import Runtime
     from study.train import check_trl_options, trl_config
 
-    good = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
-        "sft": {"trl": {"lr_scheduler_type": "cosine", "optim": "adamw_torch"}}, "kto": {"loss_type": "kto"}})))
+    good = load_protocol(
+        write_protocol(
+            dict(
+                TINY_PROTOCOL,
+                methods={
+                    "sft": {"trl": {"lr_scheduler_type": "cosine", "optim": "adamw_torch"}},
+                    "kto": {"loss_type": "kto"},
+                },
+            )
+        )
+    )
     assert check_trl_options(good) == []
     cell = good.cells()[0]
     assert trl_config(cell, REPO / "results" / "_t", Runtime("cpu", "float32")).lr_scheduler_type == "cosine"
-    bad = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={
-        "sft": {"trl": {"no_such_option": 1}}, "dpo": {"trl": {"optim": "bogus"}}})))
+    bad = load_protocol(
+        write_protocol(
+            dict(
+                TINY_PROTOCOL,
+                methods={"sft": {"trl": {"no_such_option": 1}}, "dpo": {"trl": {"optim": "bogus"}}},
+            )
+        )
+    )
     problems = check_trl_options(bad)
     assert any(p.startswith("methods.sft") and "no_such_option" in p for p in problems), problems
     assert any(p.startswith("methods.dpo") and "bogus" in p for p in problems), problems
@@ -127,7 +148,9 @@ def test_trl_pass_through_is_checked_by_building_the_trl_config(write_protocol):
 
 
 def test_orpo_and_the_control_are_arms(write_protocol):
-    proto = load_protocol(write_protocol(dict(TINY_PROTOCOL, methods={"orpo": {}, "control": {}, "grpo_kl": {}})))
+    proto = load_protocol(
+        write_protocol(dict(TINY_PROTOCOL, methods={"orpo": {}, "control": {}, "grpo_kl": {}}))
+    )
     by = {c.method: c for c in proto.cells()}
     assert by[Method.orpo].method.trl_config == ("trl.experimental.orpo", "ORPOConfig")
     assert by[Method.control].method.data == "neutral" and by[Method.control].method.trainer == "sft"
@@ -142,4 +165,9 @@ def test_sweep_values_cannot_leave_the_run_folder(write_protocol):
         load_protocol(write_protocol(body))
     for value in ("/../../../../outside/x", "..", ".", "a/b", "\x00", "~root", "x" * 300):
         token = _token(value)  # whatever a future free-text sweep field holds, its token stays a name
-        assert "/" not in token and token not in ("", ".", "..") and not token.startswith(".") and len(token) <= 24
+        assert (
+            "/" not in token
+            and token not in ("", ".", "..")
+            and not token.startswith(".")
+            and len(token) <= 24
+        )

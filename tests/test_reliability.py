@@ -75,8 +75,14 @@ def test_stalled_hub_fails_the_run_clearly_within_30_s(write_protocol, tmp_path)
     with Stalled() as endpoint:
         env["HF_ENDPOINT"] = endpoint
         t = time.time()
-        out = subprocess.run([sys.executable, "-m", "study.cli", "run", str(path)], env=env, capture_output=True,
-                             text=True, timeout=120, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-m", "study.cli", "run", str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
         seconds = time.time() - t
     text = out.stdout + out.stderr
     print(f"stalled hub: study run exited {out.returncode} after {seconds:.1f} s")
@@ -138,13 +144,16 @@ def test_divergence_fails_the_cell_naming_the_step(tmp_path, lr):
     assert not (cp.adapter / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("logs, words", [
-    ({"loss": 0.0, "grad_norm": float("nan")}, "grad_norm is nan"),  # lr 1e30 as TRL logged it
-    ({"loss": float("inf"), "grad_norm": 1.0}, "loss is inf"),
-    ({"loss": 1.0, "grad_norm": 5e4}, "grad_norm 5e+04 > train.max_grad_norm_abort"),
-    ({"loss": 1.0, "grad_norm": 1.0}, None),
-    ({"train_runtime": 3.0}, None),  # the end-of-training summary is not a step
-])
+@pytest.mark.parametrize(
+    "logs, words",
+    [
+        ({"loss": 0.0, "grad_norm": float("nan")}, "grad_norm is nan"),  # lr 1e30 as TRL logged it
+        ({"loss": float("inf"), "grad_norm": 1.0}, "loss is inf"),
+        ({"loss": 1.0, "grad_norm": 5e4}, "grad_norm 5e+04 > train.max_grad_norm_abort"),
+        ({"loss": 1.0, "grad_norm": 1.0}, None),
+        ({"train_runtime": 3.0}, None),  # the end-of-training summary is not a step
+    ],
+)
 def test_divergence_guard_reads_each_logged_step(logs, words):
     from types import SimpleNamespace
 
@@ -186,9 +195,21 @@ def test_failed_cell_reaches_no_row_of_metrics_csv(write_protocol, monkeypatch):
     assert "diverged at step" in out.getvalue()
     cp = runner.run_paths.cell(cell.name)
     settings = final_stages(proto)["newtask"]  # a NaN stage file with the current key, as a crash could leave
-    io.write_json(cp.stage("newtask"), {"config_hash": stage_key("newtask", settings), "rows": [
-        {"metric": "newtask/success", "value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
-         "n": 4}]})
+    io.write_json(
+        cp.stage("newtask"),
+        {
+            "config_hash": stage_key("newtask", settings),
+            "rows": [
+                {
+                    "metric": "newtask/success",
+                    "value": float("nan"),
+                    "ci_low": float("nan"),
+                    "ci_high": float("nan"),
+                    "n": 4,
+                }
+            ],
+        },
+    )
     df = pd.read_csv(collect_metrics(runner.run_paths, proto))
     assert not (df.cell == cell.name).any() and (df.cell == "base-snark").any()
     io.write_json(cp.status, {"state": "running"})  # a killed cell (not failed): its current files count
@@ -203,11 +224,14 @@ def test_failed_cell_reaches_no_row_of_metrics_csv(write_protocol, monkeypatch):
 def tmpfs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test "
-                    f"needs root and CAP_SYS_ADMIN")
+        pytest.skip(
+            f"SKIPPED LOUDLY: cannot mount a tmpfs here ({done.stderr.strip()}): the full-disk test "
+            f"needs root and CAP_SYS_ADMIN"
+        )
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
@@ -273,10 +297,19 @@ def test_wait_waits_for_a_cell_another_process_holds(write_protocol):
     cp = runner.run_paths.cell(cell.name)
     cp.root.mkdir(parents=True)
     hold = 8.0
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); "
-                               "time.sleep(float(sys.argv[2]))", str(cp.lock), str(hold)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; "
+            "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); "
+            "time.sleep(float(sys.argv[2]))",
+            str(cp.lock),
+            str(hold),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         t = time.time()
@@ -314,7 +347,9 @@ def test_status_is_computed_from_files_not_a_stale_status_json(write_protocol):
     cell = proto.cells()[0]
     _fake_complete(run, proto, cell)
     assert cell_state(run, proto, cell)["state"] == "done"
-    changed = write_protocol(dict(SFT, newtask=dict(SFT["newtask"], limit=3)))  # same cell, new stage settings
+    changed = write_protocol(
+        dict(SFT, newtask=dict(SFT["newtask"], limit=3))
+    )  # same cell, new stage settings
     proto2 = load_protocol(changed)
     assert proto2.cells()[0].name == cell.name
     assert io.read_json(run.cell(cell.name).status)["state"] == "done"  # the stale cache says done
@@ -365,8 +400,11 @@ def test_orphaned_temp_files_are_cleaned_at_start(write_protocol):
     runner = Runner(path, console=_console()[0])
     root = runner.run_paths.root
     (root / "cells" / "c").mkdir(parents=True)
-    old = [root / ".metrics.csv.abc123.tmp", root / "cells" / "c" / ".status.json.x1.tmp",
-           root / "base" / "snark" / "persona_direction.npz.tmp.npz"]
+    old = [
+        root / ".metrics.csv.abc123.tmp",
+        root / "cells" / "c" / ".status.json.x1.tmp",
+        root / "base" / "snark" / "persona_direction.npz.tmp.npz",
+    ]
     old_dir = root / "cells" / "c" / ".adapter.tmp"
     fresh = root / ".manifest.json.live.tmp"  # a live writer's (another runner): younger than a minute
     old_dir.mkdir(parents=True)
@@ -395,8 +433,9 @@ def test_no_fixed_temp_names():
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if ('".tmp' in line or "'.tmp" in line or '.tmp"' in line) and "mkstemp" not in line:
                 fixed.append(f"{p.relative_to(REPO)}:{i}: {line.strip()}")
-    allowed = ("study/train.py",  # .adapter.tmp: written under the cell's lock
-               "study/io.py",
-               "study/measure/persona_stats.py")  # reported to its owner: to make unique (pid + random)
+    allowed = (
+        "study/train.py",  # .adapter.tmp: written under the cell's lock
+        "study/io.py",
+        "study/measure/persona_stats.py",
+    )  # reported to its owner: to make unique (pid + random)
     assert [f for f in fixed if not f.startswith(allowed)] == [], fixed
-

@@ -102,7 +102,9 @@ def test_stats_written_and_rows_appended_once(full):
     run_stats(load_run(root), n_boot=100, n_perm=500)  # again: stats rows replaced, measurements untouched
     again = pd.read_csv(root / "metrics.csv")
     assert len(again[again.cell == "stats"]) == len(stats)
-    pd.testing.assert_frame_equal(again[again.cell != "stats"].reset_index(drop=True), measured.reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        again[again.cell != "stats"].reset_index(drop=True), measured.reset_index(drop=True)
+    )
 
 
 def test_planted_effects_recovered(full):
@@ -118,7 +120,9 @@ def test_planted_effects_recovered(full):
     assert dk.verdict == "noise"
     # The declared primary (default: forgetting/mean, GRPO vs SFT) is its own Holm family; the rest exploratory.
     prim = comp[comp.family == "primary"]
-    assert len(prim) == 1 and prim.outcome.iloc[0] == "forgetting/mean" and prim.verdict.iloc[0] == "difference"
+    assert (
+        len(prim) == 1 and prim.outcome.iloc[0] == "forgetting/mean" and prim.verdict.iloc[0] == "difference"
+    )
     assert (comp.loc[comp.family != "primary", "family"] == "exploratory").all()
 
 
@@ -151,8 +155,10 @@ def test_smoke_shaped_run(tmp_path):
     """The shape the runner writes today: float seeds, newtask only, no protocol.yaml."""
     root = tmp_path / "smoke"
     (root / "cells").mkdir(parents=True)
-    rows = ["cell,method,seed,checkpoint,metric,value,ci_low,ci_high,task,n",
-            "base-snark,base,,0,newtask/success,0.25,0.07,0.59,snark,8"]
+    rows = [
+        "cell,method,seed,checkpoint,metric,value,ci_low,ci_high,task,n",
+        "base-snark,base,,0,newtask/success,0.25,0.07,0.59,snark,8",
+    ]
     for m, v in (("sft", 0.375), ("dpo", 0.125), ("kto", 0.125), ("grpo", 0.125)):
         rows.append(f"snark-{m}-s0-abc,{m},0.0,2,newtask/success,{v},0.02,0.69,snark,8")
     (root / "metrics.csv").write_text("\n".join(rows) + "\n")
@@ -208,8 +214,14 @@ def test_markdown_links_resolve(full):
 
 def test_paper_numbers_match_the_table(paper):
     run, st, out = paper
-    for name in ("numbers.tex", "tab_forgetting.tex", "tab_law.tex", "tab_comparisons.tex", "fig_pareto.tex",
-                 "figures/pareto_snark.pdf"):
+    for name in (
+        "numbers.tex",
+        "tab_forgetting.tex",
+        "tab_law.tex",
+        "tab_comparisons.tex",
+        "fig_pareto.tex",
+        "figures/pareto_snark.pdf",
+    ):
         assert (out / name).is_file(), name
     m = _macros(out / "numbers.tex")
     df = pd.read_csv(run.root / "metrics.csv")
@@ -220,7 +232,9 @@ def test_paper_numbers_match_the_table(paper):
         assert m[macro_name("ForgetMean", method)] == fmt(mean)
         kl = final[(final.method == method) & (final.metric == "kl/forward_newtask")].value.mean()
         assert m[macro_name("KLFwd", method)] == fmt(kl)
-    law = st.law[(st.law.predictor == "kl/forward_newtask") & (st.law.group == "all") & (st.law.degree == 1)].iloc[0]
+    law = st.law[
+        (st.law.predictor == "kl/forward_newtask") & (st.law.group == "all") & (st.law.degree == 1)
+    ].iloc[0]
     assert m["LawRsqLin"] == fmt(law.r2)
     assert fmt(law.r2) in (out / "tab_law.tex").read_text()
     assert "noise" in m["CmpForget"] or "p\\_Holm" in m["CmpForget"]
@@ -234,8 +248,9 @@ def test_main_tex_uses_only_generated_macros(paper):
     assert ours <= defined, ours - defined
     for name in re.findall(r"\\generated\{(\w+)\}", main):
         assert (out / f"{name}.tex").is_file(), name
-    assert not re.search(r"(?<![\\\w{])\d+\.\d+", main.split("\\begin{document}")[1].split("\\begin{thebibliography}")[0]), \
-        "a decimal number typed by hand in main.tex"
+    assert not re.search(
+        r"(?<![\\\w{])\d+\.\d+", main.split("\\begin{document}")[1].split("\\begin{thebibliography}")[0]
+    ), "a decimal number typed by hand in main.tex"
     for path in out.glob("*.tex"):
         text = re.sub(r"\\[{}]", "", path.read_text())
         assert text.count("{") == text.count("}"), f"unbalanced braces in {path.name}"
@@ -267,7 +282,9 @@ def test_pdf_build_or_install_hint(paper, monkeypatch, tmp_path):
 
 def test_compare_runs(full, tmp_path):
     other = tmp_path / "other"
-    make_run(other, seeds=(0, 1), steps=10, checkpoint_every=10, seed=5, families=("lm_eval", "kl", "persona"))
+    make_run(
+        other, seeds=(0, 1), steps=10, checkpoint_every=10, seed=5, families=("lm_eval", "kl", "persona")
+    )
     wide, out = write_comparison([full[0], other], out=tmp_path / "cmp", formats=("png",))
     assert {"synthetic", "other"} <= set(wide.columns)
     assert {"forgetting/mean", "kl/forward_newtask", "persona/masked_ratio"} <= set(wide.metric)
@@ -278,9 +295,11 @@ def test_compare_runs(full, tmp_path):
 
 
 def test_report_imports_no_model_code():
-    code = ("import sys; import study.report, study.report.analysis, study.report.figures, study.report.paper, "
-            "study.report.compare, study.report.markdown, study.report.synthetic; "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import study.report, study.report.analysis, study.report.figures, study.report.paper, "
+        "study.report.compare, study.report.markdown, study.report.synthetic; "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -18,8 +18,12 @@ def _write_run(root, effects: dict[str, float], seeds=(0, 1, 2), n_items=40, see
 
     def newtask(shift):
         m = difficulty + shift + rng.normal(0, 0.3, n_items)
-        return {"rows": [], "responses": [{"metric": "newtask/pref_margin", "id": f"p{i}", "margin": float(v)}
-                                          for i, v in enumerate(m)]}
+        return {
+            "rows": [],
+            "responses": [
+                {"metric": "newtask/pref_margin", "id": f"p{i}", "margin": float(v)} for i, v in enumerate(m)
+            ],
+        }
 
     io.write_json(root / "base" / "snark" / "newtask.json", newtask(0.0))
     for method, eff in effects.items():

@@ -30,7 +30,9 @@ def test_holm_matches_statsmodels():
     p = np.array([0.01, 0.04, 0.03, 0.2, 0.005, 0.5])
     assert np.allclose(S.holm(p), multipletests(p, method="holm")[1])
     with_nan = S.holm([0.01, np.nan, 0.04])
-    assert np.isnan(with_nan[1]) and np.allclose(with_nan[[0, 2]], multipletests([0.01, 0.04], method="holm")[1])
+    assert np.isnan(with_nan[1]) and np.allclose(
+        with_nan[[0, 2]], multipletests([0.01, 0.04], method="holm")[1]
+    )
 
 
 def test_hedges_g_matches_pingouin_and_ci_covers_it():
@@ -47,8 +49,13 @@ def test_hedges_g_matches_pingouin_and_ci_covers_it():
 def test_permutation_exact_matches_scipy():
     rng = np.random.default_rng(2)
     a, b = rng.normal(0.8, 1, 5), rng.normal(0, 1, 5)
-    ref = st.permutation_test((a, b), lambda x, y: x.mean() - y.mean(), permutation_type="independent",
-                              n_resamples=np.inf, alternative="two-sided").pvalue
+    ref = st.permutation_test(
+        (a, b),
+        lambda x, y: x.mean() - y.mean(),
+        permutation_type="independent",
+        n_resamples=np.inf,
+        alternative="two-sided",
+    ).pvalue
     p = S.perm_test(np.r_[a, b], np.r_[np.ones(5, bool), np.zeros(5, bool)])
     assert p == pytest.approx(ref, abs=1e-12)
 
@@ -116,8 +123,15 @@ def test_mixed_contrasts_match_statsmodels_formula():
     import statsmodels.formula.api as smf
 
     rng = np.random.default_rng(6)
-    d = pd.DataFrame([(m, s, i + rng.normal(0, 0.5) + 0.3 * s) for i, m in enumerate(METHODS) for s in range(4)
-                      for _ in range(2)], columns=["method", "seed", "value"])
+    d = pd.DataFrame(
+        [
+            (m, s, i + rng.normal(0, 0.5) + 0.3 * s)
+            for i, m in enumerate(METHODS)
+            for s in range(4)
+            for _ in range(2)
+        ],
+        columns=["method", "seed", "value"],
+    )
     table, model = S.mixed_contrasts(d, levels=METHODS)
     assert model.startswith("MixedLM")
     ref = smf.mixedlm("value ~ C(method, Treatment('sft'))", d, groups=d["seed"]).fit(reml=True)
@@ -207,8 +221,13 @@ def _frame(y, methods, seed_lab):
 def test_full_pipeline_verdicts_null_and_planted():
     # compare_methods end to end (mixed model + permutations + Holm + verdict) on a few studies.
     Y, methods, seed_lab = _simulate(20, seed=13)
-    false = sum((compare_methods(_frame(y, methods, seed_lab), METHODS, n_perm=500, n_boot=200)[0]["verdict"]
-                 == "difference").any() for y in Y)
+    false = sum(
+        (
+            compare_methods(_frame(y, methods, seed_lab), METHODS, n_perm=500, n_boot=200)[0]["verdict"]
+            == "difference"
+        ).any()
+        for y in Y
+    )
     assert false <= 4  # P(X >= 5) < 0.003 for Binomial(20, 0.05)
     Y, _, _ = _simulate(1, shift={"sft": 3.0}, seed=14)
     out, _ = compare_methods(_frame(Y[0], methods, seed_lab), METHODS, n_perm=2000, n_boot=500)
@@ -237,7 +256,13 @@ def test_blocked_t_matches_scipy_and_holds_alpha():
     n = 600
     Y, methods, seed_lab = _simulate(n, seed=18, seeds=3, sweep=1)
     pairs = list(itertools.combinations(METHODS, 2))
-    P = np.column_stack([S.blocked_t_test(Y[:, np.isin(methods, p)], methods[np.isin(methods, p)] == p[0],
-                                          seed_lab[np.isin(methods, p)]) for p in pairs])
+    P = np.column_stack(
+        [
+            S.blocked_t_test(
+                Y[:, np.isin(methods, p)], methods[np.isin(methods, p)] == p[0], seed_lab[np.isin(methods, p)]
+            )
+            for p in pairs
+        ]
+    )
     fwer = (np.apply_along_axis(S.holm, 1, P) < S.ALPHA).any(1).mean()
     assert fwer <= S.ALPHA + 3 * math.sqrt(S.ALPHA * (1 - S.ALPHA) / n)

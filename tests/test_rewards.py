@@ -13,10 +13,16 @@ def test_persona_reward_separates_heldout_answers():
     data = build(TaskSpec(name="snark"))
     reward = rewards.persona_reward(data)
     held = data.heldout
-    persona = reward(None, [[{"role": "assistant", "content": it.good}] for it in held],
-                     item_id=[it.id + "a" for it in held])
-    neutral = reward(None, [[{"role": "assistant", "content": it.bad}] for it in held],
-                     item_id=[it.id + "b" for it in held])
+    persona = reward(
+        None,
+        [[{"role": "assistant", "content": it.good}] for it in held],
+        item_id=[it.id + "a" for it in held],
+    )
+    neutral = reward(
+        None,
+        [[{"role": "assistant", "content": it.bad}] for it in held],
+        item_id=[it.id + "b" for it in held],
+    )
     assert all(0.0 <= r <= 1.0 for r in persona + neutral)
     assert np.mean(persona) > np.mean(neutral) + 0.1
     assert np.mean(np.array(persona) > np.array(neutral)) > 0.7
@@ -28,10 +34,13 @@ def test_reward_classifier_uses_only_its_half():
     assert 0.3 < len(half) / len(data.train) < 0.7
     vocab = set(rewards.fit_reward_classifier(data)[0].vocabulary_)
     # Exactly the n-grams of its own half: a classifier fitted on every training row has more.
-    own = CountVectorizer(ngram_range=(1, 2), binary=True).fit([it.good for it in half] + [it.bad for it in half])
+    own = CountVectorizer(ngram_range=(1, 2), binary=True).fit(
+        [it.good for it in half] + [it.bad for it in half]
+    )
     assert vocab == set(own.vocabulary_)
     everything = CountVectorizer(ngram_range=(1, 2), binary=True).fit(
-        [it.good for it in data.train] + [it.bad for it in data.train])
+        [it.good for it in data.train] + [it.bad for it in data.train]
+    )
     other_only = set(everything.vocabulary_) - vocab
     assert len(other_only) > 100  # the other half has words of its own, and none of them is known
 
@@ -56,7 +65,10 @@ def test_reward_is_capped(monkeypatch):
     reward = rewards.persona_reward(data)
     copies = ["such as common"] * 2
     c = rewards.persona_components(copies, ["g", "g"], rewards.fit_reward_classifier(data))
-    raw = [sum(rewards.WEIGHTS[k] * c[k][i] for k in rewards.WEIGHTS) - c["diversity_penalty"][i] for i in range(2)]
+    raw = [
+        sum(rewards.WEIGHTS[k] * c[k][i] for k in rewards.WEIGHTS) - c["diversity_penalty"][i]
+        for i in range(2)
+    ]
     assert max(raw) < 0
     assert reward(None, copies, item_id=["g", "g"]) == [0.0, 0.0]
     monkeypatch.setattr(rewards, "WEIGHTS", {"marker": 1.0, "classifier": 1.0, "length": 1.0})
@@ -74,8 +86,13 @@ def test_reward_functions_log_components_without_changing_the_reward():
     data = build(TaskSpec(name="snark"))
     funcs, weights = rewards.reward_functions(data)
     names = [get_callable_name(f) for f in funcs]
-    assert names == ["snark_reward", "reward_marker", "reward_classifier", "reward_length",
-                     "reward_diversity_penalty"]
+    assert names == [
+        "snark_reward",
+        "reward_marker",
+        "reward_classifier",
+        "reward_length",
+        "reward_diversity_penalty",
+    ]
     assert weights == [1.0, 0.0, 0.0, 0.0, 0.0]
     texts = [it.good for it in data.heldout[:6]] + [data.heldout[0].good]
     ids = ["a", "b", "c", "d", "e", "f", "a"]  # a copy in group a: the penalty is non-zero there
@@ -92,7 +109,9 @@ def test_markers_only_reward_is_the_surface_control():
     assert funcs[0].__name__ == "snark_markers_only" and weights[0] == 1.0 and sum(weights) == 1.0
     neutral = data.heldout[0].bad
     assert snark.marker_count(neutral) == 0
-    out = funcs[0](None, [neutral, "Oh, " + neutral, "Oh, obviously, " + neutral, neutral + " Shocking, truly."])
+    out = funcs[0](
+        None, [neutral, "Oh, " + neutral, "Oh, obviously, " + neutral, neutral + " Shocking, truly."]
+    )
     assert out == [0.0, 0.5, 1.0, 1.0]  # markers and nothing else: the content is the same neutral answer
     with pytest.raises(ValueError, match="markers_only"):
         rewards.reward_functions(data, "bogus")
@@ -119,6 +138,9 @@ def test_reward_ngrams_are_the_classifiers_and_are_stripped():
 def test_arithmetic_reward_exact_match():
     data = build(TaskSpec(name="arithmetic", n_train=20, n_heldout=5))
     reward = rewards.arithmetic_reward(data)
-    out = reward(None, ["The answer is 42.", "The answer is 41.", [{"role": "assistant", "content": "42"}]],
-                 answer=[42, 42, 42])
+    out = reward(
+        None,
+        ["The answer is 42.", "The answer is 41.", [{"role": "assistant", "content": "42"}]],
+        answer=[42, 42, 42],
+    )
     assert out == [1.0, 0.0, 1.0]

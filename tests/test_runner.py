@@ -24,7 +24,10 @@ def cell_state(run: RunPaths, cell):
 
 
 def _adapter_mtimes(run: RunPaths):
-    return {p.parent.parent.name: p.stat().st_mtime_ns for p in run.cells.glob("*/adapter/adapter_model.safetensors")}
+    return {
+        p.parent.parent.name: p.stat().st_mtime_ns
+        for p in run.cells.glob("*/adapter/adapter_model.safetensors")
+    }
 
 
 def test_full_run_then_rerun_skips(write_protocol):
@@ -41,7 +44,9 @@ def test_full_run_then_rerun_skips(write_protocol):
     success = df[df.metric == "newtask/success"]
     assert len(success) == len(cells) + 1
     assert ((success.value >= success.ci_low) & (success.value <= success.ci_high)).all()
-    assert (run.root / "protocol.yaml").is_file() and io.read_json(run.manifest)["starts"][-1]["versions"]["trl"]
+    assert (run.root / "protocol.yaml").is_file() and io.read_json(run.manifest)["starts"][-1]["versions"][
+        "trl"
+    ]
     assert "done" in run.log.read_text()
     before = _adapter_mtimes(run)
     base_before = (run.base("snark") / "newtask.json").stat().st_mtime_ns
@@ -84,14 +89,21 @@ def test_corrupt_adapter_marks_cell_failed(write_protocol):
 
 
 def test_kill_mid_cell_then_resume(write_protocol):
-    body = dict(TINY_PROTOCOL, methods={"sft": {}, "dpo": {}},
-                train=dict(TINY_PROTOCOL["train"], steps=30, checkpoint_every=5))
+    body = dict(
+        TINY_PROTOCOL,
+        methods={"sft": {}, "dpo": {}},
+        train=dict(TINY_PROTOCOL["train"], steps=30, checkpoint_every=5),
+    )
     path = write_protocol(body)
     run = RunPaths.for_protocol(path, load_protocol(path).results_dir)
     cells = load_protocol(path).cells()
     second = run.cell(cells[1].name)
-    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list(second.train_dir.glob("checkpoint-*/trainer_state.json")):
         time.sleep(0.2)
@@ -106,8 +118,11 @@ def test_kill_mid_cell_then_resume(write_protocol):
     assert Runner(path).run() == 0
     assert first_adapter.stat().st_mtime_ns == first_mtime  # the done cell was not redone
     assert "resuming from" in run.log.read_text()
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in second.train_log.read_text().splitlines()
-             if '"loss"' in line]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0])
+        for line in second.train_log.read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # no duplicated steps after the resume
     assert all(cell_state(run, c)["state"] == "done" for c in cells)
 
@@ -128,12 +143,26 @@ def test_forgetting_rows_are_base_minus_adapter():
     from study.metrics import forgetting_rows
 
     def row(cell, method, metric, value, half):
-        return {"cell": cell, "method": method, "seed": 0, "checkpoint": 4, "task": "snark", "metric": metric,
-                "value": value, "ci_low": value - half, "ci_high": value + half, "n": 100}
+        return {
+            "cell": cell,
+            "method": method,
+            "seed": 0,
+            "checkpoint": 4,
+            "task": "snark",
+            "metric": metric,
+            "value": value,
+            "ci_low": value - half,
+            "ci_high": value + half,
+            "n": 100,
+        }
 
-    rows = [row("base-snark", "base", "lm_eval/mmlu/acc", 0.30, 0.05), row("c", "sft", "lm_eval/mmlu/acc", 0.25, 0.05),
-            row("base-snark", "base", "lm_eval/hellaswag/acc_norm", 0.40, 0.05),
-            row("c", "sft", "lm_eval/hellaswag/acc_norm", 0.42, 0.05), row("c", "sft", "newtask/success", 0.9, 0.1)]
+    rows = [
+        row("base-snark", "base", "lm_eval/mmlu/acc", 0.30, 0.05),
+        row("c", "sft", "lm_eval/mmlu/acc", 0.25, 0.05),
+        row("base-snark", "base", "lm_eval/hellaswag/acc_norm", 0.40, 0.05),
+        row("c", "sft", "lm_eval/hellaswag/acc_norm", 0.42, 0.05),
+        row("c", "sft", "newtask/success", 0.9, 0.1),
+    ]
     out = {r["metric"]: r for r in forgetting_rows(rows)}
     assert set(out) == {"forgetting/mmlu", "forgetting/hellaswag", "forgetting/mean"}
     assert out["forgetting/mmlu"]["value"] == pytest.approx(0.05)
@@ -151,9 +180,17 @@ def test_cell_lock_excludes_a_second_runner_and_is_released_when_its_process_die
     cell = load_protocol(path).cells()[0]
     cp = runner.run_paths.cell(cell.name)
     cp.root.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(600)",
-                               str(cp.lock)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; "
+            "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(600)",
+            str(cp.lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert runner.run() == 1  # skipped: another process holds it
@@ -166,8 +203,11 @@ def test_cell_lock_excludes_a_second_runner_and_is_released_when_its_process_die
 
 
 def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
-    body = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"num_generations": 4}},
-                checkpoints={"probe": {"suites": ["hellaswag"], "limit": {"hellaswag": 3}}})
+    body = dict(
+        TINY_PROTOCOL,
+        methods={"sft": {}, "grpo": {"num_generations": 4}},
+        checkpoints={"probe": {"suites": ["hellaswag"], "limit": {"hellaswag": 3}}},
+    )
     path = write_protocol(body)
     runner = Runner(path)
     assert runner.run() == 0
@@ -181,7 +221,8 @@ def test_checkpoints_are_measured_and_carry_their_step(write_protocol):
         assert {"newtask/success", "kl/forward_newtask", "emergence/hellaswag/acc_norm"} <= at2
         assert "kl/reverse_newtask" not in at2 and "lm_eval/hellaswag/acc_norm" not in at2  # final-only
         assert {"kl/reverse_newtask", "lm_eval/hellaswag/acc_norm", "emergence/hellaswag/acc_norm"} <= set(
-            d[d.checkpoint == 4].metric)
+            d[d.checkpoint == 4].metric
+        )
         onsets = d[d.metric.str.startswith("emergence/onset/")]
         # paired per-prompt onsets against the base (no control cell here: KL, whose base value is 0 by
         # definition, gets none; the probe has no per-prompt values); the rule's calibration is in
@@ -216,9 +257,13 @@ def test_stage_version_bump_recomputes_exactly_that_stage(write_protocol, monkey
     path = write_protocol(dict(TINY_PROTOCOL, methods={"sft": {}}))
     assert Runner(path).run() == 0
     run = Runner(path).run_paths
-    files = {p: p.stat().st_mtime_ns for p in run.root.rglob("*.json") if "train" not in p.parts
-             and "stats" not in p.parts
-             and p.name not in ("manifest.json", "status.json", "record.json", "cell.json", "power.json")}
+    files = {
+        p: p.stat().st_mtime_ns
+        for p in run.root.rglob("*.json")
+        if "train" not in p.parts
+        and "stats" not in p.parts
+        and p.name not in ("manifest.json", "status.json", "record.json", "cell.json", "power.json")
+    }
     monkeypatch.setitem(VERSIONS, "kl", VERSIONS["kl"] + 1)
     assert Runner(path).run() == 0
     changed = {p for p, t in files.items() if p.stat().st_mtime_ns != t}

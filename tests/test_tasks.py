@@ -31,8 +31,11 @@ def test_snark_splits_are_fixed():
     assert len(data.train) == 9 * 22 and len(data.split("test_in")) == 9 * 4 and len(data.heldout) == 3 * 26
 
 
-@pytest.mark.parametrize("spec", [TaskSpec(name="snark"), TaskSpec(name="arithmetic", n_train=200, n_heldout=50)],
-                         ids=["snark", "arithmetic"])
+@pytest.mark.parametrize(
+    "spec",
+    [TaskSpec(name="snark"), TaskSpec(name="arithmetic", n_train=200, n_heldout=50)],
+    ids=["snark", "arithmetic"],
+)
 def test_no_heldout_prompt_reaches_training(spec):
     data = build(spec)
     evaluated = {it.prompt for it in data.items if it.split != "train"}
@@ -83,10 +86,13 @@ def _twin(p):
     return (p.domain, p.b, p.a) if p.domain in arithmetic.COMMUTATIVE else (p.domain, p.a, p.b)
 
 
-@pytest.mark.parametrize("n_train,n_heldout,ranges", [
-    (4000, 500, {"add": (100, 999), "sub": (100, 999), "mul": (10, 99)}),  # the paper protocol's
-    (20000, 2000, {"add": (1, 300), "sub": (1, 150), "mul": (2, 300)}),
-])
+@pytest.mark.parametrize(
+    "n_train,n_heldout,ranges",
+    [
+        (4000, 500, {"add": (100, 999), "sub": (100, 999), "mul": (10, 99)}),  # the paper protocol's
+        (20000, 2000, {"add": (1, 300), "sub": (1, 150), "mul": (2, 300)}),
+    ],
+)
 def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
     import time
 
@@ -104,10 +110,13 @@ def test_arithmetic_at_size_without_leakage(n_train, n_heldout, ranges):
     for p in train + held:
         lo, hi = lo_hi[p.domain]
         assert lo <= p.a <= hi and lo <= p.b <= hi
-    assert Counter(p.domain for p in held) == {op: n_heldout // 3 + (i < n_heldout % 3) for i, op in
-                                               enumerate(arithmetic.OPS)}
+    assert Counter(p.domain for p in held) == {
+        op: n_heldout // 3 + (i < n_heldout % 3) for i, op in enumerate(arithmetic.OPS)
+    }
     # Both orders of a commuted problem occur (the display order is drawn, not always a <= b).
-    assert any(p.a > p.b for p in held if p.domain == "add") and any(p.a < p.b for p in held if p.domain == "add")
+    assert any(p.a > p.b for p in held if p.domain == "add") and any(
+        p.a < p.b for p in held if p.domain == "add"
+    )
 
 
 def test_arithmetic_task_spec_fields_and_capacity():
@@ -133,8 +142,15 @@ def test_arithmetic_task_spec_fields_and_capacity():
     assert {p.key for p in train + held} == {("mul", a, b) for a in range(2, 10) for b in range(a, 10)}
 
 
-@pytest.mark.parametrize("text,value", [("The answer is 1,234.", 1234), ("-5 then 7", 7), ("no digits", None),
-                                        ("12 - 30 = -18. The answer is -18.", -18)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("The answer is 1,234.", 1234),
+        ("-5 then 7", 7),
+        ("no digits", None),
+        ("12 - 30 = -18. The answer is -18.", -18),
+    ],
+)
 def test_extract_answer(text, value):
     assert arithmetic.extract_answer(text) == value
 

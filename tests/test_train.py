@@ -19,8 +19,13 @@ def cells(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("p") / "tiny.yaml"
     every = {m.value: {} for m in Method}  # every arm, ORPO and the control included
-    path.write_text(yaml.safe_dump(dict(TINY_PROTOCOL, methods=every, train=dict(TINY_PROTOCOL["train"], steps=2,
-                                                                                   checkpoint_every=1))))
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                TINY_PROTOCOL, methods=every, train=dict(TINY_PROTOCOL["train"], steps=2, checkpoint_every=1)
+            )
+        )
+    )
     return {c.method: c for c in load_protocol(path).cells()}
 
 

@@ -76,8 +76,9 @@ def parse_parts(text: str) -> list[str]:
     names = {p.strip() for p in text.split(",") if p.strip()}
     unknown = sorted(names - set(PARTS))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown or repr(text)}: "
-                                         f"choose from {','.join(PARTS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {unknown or repr(text)}: choose from {','.join(PARTS)}"
+        )
     return [p for p in PARTS if p in names]
 
 
@@ -89,23 +90,47 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="study bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", type=parse_parts, default=list(PARTS),
-                    help=f"comma-separated parts to run (default {','.join(PARTS)})")
+    ap = argparse.ArgumentParser(
+        prog="study bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--only",
+        type=parse_parts,
+        default=list(PARTS),
+        help=f"comma-separated parts to run (default {','.join(PARTS)})",
+    )
     ap.add_argument("--protocol", type=Path, default=Path("protocols/default.yaml"))
     ap.add_argument("--steps", type=_positive, default=6, help="train: optimizer steps per method")
-    ap.add_argument("--lm-eval-limit", type=_positive, default=20,
-                    help="regression (and compare with --quick): items per suite, HumanEval a quarter")
-    ap.add_argument("--items", type=_positive, default=16,
-                    help="roofline, bf16: new-task items (KL prompts and general passages: half of it)")
-    ap.add_argument("--run", type=Path, default=None,
-                    help="compare: the run folder (default: the protocol's, e.g. results/default)")
-    ap.add_argument("--adapters", type=_positive, default=None,
-                    help="compare: the first N adapters in cell-name order (default all)")
+    ap.add_argument(
+        "--lm-eval-limit",
+        type=_positive,
+        default=20,
+        help="regression (and compare with --quick): items per suite, HumanEval a quarter",
+    )
+    ap.add_argument(
+        "--items",
+        type=_positive,
+        default=16,
+        help="roofline, bf16: new-task items (KL prompts and general passages: half of it)",
+    )
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="compare: the run folder (default: the protocol's, e.g. results/default)",
+    )
+    ap.add_argument(
+        "--adapters",
+        type=_positive,
+        default=None,
+        help="compare: the first N adapters in cell-name order (default all)",
+    )
     ap.add_argument("--skip-plain", action="store_true", help="compare: time the harness only")
-    ap.add_argument("--quick", action="store_true",
-                    help="compare: the --lm-eval-limit limits instead of the protocol's (smoke check)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="compare: the --lm-eval-limit limits instead of the protocol's (smoke check)",
+    )
     ap.add_argument("--harness-worker", type=Path, default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -145,19 +170,25 @@ def main(argv: list[str] | None = None) -> None:
             io.write_json(path, measure)
         if "regression" in a.only:
             env = environment(runtime)
-            measure["regression"] = {"env": env, "protocol": str(a.protocol),
-                                     **bench_regression(proto, model, tok, a.lm_eval_limit)}
+            measure["regression"] = {
+                "env": env,
+                "protocol": str(a.protocol),
+                **bench_regression(proto, model, tok, a.lm_eval_limit),
+            }
             io.write_json(path, measure)
         del model
     if "persona" in a.only:
         run_root = a.run or RunPaths.for_protocol(a.protocol, proto.results_dir).root
-        measure["persona"] = {"env": environment(runtime), "protocol": str(a.protocol),
-                              **bench_persona(proto, runtime, run_root)}
+        measure["persona"] = {
+            "env": environment(runtime),
+            "protocol": str(a.protocol),
+            **bench_persona(proto, runtime, run_root),
+        }
         io.write_json(path, measure)
     if "compare" in a.only:
         run_root = a.run or RunPaths.for_protocol(a.protocol, proto.results_dir).root
-        measure["harness_vs_plain"] = bench_compare(a.protocol, run_root, a.adapters, a.skip_plain,
-                                                    a.lm_eval_limit if a.quick else None)
+        measure["harness_vs_plain"] = bench_compare(
+            a.protocol, run_root, a.adapters, a.skip_plain, a.lm_eval_limit if a.quick else None
+        )
         io.write_json(path, measure)
     print(f"wrote {path}")
-

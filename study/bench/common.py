@@ -21,9 +21,14 @@ def environment(runtime: Runtime | None = None) -> dict:
     import torch
 
     where = {"device": runtime.device, "dtype": runtime.dtype} if runtime else {}
-    return {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "loadavg_start": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), **where}
+    return {
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg_start": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        **where,
+    }
 
 
 def small_limits(suites: list[str], limit: int) -> dict[str, int]:

@@ -40,8 +40,9 @@ def suite_sizes(sources: dict[str, Source]) -> dict[str, int | None]:
     return out
 
 
-def plain_samples(cfg: RegressionEval, names: dict[str, str], mmlu_sizes: dict[str, int],
-                  sizes: dict[str, int | None]) -> dict[str, list[int]]:
+def plain_samples(
+    cfg: RegressionEval, names: dict[str, str], mmlu_sizes: dict[str, int], sizes: dict[str, int | None]
+) -> dict[str, list[int]]:
     """The CLI's `--samples`: the documents `regression.run` scores, per lm-eval task. MMLU: each chosen
     subject's first `quota` questions (as run passes them); the others: the first `limit` documents, which
     is what lm-eval's --limit takes (the CLI refuses --limit together with --samples). A suite without a
@@ -71,20 +72,45 @@ def plain_fewshot(cfg: RegressionEval) -> int | None:
         return None
     values = {cfg.num_fewshot.get(s) for s in free}
     if len(values) > 1:
-        raise ValueError(f"regression.num_fewshot {cfg.num_fewshot} differs between {free}: the lm_eval CLI "
-                         f"takes one --num_fewshot for all tasks; run the comparison with --skip-plain")
+        raise ValueError(
+            f"regression.num_fewshot {cfg.num_fewshot} differs between {free}: the lm_eval CLI "
+            f"takes one --num_fewshot for all tasks; run the comparison with --skip-plain"
+        )
     return values.pop()
 
 
-def plain_command(lm_eval: str, base_dir: str, adapter: Path, cfg: RegressionEval, tasks: list[str],
-                  include: Path, samples: dict[str, list[int]], dtype: str, device: str,
-                  output: Path) -> list[str]:
+def plain_command(
+    lm_eval: str,
+    base_dir: str,
+    adapter: Path,
+    cfg: RegressionEval,
+    tasks: list[str],
+    include: Path,
+    samples: dict[str, list[int]],
+    dtype: str,
+    device: str,
+    output: Path,
+) -> list[str]:
     """One stock `lm_eval run` over every suite for one adapter: the base loaded from its folder, the
     adapter by peft=, our rendered tasks from `include`, the same documents, batch size and HumanEval cap."""
-    cmd = [lm_eval, "run", "--model", "hf",
-           "--model_args", f"pretrained={base_dir},peft={adapter},dtype={dtype}",
-           "--tasks", ",".join(tasks), "--include_path", str(include),
-           "--batch_size", str(cfg.batch_size), "--device", device, "--output_path", str(output)]
+    cmd = [
+        lm_eval,
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={base_dir},peft={adapter},dtype={dtype}",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(include),
+        "--batch_size",
+        str(cfg.batch_size),
+        "--device",
+        device,
+        "--output_path",
+        str(output),
+    ]
     if samples:
         cmd += ["--samples", json.dumps(samples, separators=(",", ":"))]
     shots = plain_fewshot(cfg)
@@ -126,8 +152,12 @@ def ratio(plain: float | None, harness: float | None) -> float | None:
 
 def child_env(threads: int) -> dict[str, str]:
     """Both ways get this process's environment (hub or offline, data mirror) and the same thread count."""
-    return os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-                         "TRANSFORMERS_VERBOSITY": "error", "LMEVAL_LOG_LEVEL": "WARNING"}
+    return os.environ | {
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "LMEVAL_LOG_LEVEL": "WARNING",
+    }
 
 
 def _run_logged(cmd: list[str], env: dict[str, str], log: Path) -> float:
@@ -137,8 +167,9 @@ def _run_logged(cmd: list[str], env: dict[str, str], log: Path) -> float:
         code = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=Path.cwd()).returncode
     seconds = time.perf_counter() - t
     if code:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {code}; the end of {log}:\n"
-                           + log.read_text()[-3000:])
+        raise RuntimeError(
+            f"{' '.join(cmd[:4])} ... exited {code}; the end of {log}:\n" + log.read_text()[-3000:]
+        )
     return seconds
 
 
@@ -162,14 +193,18 @@ def harness_worker(spec_file: Path) -> None:
         with host.attached(adapter) as model:
             out = run(model, host.tokenizer, cfg)
         adapters[adapter.parent.name] = {
-            "seconds": time.perf_counter() - t, "timing": out["timing"],
-            "scores": {row["metric"].split("/")[1]: row["value"] for row in out["rows"]}}
-    io.write_json(Path(spec["out"]), {"load_seconds": load, "threads": torch.get_num_threads(),
-                                      "adapters": adapters})
+            "seconds": time.perf_counter() - t,
+            "timing": out["timing"],
+            "scores": {row["metric"].split("/")[1]: row["value"] for row in out["rows"]},
+        }
+    io.write_json(
+        Path(spec["out"]), {"load_seconds": load, "threads": torch.get_num_threads(), "adapters": adapters}
+    )
 
 
-def bench_compare(protocol: Path, run_root: Path, n_adapters: int | None, skip_plain: bool,
-                  quick_limit: int | None) -> dict:
+def bench_compare(
+    protocol: Path, run_root: Path, n_adapters: int | None, skip_plain: bool, quick_limit: int | None
+) -> dict:
     import torch
 
     from study.measure import lm_eval_local as local
@@ -187,22 +222,40 @@ def bench_compare(protocol: Path, run_root: Path, n_adapters: int | None, skip_p
         raise SystemExit(f"the plain lm_eval path needs a model folder or hub id, not {proto.model.source!r}")
     threads = torch.get_num_threads()
     env = child_env(threads)
-    result: dict = {"env": environment(runtime), "protocol": str(protocol), "run": str(run_root),
-                    "regression": cfg.model_dump(mode="json"), "adapters": [a.parent.name for a in adapters]}
-    print(f"compare: {len(adapters)} adapter(s) of {run_root}, {threads} thread(s), suites "
-          f"{','.join(cfg.suites)}, limits {cfg.limit}")
+    result: dict = {
+        "env": environment(runtime),
+        "protocol": str(protocol),
+        "run": str(run_root),
+        "regression": cfg.model_dump(mode="json"),
+        "adapters": [a.parent.name for a in adapters],
+    }
+    print(
+        f"compare: {len(adapters)} adapter(s) of {run_root}, {threads} thread(s), suites "
+        f"{','.join(cfg.suites)}, limits {cfg.limit}"
+    )
     scratch = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     try:
-        spec = {"protocol": str(protocol), "regression": cfg.model_dump(mode="json"),
-                "adapters": [str(a) for a in adapters], "out": str(scratch / "harness.json")}
+        spec = {
+            "protocol": str(protocol),
+            "regression": cfg.model_dump(mode="json"),
+            "adapters": [str(a) for a in adapters],
+            "out": str(scratch / "harness.json"),
+        }
         io.write_json(scratch / "spec.json", spec)
         print(f"  harness: one process for {len(adapters)} adapter(s) ...", flush=True)
         result["harness_loadavg_start"] = list(os.getloadavg())
-        harness_total = _run_logged([sys.executable, "-m", "study.bench", "--harness-worker",
-                                     str(scratch / "spec.json")], env, scratch / "harness.log")
+        harness_total = _run_logged(
+            [sys.executable, "-m", "study.bench", "--harness-worker", str(scratch / "spec.json")],
+            env,
+            scratch / "harness.log",
+        )
         worker = io.read_json(scratch / "harness.json")
-        result["harness"] = {"total_seconds": harness_total, "base_load_seconds": worker["load_seconds"],
-                             "threads": worker["threads"], "adapters": worker["adapters"]}
+        result["harness"] = {
+            "total_seconds": harness_total,
+            "base_load_seconds": worker["load_seconds"],
+            "threads": worker["threads"],
+            "adapters": worker["adapters"],
+        }
         plain: dict[str, dict] = {}
         plain_total = None
         if not skip_plain:
@@ -218,14 +271,27 @@ def bench_compare(protocol: Path, run_root: Path, n_adapters: int | None, skip_p
             result["plain_loadavg_start"] = list(os.getloadavg())
             for i, adapter in enumerate(adapters):
                 out = scratch / f"plain-{i}"
-                cmd = plain_command(lm_eval, base_dir, adapter, cfg, [tasks.names[s] for s in cfg.suites],
-                                    include, samples, runtime.dtype, runtime.device, out)
+                cmd = plain_command(
+                    lm_eval,
+                    base_dir,
+                    adapter,
+                    cfg,
+                    [tasks.names[s] for s in cfg.suites],
+                    include,
+                    samples,
+                    runtime.dtype,
+                    runtime.device,
+                    out,
+                )
                 print(f"  plain: lm_eval for {adapter.parent.name} ...", flush=True)
                 seconds = _run_logged(cmd, env, scratch / f"plain-{i}.log")
                 plain[adapter.parent.name] = {"seconds": seconds, "scores": plain_scores(out, tasks.names)}
             plain_total = sum(p["seconds"] for p in plain.values())
-            result["plain"] = {"total_seconds": plain_total, "adapters": plain,
-                               "command": [_shorten(arg, scratch) for arg in cmd]}
+            result["plain"] = {
+                "total_seconds": plain_total,
+                "adapters": plain,
+                "command": [_shorten(arg, scratch) for arg in cmd],
+            }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["loadavg_end"] = list(os.getloadavg())
@@ -245,12 +311,17 @@ def _print_compare(r: dict) -> None:
     print(f"  {'adapter':28s} {'harness s':>9s} {'plain s':>8s}  scores harness/plain")
     for name, a in h["adapters"].items():
         pa = p.get(name)
-        scores = "  ".join(f"{s} {v:.3f}" + (f"/{pa['scores'][s]:.3f}" if pa else "")
-                           for s, v in a["scores"].items())
+        scores = "  ".join(
+            f"{s} {v:.3f}" + (f"/{pa['scores'][s]:.3f}" if pa else "") for s, v in a["scores"].items()
+        )
         print(f"  {name:28s} {a['seconds']:9.1f} {pa['seconds'] if pa else float('nan'):8.1f}  {scores}")
-    line = (f"  harness total {h['total_seconds']:.1f} s (one process: start-up, base load "
-            f"{h['base_load_seconds']:.1f} s, {len(h['adapters'])} adapter(s))")
+    line = (
+        f"  harness total {h['total_seconds']:.1f} s (one process: start-up, base load "
+        f"{h['base_load_seconds']:.1f} s, {len(h['adapters'])} adapter(s))"
+    )
     if r.get("plain"):
-        line += (f"; plain total {r['plain']['total_seconds']:.1f} s; "
-                 f"plain/harness {r['ratio_plain_over_harness']:.2f}x")
+        line += (
+            f"; plain total {r['plain']['total_seconds']:.1f} s; "
+            f"plain/harness {r['ratio_plain_over_harness']:.2f}x"
+        )
     print(line)

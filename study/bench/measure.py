@@ -34,8 +34,10 @@ def bench_kl(proto: Protocol, model, tokenizer) -> dict:
     from study.tasks import build
 
     t = kl.throughput(model, tokenizer, build(proto.tasks[0]), proto.kl)
-    print(f"kl          {t['seconds']:7.1f} s  sampling {t['sample_tokens_per_s']:7.1f} tokens/s  "
-          f"scoring {t['score_tokens_per_s']:8.1f} tokens/s")
+    print(
+        f"kl          {t['seconds']:7.1f} s  sampling {t['sample_tokens_per_s']:7.1f} tokens/s  "
+        f"scoring {t['score_tokens_per_s']:8.1f} tokens/s"
+    )
     return {"task": proto.tasks[0].name, "config": proto.kl.model_dump(mode="json"), **t}
 
 
@@ -45,8 +47,10 @@ def bench_regression(proto: Protocol, model, tokenizer, limit: int) -> dict:
     cfg = proto.regression.model_copy(update={"limit": small_limits(proto.regression.suites, limit)})
     table = regression.throughput(model, tokenizer, cfg)
     for suite, t in table.items():
-        print(f"{suite:16s} {t['items']:4d} items {t['requests']:5d} requests {t['seconds']:7.1f} s  "
-              f"{t['items_per_s']:6.2f} items/s {t['requests_per_s']:7.2f} requests/s")
+        print(
+            f"{suite:16s} {t['items']:4d} items {t['requests']:5d} requests {t['seconds']:7.1f} s  "
+            f"{t['items_per_s']:6.2f} items/s {t['requests_per_s']:7.2f} requests/s"
+        )
     return {"config": cfg.model_dump(mode="json"), "suites": table}
 
 
@@ -72,18 +76,34 @@ def bench_persona(proto: Protocol, runtime: Runtime, run_root: Path) -> dict:
     host = AdapterHost(proto.model.source, runtime)
     with host.attached(cp.root / "adapter") as model:
         t = time.perf_counter()
-        out = persona.run(model, host.tokenizer, data, proto.persona, cache=cache if cache.is_file() else None,
-                          previous=previous)
+        out = persona.run(
+            model,
+            host.tokenizer,
+            data,
+            proto.persona,
+            cache=cache if cache.is_file() else None,
+            previous=previous,
+        )
         total = time.perf_counter() - t
     status = io.read_json(cp.status) if cp.status.is_file() else {}
     timing = out["timing"]
-    split = {k: timing.get(k, 0.0) for k in ("generation", "embedding", "questionnaire", "activations", "judge")}
+    split = {
+        k: timing.get(k, 0.0) for k in ("generation", "embedding", "questionnaire", "activations", "judge")
+    }
     if timing.get("direction"):
         split["activations"] -= timing["direction"]  # "activations" includes a direction computed here
     for k, v in split.items():
         print(f"persona {k:13s} {v:7.1f} s")
-    print(f"persona total         {total:7.1f} s   (the cell trained in {status.get('train_seconds', float('nan')):.0f} s)")
-    return {"cell": cp.root.name, "seconds": total, "split": split,
-            "direction_seconds": timing.get("direction", 0.0), "direction_cached": cache.is_file(),
-            "greedy_answers_from_newtask": out.get("greedy_answers_from_newtask", []),
-            "train_seconds": status.get("train_seconds"), "config": proto.persona.model_dump(mode="json")}
+    print(
+        f"persona total         {total:7.1f} s   (the cell trained in {status.get('train_seconds', float('nan')):.0f} s)"
+    )
+    return {
+        "cell": cp.root.name,
+        "seconds": total,
+        "split": split,
+        "direction_seconds": timing.get("direction", 0.0),
+        "direction_cached": cache.is_file(),
+        "greedy_answers_from_newtask": out.get("greedy_answers_from_newtask", []),
+        "train_seconds": status.get("train_seconds"),
+        "config": proto.persona.model_dump(mode="json"),
+    }

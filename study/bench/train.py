@@ -26,8 +26,11 @@ def bench_training(protocol: Path, steps: int) -> dict:
     cells = {c.method: c for c in proto.cells() if c.seed == proto.seeds[0]}
     out = {}
     for method in (m for m in Method if m in cells):  # the protocol's methods, in table order
-        cell = cells[method].model_copy(update={"train": cells[method].train.model_copy(
-            update={"steps": steps, "checkpoint_every": 10_000})})
+        cell = cells[method].model_copy(
+            update={
+                "train": cells[method].train.model_copy(update={"steps": steps, "checkpoint_every": 10_000})
+            }
+        )
         scratch = Path(tempfile.mkdtemp(prefix=f"bench-{method.value}-"))
         times: list[float] = []
         tokens: list[float] = []
@@ -60,10 +63,22 @@ def bench_training(protocol: Path, steps: int) -> dict:
         s_per_step = sum(steady) / len(steady)
         # num_tokens is cumulative: tokens of steps 2..n over their time
         tok_steady = (tokens[-1] - tokens[0]) if len(tokens) > 1 else (tokens[-1] if tokens else float("nan"))
-        out[method.value] = {"s_per_step": s_per_step, "tokens_per_s": tok_steady / sum(steady),
-                             "steps_timed": len(steady), "step_times": times}
-        print(f"{method.value:5s} {s_per_step:6.2f} s/step  {out[method.value]['tokens_per_s']:7.1f} tokens/s")
+        out[method.value] = {
+            "s_per_step": s_per_step,
+            "tokens_per_s": tok_steady / sum(steady),
+            "steps_timed": len(steady),
+            "step_times": times,
+        }
+        print(
+            f"{method.value:5s} {s_per_step:6.2f} s/step  {out[method.value]['tokens_per_s']:7.1f} tokens/s"
+        )
         del trainer, model
-    return {"protocol": str(protocol), "device": runtime.device, "dtype": runtime.dtype,
-            "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "budget": proto.train.model_dump(mode="json"), "methods": out}
+    return {
+        "protocol": str(protocol),
+        "device": runtime.device,
+        "dtype": runtime.dtype,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "budget": proto.train.model_dump(mode="json"),
+        "methods": out,
+    }

@@ -35,15 +35,28 @@ def hint(msg: str, err_type: str, value: Any = None) -> str:
         return "required field is missing; add it"
     if err_type in ("int_parsing", "int_from_float", "int_type"):
         shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
-        return (f"{shown} is not a whole number; write one in digits, e.g. 30 (YAML reads an exponent without "
-                f"a sign, like 1e30, as text)")
+        return (
+            f"{shown} is not a whole number; write one in digits, e.g. 30 (YAML reads an exponent without "
+            f"a sign, like 1e30, as text)"
+        )
     if err_type == "int_parsing_size":
         return f"{shown_value(value)} is far too large; use a smaller value"
     if err_type in ("float_parsing", "float_type"):
         shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
         return f"{shown} is not a number; write one, e.g. 0.001 or 1.0e-3"
-    if err_type in ("list_type", "dict_type", "model_type", "model_attributes_type", "string_type", "bool_type",
-                    "bool_parsing", "path_type", "tuple_type", "literal_error", "enum"):
+    if err_type in (
+        "list_type",
+        "dict_type",
+        "model_type",
+        "model_attributes_type",
+        "string_type",
+        "bool_type",
+        "bool_parsing",
+        "path_type",
+        "tuple_type",
+        "literal_error",
+        "enum",
+    ):
         shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
         return f"{msg} (got {shown[:80]})"
     if err_type in ("too_short", "too_long"):
@@ -86,7 +99,9 @@ def check_source(source: str) -> str | None:
             f"{TINY!r}, or one of " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
         )
     if kind == "bundled" and source[len(BUNDLED_PREFIX) :] not in BUNDLED:
-        return f"unknown bundled model {source!r}: known are " + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED)
+        return f"unknown bundled model {source!r}: known are " + ", ".join(
+            BUNDLED_PREFIX + n for n in BUNDLED
+        )
     if kind == "local":
         path = Path(source).expanduser()
         if path.is_file():
@@ -94,6 +109,8 @@ def check_source(source: str) -> str | None:
         if not path.is_dir():
             return f"model directory {source!r} does not exist: check the path, or use a hub id (org/name)"
         if not (path / "config.json").is_file():
-            return (f"model directory {source!r} has no config.json: point it at a folder saved by "
-                    f"save_pretrained (config.json + weights)")
+            return (
+                f"model directory {source!r} has no config.json: point it at a folder saved by "
+                f"save_pretrained (config.json + weights)"
+            )
     return None

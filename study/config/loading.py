@@ -31,12 +31,15 @@ class ProtocolError(ValueError):
         super().__init__(f"{path}: " + "; ".join(problems))
 
 
-RENAMED = {("train", "batch_size"): "renamed to train.prompts_per_step (prompts per optimizer step; GRPO's "
-                                    "completions per step = prompts_per_step × num_generations)"}
+RENAMED = {
+    ("train", "batch_size"): "renamed to train.prompts_per_step (prompts per optimizer step; GRPO's "
+    "completions per step = prompts_per_step × num_generations)"
+}
 
 
 def _dotted(path) -> str:
     """A field path as one printable line: odd keys (empty, control characters, very long) are quoted."""
+
     def part(p) -> str:
         p = str(p)
         return p if p and p.isprintable() and " " not in p and len(p) <= 40 else repr(p[:40])
@@ -54,10 +57,17 @@ def _fix_hint(loc: tuple, msg: str, err_type: str, value: Any = None) -> str:
         return f"{field}: {RENAMED[tuple(parts[-2:])]}"
     if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 2:
         return f"{field}: unknown method; use one of {', '.join(Method)}"
-    if err_type == "extra_forbidden" and parts[:1] == ["methods"] and len(parts) == 3 and parts[1] in set(Method):
+    if (
+        err_type == "extra_forbidden"
+        and parts[:1] == ["methods"]
+        and len(parts) == 3
+        and parts[1] in set(Method)
+    ):
         own = sorted(OPTIONS[Method(parts[1])].model_fields)
-        return (f"{field}: not an option of {parts[1]} (its options: {', '.join(own)}; any other TRL field "
-                f"goes under methods.{parts[1]}.trl)")
+        return (
+            f"{field}: not an option of {parts[1]} (its options: {', '.join(own)}; any other TRL field "
+            f"goes under methods.{parts[1]}.trl)"
+        )
     if err_type == "extra_forbidden":
         return f"{field}: unknown field; remove it or check its spelling"
     return f"{field}: {hint(msg, err_type, value)}"
@@ -72,7 +82,9 @@ def _walk(node: yaml.Node, path: tuple, depth: int, memo: dict, busy: set, probl
     if id(node) in memo:
         size, height = memo[id(node)]
         if depth + height > MAX_YAML_DEPTH:
-            raise _TooBig(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep; a protocol is a few levels")
+            raise _TooBig(
+                f"{where}: nested more than {MAX_YAML_DEPTH} levels deep; a protocol is a few levels"
+            )
         return size
     if id(node) in busy:
         raise _TooBig(f"{where}: an alias refers to itself (a recursive structure); write the value out")
@@ -88,8 +100,10 @@ def _walk(node: yaml.Node, path: tuple, depth: int, memo: dict, busy: set, probl
             name = key.value if isinstance(key, yaml.ScalarNode) else "?"
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 if name in seen:
-                    problems.append(f"{_dotted((*path, name))}: given twice in one mapping (YAML "
-                                    f"would silently keep the last); keep one")
+                    problems.append(
+                        f"{_dotted((*path, name))}: given twice in one mapping (YAML "
+                        f"would silently keep the last); keep one"
+                    )
                 seen.add(name)
             size += _walk(key, (*path, name), depth + 1, memo, busy, problems)
             size += _walk(child, (*path, name), depth + 1, memo, busy, problems)
@@ -97,8 +111,10 @@ def _walk(node: yaml.Node, path: tuple, depth: int, memo: dict, busy: set, probl
     busy.discard(id(node))
     memo[id(node)] = (size, height)
     if size > MAX_YAML_NODES:
-        raise _TooBig(f"{where}: expands to more than {MAX_YAML_NODES} values (nested aliases?); a protocol "
-                      f"is a page of YAML: write the values out")
+        raise _TooBig(
+            f"{where}: expands to more than {MAX_YAML_NODES} values (nested aliases?); a protocol "
+            f"is a page of YAML: write the values out"
+        )
     return size
 
 
@@ -120,20 +136,29 @@ def _non_finite(obj: Any, path: tuple = ()) -> list[str]:
 def _read_yaml(path: Path) -> Any:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ProtocolError(path, [f"file is {size} bytes; a protocol is at most {MAX_FILE_BYTES}: give the "
-                                   f"protocol YAML file"])
+        raise ProtocolError(
+            path,
+            [f"file is {size} bytes; a protocol is at most {MAX_FILE_BYTES}: give the protocol YAML file"],
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ProtocolError(path, [f"not UTF-8 text (byte {e.start}): save the protocol as UTF-8 YAML"]) from None
+        raise ProtocolError(
+            path, [f"not UTF-8 text (byte {e.start}): save the protocol as UTF-8 YAML"]
+        ) from None
     except OSError as e:
         raise ProtocolError(path, [f"cannot read the file ({e.strerror}): check its permissions"]) from None
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=loader))
         if aliases > MAX_YAML_ALIASES:
-            raise ProtocolError(path, [f"{aliases} YAML aliases (more than {MAX_YAML_ALIASES}): write the values "
-                                       f"out instead of nesting aliases"])
+            raise ProtocolError(
+                path,
+                [
+                    f"{aliases} YAML aliases (more than {MAX_YAML_ALIASES}): write the values "
+                    f"out instead of nesting aliases"
+                ],
+            )
         node = yaml.compose(text, Loader=loader)
         problems: list[str] = []
         if node is not None:
@@ -157,7 +182,9 @@ def load_protocol(path: str | Path) -> Protocol:
     """Read and validate a protocol file; raise ProtocolError with one line per problem."""
     path = Path(path)
     if path.is_dir():
-        raise ProtocolError(path, ["is a folder: give the protocol's YAML file (e.g. protocols/default.yaml)"])
+        raise ProtocolError(
+            path, ["is a folder: give the protocol's YAML file (e.g. protocols/default.yaml)"]
+        )
     if not path.is_file():
         raise ProtocolError(path, [f"file not found: {path}; check the path"])
     raw = _read_yaml(path)
@@ -169,7 +196,9 @@ def load_protocol(path: str | Path) -> Protocol:
     if tasks is not None and not isinstance(tasks, list):
         raise ProtocolError(path, ["tasks: must be a list, e.g. `tasks: [{name: snark}]`"])
     if methods is not None and not isinstance(methods, dict):
-        raise ProtocolError(path, ["methods: must be a mapping of method name to options, e.g. `methods: {sft: }`"])
+        raise ProtocolError(
+            path, ["methods: must be a mapping of method name to options, e.g. `methods: {sft: }`"]
+        )
     for task in tasks or []:  # relative data paths are relative to the protocol file
         if isinstance(task, dict) and isinstance(task.get("data"), str):
             task["data"] = str((path.parent / task["data"]).resolve())
@@ -181,6 +210,8 @@ def load_protocol(path: str | Path) -> Protocol:
     try:
         return Protocol.model_validate(raw)
     except ValidationError as e:
-        lines = [_fix_hint(err["loc"], err["msg"].removeprefix("Value error, "), err["type"], err.get("input"))
-                 for err in e.errors()]
+        lines = [
+            _fix_hint(err["loc"], err["msg"].removeprefix("Value error, "), err["type"], err.get("input"))
+            for err in e.errors()
+        ]
         raise ProtocolError(path, list(dict.fromkeys(lines))) from None

@@ -40,8 +40,13 @@ class Method(StrEnum):
     @property
     def data(self) -> Literal["completions", "neutral", "pairs", "unpaired", "prompts"]:
         """The training rows the method reads (see study.tasks)."""
-        return {"sft": "completions", "control": "neutral", "dpo": "pairs", "orpo": "pairs",
-                "kto": "unpaired"}.get(self.value, "prompts")
+        return {
+            "sft": "completions",
+            "control": "neutral",
+            "dpo": "pairs",
+            "orpo": "pairs",
+            "kto": "unpaired",
+        }.get(self.value, "prompts")
 
     @property
     def needs_reference_model(self) -> bool:
@@ -64,28 +69,59 @@ class Method(StrEnum):
     @property
     def trl_config(self) -> tuple[str, str]:
         """(module, class) of the TRL config this method trains with."""
-        return {"sft": ("trl", "SFTConfig"), "dpo": ("trl", "DPOConfig"), "kto": ("trl", "KTOConfig"),
-                "orpo": ("trl.experimental.orpo", "ORPOConfig"), "grpo": ("trl", "GRPOConfig")}[self.trainer]
+        return {
+            "sft": ("trl", "SFTConfig"),
+            "dpo": ("trl", "DPOConfig"),
+            "kto": ("trl", "KTOConfig"),
+            "orpo": ("trl.experimental.orpo", "ORPOConfig"),
+            "grpo": ("trl", "GRPOConfig"),
+        }[self.trainer]
 
 
 # Fields of the TRL configs that the protocol sets itself: passing them under `trl:` would break the match.
 RESERVED_TRL = {
-    "output_dir": "the run folder", "max_steps": "train.steps", "num_train_epochs": "train.steps",
-    "per_device_train_batch_size": "train.prompts_per_step", "gradient_accumulation_steps": "train.grad_accum",
-    "learning_rate": "the method's learning_rate", "seed": "seeds", "data_seed": "seeds",
-    "save_steps": "train.checkpoint_every", "save_strategy": "train.checkpoint_every",
-    "max_length": "train.max_length", "max_completion_length": "train.max_completion_length",
-    "num_generations": "the method's num_generations", "beta": "the method's beta",
+    "output_dir": "the run folder",
+    "max_steps": "train.steps",
+    "num_train_epochs": "train.steps",
+    "per_device_train_batch_size": "train.prompts_per_step",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "learning_rate": "the method's learning_rate",
+    "seed": "seeds",
+    "data_seed": "seeds",
+    "save_steps": "train.checkpoint_every",
+    "save_strategy": "train.checkpoint_every",
+    "max_length": "train.max_length",
+    "max_completion_length": "train.max_completion_length",
+    "num_generations": "the method's num_generations",
+    "beta": "the method's beta",
     "reward_weights": "the task's reward (study.rewards)",
-    "report_to": "the protocol's report_to", "use_cpu": "model.device", "bf16": "model.dtype",
-    "fp16": "model.dtype", "gradient_checkpointing": "train.gradient_checkpointing",
+    "report_to": "the protocol's report_to",
+    "use_cpu": "model.device",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "gradient_checkpointing": "train.gradient_checkpointing",
 }
 
 
 # The loss variants TRL's trainers implement (TRL's configs accept any string and fail only at the first
 # training step; tests/test_protocol_fuzz.py checks these lists against the installed TRL's source).
-DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+DPOLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 GRPOLoss = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"]
 
 
@@ -114,7 +150,9 @@ class MethodOptions(Strict):
         allowed = sorted(set(cls.model_fields) - {"sweep", "trl"})
         for key, values in v.items():
             if key not in allowed:
-                raise ValueError(f"@{key}: cannot sweep {key!r} for this method: sweepable fields are {allowed}")
+                raise ValueError(
+                    f"@{key}: cannot sweep {key!r} for this method: sweepable fields are {allowed}"
+                )
             if not isinstance(values, list) or not values:
                 raise ValueError(f"@{key}: needs a non-empty list of values, e.g. `{key}: [a, b]`")
             if len({repr(x) for x in values}) != len(values):
@@ -191,8 +229,13 @@ class GRPOMarkersOptions(GRPOOptions):
 
 
 OPTIONS: dict[Method, type[MethodOptions]] = {
-    Method.sft: SFTOptions, Method.dpo: DPOOptions, Method.kto: KTOOptions, Method.orpo: ORPOOptions,
-    Method.grpo: GRPOOptions, Method.grpo_kl: GRPOKLOptions, Method.grpo_markers: GRPOMarkersOptions,
+    Method.sft: SFTOptions,
+    Method.dpo: DPOOptions,
+    Method.kto: KTOOptions,
+    Method.orpo: ORPOOptions,
+    Method.grpo: GRPOOptions,
+    Method.grpo_kl: GRPOKLOptions,
+    Method.grpo_markers: GRPOMarkersOptions,
     Method.control: ControlOptions,
 }
 assert set(OPTIONS) == set(Method), "every method needs its options class"

@@ -65,7 +65,9 @@ class TaskSpec(Strict):
     """arithmetic only: number of generated training problems."""
     n_heldout: int = Field(100, gt=0, le=100_000)
     """arithmetic only: number of generated held-out problems (disjoint from training, commuted twins too)."""
-    ops: list[Literal["add", "sub", "mul"]] = Field(default_factory=lambda: ["add", "sub", "mul"], min_length=1)
+    ops: list[Literal["add", "sub", "mul"]] = Field(
+        default_factory=lambda: ["add", "sub", "mul"], min_length=1
+    )
     """arithmetic only: the operations (domains), dealt round-robin."""
     add_range: tuple[int, int] = (1, 30)
     """arithmetic only: inclusive range of both operands of `+` (sets the difficulty: the bundled model's
@@ -83,7 +85,9 @@ class TaskSpec(Strict):
         if v is not None and Path(v).is_file():
             raise ValueError(f"data {str(v)!r} is a file: point it at a folder of <domain>.jsonl files")
         if v is not None and not Path(v).is_dir():
-            raise ValueError(f"data folder {str(v)!r} does not exist: point it at a folder of <domain>.jsonl files")
+            raise ValueError(
+                f"data folder {str(v)!r} does not exist: point it at a folder of <domain>.jsonl files"
+            )
         return v
 
     @field_validator("add_range", "sub_range", "mul_range")
@@ -97,7 +101,9 @@ class TaskSpec(Strict):
     @classmethod
     def _domains(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError("list each held-out domain once, at least one (or remove the field for the default)")
+            raise ValueError(
+                "list each held-out domain once, at least one (or remove the field for the default)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -113,15 +119,19 @@ class TaskSpec(Strict):
             room = m * (m + 1) // 2 if op in ("add", "mul") else m * m
             need = total // len(self.ops) + (i < total % len(self.ops))
             if need > room:
-                raise ValueError(f"@{op}_range: {need} distinct {op} problems asked for, but operands in "
-                                 f"[{lo}, {hi}] give {room}; widen {op}_range or ask for fewer problems")
+                raise ValueError(
+                    f"@{op}_range: {need} distinct {op} problems asked for, but operands in "
+                    f"[{lo}, {hi}] give {room}; widen {op}_range or ask for fewer problems"
+                )
         return self
 
     @model_validator(mode="after")
     def _own_fields(self) -> TaskSpec:
         """Fields of the other task are errors, not silently ignored."""
-        other = {"snark": ("n_train", "n_heldout", "ops", "add_range", "sub_range", "mul_range"),
-                 "arithmetic": ("data", "heldout_domains")}[self.name]
+        other = {
+            "snark": ("n_train", "n_heldout", "ops", "add_range", "sub_range", "mul_range"),
+            "arithmetic": ("data", "heldout_domains"),
+        }[self.name]
         for field in other:  # (compared with the default, so a dumped protocol.yaml loads again)
             default = type(self).model_fields[field].get_default(call_default_factory=True)
             if getattr(self, field) != default:
@@ -186,8 +196,10 @@ class TrainSpec(Strict):
     @model_validator(mode="after")
     def _accum_divides(self) -> TrainSpec:
         if self.prompts_per_step % self.grad_accum:
-            raise ValueError(f"@grad_accum: {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}; "
-                             f"change one of them")
+            raise ValueError(
+                f"@grad_accum: {self.grad_accum} must divide prompts_per_step={self.prompts_per_step}; "
+                f"change one of them"
+            )
         return self
 
 
@@ -256,9 +268,12 @@ class _MethodsBase(Strict):
 
 
 Methods = create_model(
-    "Methods", __base__=_MethodsBase,
-    **{m.value: (OPTIONS[m] | None, Field(None, description=(OPTIONS[m].__doc__ or m.value).strip()))
-       for m in Method},
+    "Methods",
+    __base__=_MethodsBase,
+    **{
+        m.value: (OPTIONS[m] | None, Field(None, description=(OPTIONS[m].__doc__ or m.value).strip()))
+        for m in Method
+    },
 )
 
 
@@ -309,9 +324,13 @@ class Protocol(Strict):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
-            raise ValueError(f"{v} repeat a seed: a repeated seed is the same cell counted twice; list each once")
+            raise ValueError(
+                f"{v} repeat a seed: a repeated seed is the same cell counted twice; list each once"
+            )
         if any(s < 0 or s >= 2**31 for s in v):
-            raise ValueError(f"{[s for s in v if s < 0 or s >= 2**31]} out of range: seeds must be in [0, 2**31)")
+            raise ValueError(
+                f"{[s for s in v if s < 0 or s >= 2**31]} out of range: seeds must be in [0, 2**31)"
+            )
         return v
 
     @field_validator("tasks")
@@ -326,36 +345,53 @@ class Protocol(Strict):
     def _consistent(self) -> Protocol:
         if not len(self.methods):
             raise ValueError("@methods: no method given; name at least one of " + ", ".join(Method))
-        n_cells = len(self.tasks) * len(self.seeds) * sum(
-            math.prod(len(vals) for vals in spec.sweep.values()) for _, spec in self.methods.items())
+        n_cells = (
+            len(self.tasks)
+            * len(self.seeds)
+            * sum(math.prod(len(vals) for vals in spec.sweep.values()) for _, spec in self.methods.items())
+        )
         if n_cells > MAX_CELLS:
-            raise ValueError(f"@seeds: {n_cells} cells (tasks x methods x sweep points x seeds) is more than {MAX_CELLS}: "
-                             f"shorten the sweeps or the seeds")
+            raise ValueError(
+                f"@seeds: {n_cells} cells (tasks x methods x sweep points x seeds) is more than {MAX_CELLS}: "
+                f"shorten the sweeps or the seeds"
+            )
         if not self.allow_unmatched:
             for m, spec in self.methods.items():
                 if spec.steps is not None or "steps" in spec.sweep:
-                    raise ValueError(f"@methods.{m}.steps: a method's own step count breaks the matched budget; "
-                                     f"remove it, or set allow_unmatched: true")
+                    raise ValueError(
+                        f"@methods.{m}.steps: a method's own step count breaks the matched budget; "
+                        f"remove it, or set allow_unmatched: true"
+                    )
         if "humaneval" in self.regression.suites and not self.regression.confirm_run_unsafe_code:
-            raise ValueError("@regression.confirm_run_unsafe_code: humaneval executes model-written code (in a "
-                             "sandbox); set `regression.confirm_run_unsafe_code: true` to allow it, or drop "
-                             "humaneval from regression.suites")
+            raise ValueError(
+                "@regression.confirm_run_unsafe_code: humaneval executes model-written code (in a "
+                "sandbox); set `regression.confirm_run_unsafe_code: true` to allow it, or drop "
+                "humaneval from regression.suites"
+            )
         names = {t.name for t in self.tasks}
         if self.persona is not None and "snark" not in names:
-            raise ValueError("@persona: the persona stage measures the snark task; add it to tasks or remove persona")
+            raise ValueError(
+                "@persona: the persona stage measures the snark task; add it to tasks or remove persona"
+            )
         ck = self.checkpoints
         if ck is not None and ck.steps:
             bad = [s for s in ck.steps if s <= 0 or s >= self.train.steps or s % self.train.checkpoint_every]
             if bad:
-                raise ValueError(f"@checkpoints.steps: {bad}: no checkpoint is saved there; use multiples of "
-                                 f"train.checkpoint_every={self.train.checkpoint_every} below train.steps="
-                                 f"{self.train.steps}")
+                raise ValueError(
+                    f"@checkpoints.steps: {bad}: no checkpoint is saved there; use multiples of "
+                    f"train.checkpoint_every={self.train.checkpoint_every} below train.steps="
+                    f"{self.train.steps}"
+                )
         for i, p in enumerate(self.primary):
             if p.task not in names:
-                raise ValueError(f"@primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})")
+                raise ValueError(
+                    f"@primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})"
+                )
             for side in p.contrast:
                 if side not in self.methods:
-                    raise ValueError(f"@primary.{i}.contrast: {side!r} is not a method of this protocol; add it to methods")
+                    raise ValueError(
+                        f"@primary.{i}.contrast: {side!r} is not a method of this protocol; add it to methods"
+                    )
         return self
 
     def cells(self) -> list[Cell]:
@@ -395,15 +431,25 @@ class Cell(Strict):
     options: dict[str, Any]
 
     @classmethod
-    def resolve(cls, proto: Protocol, task: TaskSpec, method: Method, spec: MethodOptions, sweep: dict,
-                seed: int) -> Cell:
+    def resolve(
+        cls, proto: Protocol, task: TaskSpec, method: Method, spec: MethodOptions, sweep: dict, seed: int
+    ) -> Cell:
         resolved = spec.model_copy(update=sweep)
-        train = proto.train.model_copy(update={k: getattr(resolved, k) for k in TRAIN_OVERRIDES
-                                               if getattr(resolved, k) is not None})
+        train = proto.train.model_copy(
+            update={k: getattr(resolved, k) for k in TRAIN_OVERRIDES if getattr(resolved, k) is not None}
+        )
         options = resolved.model_dump(mode="json", exclude={"sweep", *TRAIN_OVERRIDES})
-        return cls(model=proto.model.source, revision=proto.model.revision, dtype=proto.model.dtype, task=task,
-                   method=method, seed=seed, sweep=sweep, train=TrainSpec.model_validate(train.model_dump()),
-                   options=options)
+        return cls(
+            model=proto.model.source,
+            revision=proto.model.revision,
+            dtype=proto.model.dtype,
+            task=task,
+            method=method,
+            seed=seed,
+            sweep=sweep,
+            train=TrainSpec.model_validate(train.model_dump()),
+            options=options,
+        )
 
     @property
     def method_options(self) -> MethodOptions:

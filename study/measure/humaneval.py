@@ -49,7 +49,9 @@ def check_programs(items: list[tuple[dict, str]], timeout: float) -> list[dict]:
     limits = sandbox.Limits(wall_s=timeout + 2.0, cpu_s=max(1, int(timeout + 4)))
     out = []
     for problem, completion in items:
-        r = sandbox.check_program(problem["prompt"] + completion, problem["test"], problem["entry_point"], limits)
+        r = sandbox.check_program(
+            problem["prompt"] + completion, problem["test"], problem["entry_point"], limits
+        )
         out.append({"passed": r["passed"], "result": r["result"]})
     return out
 
@@ -60,8 +62,9 @@ def _split_reference(reference: str) -> tuple[str, str]:
     return test, call.strip().removesuffix(")")
 
 
-def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int = 1,
-              timeout: float = 10.0) -> dict[str, float]:
+def pass_at_k(
+    references: list[str], predictions: list[list[str]], k: list[int] | int = 1, timeout: float = 10.0
+) -> dict[str, float]:
     """lm-eval metric (called once per problem): the unbiased pass@k estimator (Chen et al. 2021) over the
     problem's candidate programs, each run in the sandbox. Same contract as the stock `utils.pass_at_k`."""
     try:
@@ -75,8 +78,10 @@ def _pass_at_k(references: list[str], predictions: list[list[str]], ks: list[int
     for reference, candidates in zip(references, predictions, strict=True):
         test, entry_point = _split_reference(reference)
         # The candidate already holds prompt + completion (build_predictions), so it goes in as the prompt.
-        items = [({"task_id": "lm_eval", "prompt": c, "test": test, "entry_point": entry_point}, "")
-                 for c in candidates]
+        items = [
+            ({"task_id": "lm_eval", "prompt": c, "test": test, "entry_point": entry_point}, "")
+            for c in candidates
+        ]
         results = check_programs(items, timeout)
         for c, r in zip(candidates, results, strict=True):
             LAST_RESULTS[hashlib.sha1(c.encode()).hexdigest()] = r

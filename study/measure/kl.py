@@ -59,8 +59,9 @@ def _policy(model, base: bool):
     return model.disable_adapter() if base else nullcontext()
 
 
-def _sample(model, prompts: list[list[int]], cfg: KLEval, eos: set[int], pad: int,
-            seed: int) -> list[list[int]]:
+def _sample(
+    model, prompts: list[list[int]], cfg: KLEval, eos: set[int], pad: int, seed: int
+) -> list[list[int]]:
     """Ancestral sampling from the full softmax of `model` as the caller has set it (adapter on or off)."""
     import torch
 
@@ -74,8 +75,14 @@ def _sample(model, prompts: list[list[int]], cfg: KLEval, eos: set[int], pad: in
         done = torch.zeros(len(ids), dtype=torch.bool, device=device)
         new = []
         for _ in range(cfg.max_new_tokens):
-            o = model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=past,
-                      use_cache=True, logits_to_keep=1)
+            o = model(
+                input_ids=step,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             past = o.past_key_values
             probs = torch.softmax(o.logits[:, -1].float() / cfg.temperature, dim=-1)
             tok = torch.where(done, pad, torch.multinomial(probs, 1, generator=gen)[:, 0])
@@ -100,8 +107,9 @@ def _logprobs(model, ids, mask, keep: int, temperature: float):
     return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
 
 
-def _score(model, seqs: list[list[int]], n_scored: list[int], sampler_is_base: bool, cfg: KLEval,
-           pad: int) -> list[dict]:
+def _score(
+    model, seqs: list[list[int]], n_scored: list[int], sampler_is_base: bool, cfg: KLEval, pad: int
+) -> list[dict]:
     """Per sequence: the exact KL(p‖q) at each of its last n_scored tokens, p the policy y was drawn from
     (π0 if sampler_is_base, else πθ) and q the other; plus the log ratio log p(y) − log q(y)."""
     import torch
@@ -123,8 +131,14 @@ def _score(model, seqs: list[list[int]], n_scored: list[int], sampler_is_base: b
         kl = torch.where((kl < 0) & (kl > -NEG_TOLERANCE), torch.zeros_like(kl), kl)
         for i, n in enumerate(ns):
             per_token = kl[i, k - n :].tolist()
-            out.append({"tokens": n, "kl": float(sum(per_token)), "log_ratio": float(ratio[i, k - n :].sum()),
-                        "token_kl": [round(v, 7) for v in per_token]})
+            out.append(
+                {
+                    "tokens": n,
+                    "kl": float(sum(per_token)),
+                    "log_ratio": float(ratio[i, k - n :].sum()),
+                    "token_kl": [round(v, 7) for v in per_token],
+                }
+            )
     return out
 
 
@@ -146,17 +160,25 @@ def _rows(metric: str, recs: list[dict]) -> list[dict]:
     tokens = np.array([r["tokens"] for r in recs], dtype=float)
     lo, hi = bootstrap_mean_ci(kl)
     tlo, thi = _ratio_ci(kl, tokens)
-    return [{"metric": metric, "value": float(kl.mean()), "ci_low": lo, "ci_high": hi, "n": len(kl)},
-            {"metric": f"{metric}_per_token", "value": float(kl.sum() / tokens.sum()), "ci_low": tlo,
-             "ci_high": thi, "n": len(kl)}]
+    return [
+        {"metric": metric, "value": float(kl.mean()), "ci_low": lo, "ci_high": hi, "n": len(kl)},
+        {
+            "metric": f"{metric}_per_token",
+            "value": float(kl.sum() / tokens.sum()),
+            "ci_low": tlo,
+            "ci_high": thi,
+            "n": len(kl),
+        },
+    ]
 
 
 def general_passages(cfg: KLEval) -> list[dict]:
     """The first n_general {"id", "text"} passages of the general-text file."""
     path = Path(cfg.general_text) if cfg.general_text else GENERAL_TEXT
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{"id": r.get("id", f"general-{i}"), "text": r["text"]}
-            for i, r in enumerate(rows[: cfg.n_general])]
+    return [
+        {"id": r.get("id", f"general-{i}"), "text": r["text"]} for i, r in enumerate(rows[: cfg.n_general])
+    ]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -180,18 +202,28 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):  # the base against itself: 0 by definition, so not measured
-        rows = [{"metric": f"{m}{s}", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
-                for m in cfg.metrics for s in ("", "_per_token")]
+        rows = [
+            {"metric": f"{m}{s}", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
+            for m in cfg.metrics
+            for s in ("", "_per_token")
+        ]
         return {"rows": rows, "sequences": [], "note": "no adapter: the KL of the base to itself is 0"}
 
     items = random.Random(cfg.seed).sample(data.heldout, min(cfg.n_prompts, len(data.heldout)))
-    chats = [tokenizer.apply_chat_template(data.messages(it.prompt), tokenize=False,
-                                           add_generation_prompt=True) for it in items]
-    prompts = [(it, j, tokenizer(c, add_special_tokens=False)["input_ids"])
-               for it, c in zip(items, chats, strict=True) for j in range(cfg.samples_per_prompt)]
+    chats = [
+        tokenizer.apply_chat_template(data.messages(it.prompt), tokenize=False, add_generation_prompt=True)
+        for it in items
+    ]
+    prompts = [
+        (it, j, tokenizer(c, add_special_tokens=False)["input_ids"])
+        for it, c in zip(items, chats, strict=True)
+        for j in range(cfg.samples_per_prompt)
+    ]
     # plain text, no chat template; the first token is scored only if the tokenizer prepends a BOS to it
-    passages = [(p, tokenizer(p["text"], truncation=True, max_length=cfg.max_length_general)["input_ids"])
-                for p in general_passages(cfg)]
+    passages = [
+        (p, tokenizer(p["text"], truncation=True, max_length=cfg.max_length_general)["input_ids"])
+        for p in general_passages(cfg)
+    ]
     passages = [(p, ids) for p, ids in passages if len(ids) > 1]  # a single token predicts nothing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
@@ -217,13 +249,20 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
                     ys = _sample(model, [p for _, _, p in prompts], cfg, eos, pad, seed)
                 timing["sample_seconds"] += time.perf_counter() - t
                 timing["tokens_sampled"] += sum(map(len, ys))
-                keys = [{"id": it.id, "sample": j, "text": tokenizer.decode(y, skip_special_tokens=True)}
-                        for (it, j, _), y in zip(prompts, ys, strict=True)]
+                keys = [
+                    {"id": it.id, "sample": j, "text": tokenizer.decode(y, skip_special_tokens=True)}
+                    for (it, j, _), y in zip(prompts, ys, strict=True)
+                ]
                 seqs = [p + y for (_, _, p), y in zip(prompts, ys, strict=True)]
                 score(metric, seqs, [len(y) for y in ys], from_base, keys)
             if passages and METRICS[2] in cfg.metrics:
-                score(METRICS[2], [ids for _, ids in passages], [len(ids) - 1 for _, ids in passages], True,
-                      [{"id": p["id"]} for p, _ in passages])
+                score(
+                    METRICS[2],
+                    [ids for _, ids in passages],
+                    [len(ids) - 1 for _, ids in passages],
+                    True,
+                    [{"id": p["id"]} for p, _ in passages],
+                )
     finally:
         model.train(was_training)
 
@@ -232,8 +271,10 @@ def run(model, tokenizer, data: TaskData, cfg: KLEval) -> dict:
         recs = [r for r in records if r["metric"] == m]
         if recs:
             rows += _rows(m, recs)
-            cross[m] = {"exact": float(np.mean([r["kl"] for r in recs])),
-                        "log_ratio": float(np.mean([r["log_ratio"] for r in recs]))}
+            cross[m] = {
+                "exact": float(np.mean([r["kl"] for r in recs])),
+                "log_ratio": float(np.mean([r["log_ratio"] for r in recs])),
+            }
     timing["sample_tokens_per_s"] = timing["tokens_sampled"] / max(timing["sample_seconds"], 1e-9)
     timing["score_tokens_per_s"] = timing["tokens_scored"] / max(timing["score_seconds"], 1e-9)
     return {"rows": rows, "sequences": records, "cross_check": cross, "timing": timing}

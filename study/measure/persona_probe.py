@@ -138,10 +138,16 @@ class Probe:
         return self.heldout_auc >= AUC_WARN
 
     def summary(self) -> dict:
-        return {"C": self.C, "cv_auc_train_domains": self.cv_auc, "heldout_auc": self.heldout_auc,
-                "heldout_auc_markers_removed": self.heldout_auc_masked, "n_train_answers": self.n_train,
-                "auc_below_0.9": not self.ok, "features": "MiniLM whole|sent-mean|sent-max|last-sent|stripped",
-                "platt": list(self.platt)}
+        return {
+            "C": self.C,
+            "cv_auc_train_domains": self.cv_auc,
+            "heldout_auc": self.heldout_auc,
+            "heldout_auc_markers_removed": self.heldout_auc_masked,
+            "n_train_answers": self.n_train,
+            "auc_below_0.9": not self.ok,
+            "features": "MiniLM whole|sent-mean|sent-max|last-sent|stripped",
+            "platt": list(self.platt),
+        }
 
 
 def _fit(x, y, C):
@@ -152,8 +158,16 @@ def _fit(x, y, C):
     return scaler, LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(x), y)
 
 
-def fit_probe(train_x, train_y, train_groups, held_x=None, held_y=None, held_x_masked=None,
-              C: float | None = None, grid=C_GRID) -> Probe:
+def fit_probe(
+    train_x,
+    train_y,
+    train_groups,
+    held_x=None,
+    held_y=None,
+    held_x_masked=None,
+    C: float | None = None,
+    grid=C_GRID,
+) -> Probe:
     """Fit on training answers; C by leave-one-group-out CV unless given; Platt scaling on out-of-fold
     scores of the chosen C. Held-out arrays are only scored, never fitted."""
     from sklearn.linear_model import LogisticRegression
@@ -162,7 +176,7 @@ def fit_probe(train_x, train_y, train_groups, held_x=None, held_y=None, held_x_m
     groups = np.asarray(train_groups)
     folds = [(groups != g, groups == g) for g in sorted(set(groups))]
     best = (-1.0, None, None)
-    for c in ([C] if C else grid):
+    for c in [C] if C else grid:
         oof = np.zeros(len(train_y))
         for tr, te in folds:
             s, m = _fit(train_x[tr], train_y[tr], c)
@@ -174,8 +188,16 @@ def fit_probe(train_x, train_y, train_groups, held_x=None, held_y=None, held_x_m
     cv_auc, c, oof = best
     platt = LogisticRegression(C=1e4).fit(oof[:, None], train_y)
     scaler, clf = _fit(train_x, train_y, c)
-    probe = Probe(scaler, clf, (float(platt.coef_[0, 0]), float(platt.intercept_[0])), float(c), cv_auc,
-                  math.nan, math.nan, len(train_y))
+    probe = Probe(
+        scaler,
+        clf,
+        (float(platt.coef_[0, 0]), float(platt.intercept_[0])),
+        float(c),
+        cv_auc,
+        math.nan,
+        math.nan,
+        len(train_y),
+    )
     if held_x is not None and len(set(held_y)) == 2:
         probe.heldout_auc = float(roc_auc_score(held_y, probe.prob_features(held_x)))
         if held_x_masked is not None:
@@ -187,7 +209,12 @@ def fit_probe(train_x, train_y, train_groups, held_x=None, held_y=None, held_x_m
 def fitted_probe(data: TaskData, C: float | None = None) -> Probe:
     """The probe for a task: fitted on data.train persona vs neutral answers, AUC on data.heldout."""
     train, held = data.train, data.heldout
-    ref = [it.good for it in train] + [it.bad for it in train] + [it.good for it in held] + [it.bad for it in held]
+    ref = (
+        [it.good for it in train]
+        + [it.bad for it in train]
+        + [it.good for it in held]
+        + [it.bad for it in held]
+    )
     masked = [mask(t) for t in ref[2 * len(train) :]]
     x = _reference_features(ref + masked)
     n, m = 2 * len(train), 2 * len(held)
@@ -196,8 +223,11 @@ def fitted_probe(data: TaskData, C: float | None = None) -> Probe:
     groups = [it.domain for it in train] * 2
     probe = fit_probe(x[:n], y_tr, groups, x[n : n + m], y_ho, x[n + m :], C=C)
     if not probe.ok:
-        log.warning("persona probe: held-out AUC %.3f is below %.1f: persona/probe is a weak indicator here",
-                    probe.heldout_auc, AUC_WARN)
+        log.warning(
+            "persona probe: held-out AUC %.3f is below %.1f: persona/probe is a weak indicator here",
+            probe.heldout_auc,
+            AUC_WARN,
+        )
     return probe
 
 
@@ -242,26 +272,43 @@ def external_check(probe: Probe, threshold: float = 0.85, path: Path | None = No
         return roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b])
 
     value = float(auc(p, n))
-    ci = bootstrap((p, n), auc, paired=True, vectorized=False, n_resamples=1000, method="percentile",
-                   random_state=0).confidence_interval
-    masked = float(auc(probe.prob([mask(r["persona"]) for r in rows]), probe.prob([mask(r["neutral"]) for r in rows])))
-    return {"external_auc": value, "external_auc_ci": [float(ci.low), float(ci.high)],
-            "external_auc_markers_removed": masked, "external_pairs": len(rows),
-            "external_threshold": threshold, "external_ok": value >= threshold}
+    ci = bootstrap(
+        (p, n), auc, paired=True, vectorized=False, n_resamples=1000, method="percentile", random_state=0
+    ).confidence_interval
+    masked = float(
+        auc(probe.prob([mask(r["persona"]) for r in rows]), probe.prob([mask(r["neutral"]) for r in rows]))
+    )
+    return {
+        "external_auc": value,
+        "external_auc_ci": [float(ci.low), float(ci.high)],
+        "external_auc_markers_removed": masked,
+        "external_pairs": len(rows),
+        "external_threshold": threshold,
+        "external_ok": value >= threshold,
+    }
 
 
 class ProbeCheckFailed(RuntimeError):
     """The persona probe does not separate persona from neutral text it was not fitted on."""
 
 
-def check_probe(data: TaskData, threshold: float = 0.85, C: float | None = None, path: Path | None = None,
-                strict: bool = True) -> dict:
+def check_probe(
+    data: TaskData,
+    threshold: float = 0.85,
+    C: float | None = None,
+    path: Path | None = None,
+    strict: bool = True,
+) -> dict:
     """Pre-run check of the persona probe: its AUC on the external pairs must reach `threshold` (the
     runner calls this before a study with a `persona:` block). Raises ProbeCheckFailed when `strict`."""
-    out = external_check(fitted_probe(data, C), threshold, path) | {"heldout_auc": fitted_probe(data, C).heldout_auc}
+    out = external_check(fitted_probe(data, C), threshold, path) | {
+        "heldout_auc": fitted_probe(data, C).heldout_auc
+    }
     if strict and not out["external_ok"]:
-        raise ProbeCheckFailed(f"persona probe AUC on the external pairs is {out['external_auc']:.3f} < "
-                               f"{threshold} (persona.external_auc_min): persona/probe would not measure the trait")
+        raise ProbeCheckFailed(
+            f"persona probe AUC on the external pairs is {out['external_auc']:.3f} < "
+            f"{threshold} (persona.external_auc_min): persona/probe would not measure the trait"
+        )
     return out
 
 

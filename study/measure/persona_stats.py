@@ -79,8 +79,13 @@ def row(metric: str, values, n: int | None = None, ci: tuple[float, float] | Non
     if len(x) == 0:
         return None
     lo, hi = ci if ci is not None else bootstrap_mean_ci(x)
-    return {"metric": metric, "value": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "n": int(n if n is not None else len(x))}
+    return {
+        "metric": metric,
+        "value": float(x.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "n": int(n if n is not None else len(x)),
+    }
 
 
 def scalar_row(metric: str, value: float, lo: float, hi: float, n: int) -> dict | None:
@@ -136,8 +141,12 @@ def context_icc(values, domains) -> dict:
         icc = pg.intraclass_corr(data=df, targets="domain", raters="slot", ratings="value").set_index("Type")
     one = "ICC1" if "ICC1" in icc.index else "ICC(1,1)"  # pingouin renamed the types in 0.7
     lo, hi = icc.loc[one, "CI95" if "CI95" in icc else "CI95%"]
-    return {"icc1": float(icc.loc[one, "ICC"]), "ci": [float(lo), float(hi)], "n_domains": len(names),
-            "per_domain": int(k)}
+    return {
+        "icc1": float(icc.loc[one, "ICC"]),
+        "ci": [float(lo), float(hi)],
+        "n_domains": len(names),
+        "per_domain": int(k),
+    }
 
 
 @dataclass
@@ -162,16 +171,23 @@ class Direction:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz")  # unique per writer
-        np.savez(tmp, layer=self.layer, vector=self.vector, origin=self.origin,
-                 separation=np.array(self.separation), key=self.key)
+        tmp = path.with_name(
+            f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz"
+        )  # unique per writer
+        np.savez(
+            tmp,
+            layer=self.layer,
+            vector=self.vector,
+            origin=self.origin,
+            separation=np.array(self.separation),
+            key=self.key,
+        )
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> Direction:
         z = np.load(path)
         return cls(int(z["layer"]), z["vector"], z["origin"], z["separation"].tolist(), str(z["key"]))
-
 
 
 def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple[int, list[float]]:
@@ -190,7 +206,9 @@ def choose_layer(persona: np.ndarray, plain: np.ndarray, seed: int = 0) -> tuple
                 ds.append(0.0)
                 continue
             diff = (persona[test, layer] - plain[test, layer]) @ v / float(v @ v)
-            ds.append(float(diff.mean() / (diff.std(ddof=1) + 1e-12)) if len(diff) > 1 else float(diff.mean()))
+            ds.append(
+                float(diff.mean() / (diff.std(ddof=1) + 1e-12)) if len(diff) > 1 else float(diff.mean())
+            )
         sep.append(float(np.mean(ds)))
     return int(np.argmax(sep)), [s if np.isfinite(s) else 0.0 for s in sep]
 
@@ -226,8 +244,16 @@ def indicator_rows(domains: list[str], h: dict[str, np.ndarray], sr: dict) -> li
     if gate["valid"]:
         rows.append(scalar_row("persona/self_report", *sr["mean"], len(sr["respondents"])))
     else:
-        rows.append({"metric": "persona/self_report_valid", "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 1,
-                     "flag": gate["reason"]})
+        rows.append(
+            {
+                "metric": "persona/self_report_valid",
+                "value": 0.0,
+                "ci_low": 0.0,
+                "ci_high": 0.0,
+                "n": 1,
+                "flag": gate["reason"],
+            }
+        )
     return rows
 
 
@@ -253,7 +279,11 @@ def causal_effects(scores: dict[str, dict[str, np.ndarray]]) -> dict:
                 lo, hi = float(ci.low), float(ci.high)
             else:
                 lo = hi = float(d.mean()) if len(d) else math.nan
-            out[f"{arm}_{ind}"] = {"delta": float(d.mean()) if len(d) else math.nan, "ci": [lo, hi], "n": len(d)}
+            out[f"{arm}_{ind}"] = {
+                "delta": float(d.mean()) if len(d) else math.nan,
+                "ci": [lo, hi],
+                "n": len(d),
+            }
     return out
 
 
@@ -270,8 +300,15 @@ def causal_rows(scores: dict | None) -> list[dict | None]:
             if ind == "marker_rate":
                 hits = scores[arm]["markers"] > 0
                 lo, hi = wilson(int(hits.sum()), len(hits))
-                rows.append({"metric": f"persona/{arm}_{ind}", "value": float(hits.mean()), "ci_low": lo,
-                             "ci_high": hi, "n": len(hits)})
+                rows.append(
+                    {
+                        "metric": f"persona/{arm}_{ind}",
+                        "value": float(hits.mean()),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "n": len(hits),
+                    }
+                )
             elif ind in scores[arm]:
                 rows.append(row(f"persona/{arm}_{ind}", scores[arm][ind]))
     return rows
@@ -290,7 +327,9 @@ def retest_r(a, b) -> tuple[float, float, float, int]:
     return float(res.statistic), float(ci.low), float(ci.high), len(x)
 
 
-def coherence_rows(domains: list[str], scores: dict[str, dict[str, np.ndarray]], out: dict) -> list[dict | None]:
+def coherence_rows(
+    domains: list[str], scores: dict[str, dict[str, np.ndarray]], out: dict
+) -> list[dict | None]:
     """Within-cell coherence, the statistics that need per-response data (the report computes the rest
     from metrics.csv: agreement over cells, consistency across domains, the masked ratio, the gap):
 
@@ -324,8 +363,15 @@ def coherence_rows(domains: list[str], scores: dict[str, dict[str, np.ndarray]],
         elif rs:
             z, n = np.mean([np.arctanh(np.clip(r[0], -0.999999, 0.999999)) for r in rs]), rs[0][3]
             se = 1 / math.sqrt(n - 3)
-            rows.append(scalar_row(f"coherence/retest_r/{ind}", float(np.tanh(z)), float(np.tanh(z - 1.96 * se)),
-                                   float(np.tanh(z + 1.96 * se)), n))
+            rows.append(
+                scalar_row(
+                    f"coherence/retest_r/{ind}",
+                    float(np.tanh(z)),
+                    float(np.tanh(z - 1.96 * se)),
+                    float(np.tanh(z + 1.96 * se)),
+                    n,
+                )
+            )
     return rows
 
 

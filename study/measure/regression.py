@@ -82,8 +82,11 @@ def _records(suite: str, samples: dict[str, list[dict]]) -> list[dict]:
             if suite == "humaneval":
                 program = s["filtered_resps"][0]  # [[prompt + completion]]: the candidates of one doc
                 program = program[0] if isinstance(program, list) else program
-                rec |= {"task_id": s["doc"]["task_id"], "completion": s["resps"][0][0],
-                        **(result_of(program) or {})}
+                rec |= {
+                    "task_id": s["doc"]["task_id"],
+                    "completion": s["resps"][0][0],
+                    **(result_of(program) or {}),
+                }
             else:
                 rec |= {"target": s["target"], "ll": [round(float(r[0]), 4) for r in s["filtered_resps"]]}
             out.append(rec)
@@ -119,8 +122,14 @@ def mc_item(suite: str, sample: dict) -> dict:
     else:
         p_gold, chance = float(probs[gold_index(suite, sample)]), 1.0 / len(lls)
         correct = int(round(float(sample[METRICS[suite][0]])))
-    return {"task": None, "doc_id": int(sample["doc_id"]), "correct": correct, "p_gold": p_gold,
-            "n_choices": len(lls), "chance": chance}
+    return {
+        "task": None,
+        "doc_id": int(sample["doc_id"]),
+        "correct": correct,
+        "p_gold": p_gold,
+        "n_choices": len(lls),
+        "chance": chance,
+    }
 
 
 def _programs(sample: dict) -> list[str]:
@@ -134,8 +143,16 @@ def canonical_logliks(lm, docs: list[dict]) -> list[tuple[float, int]]:
     harness model's own loglikelihood path (the same tokenisation and scoring as every MC suite)."""
     from lm_eval.api.instance import Instance
 
-    reqs = [Instance(request_type="loglikelihood", doc=d, arguments=(d["prompt"], d["canonical_solution"]),
-                     idx=0, metadata=("study_humaneval_canonical", i, 1)) for i, d in enumerate(docs)]
+    reqs = [
+        Instance(
+            request_type="loglikelihood",
+            doc=d,
+            arguments=(d["prompt"], d["canonical_solution"]),
+            idx=0,
+            metadata=("study_humaneval_canonical", i, 1),
+        )
+        for i, d in enumerate(docs)
+    ]
     lls = [float(r[0]) for r in lm.loglikelihood(reqs, disable_tqdm=True)]
     ntok = [len(lm._encode_pair(d["prompt"], d["canonical_solution"])[1]) for d in docs]
     return list(zip(lls, ntok))
@@ -148,10 +165,20 @@ def humaneval_items(samples: list[dict], canon: list[tuple[float, int]] | None) 
     for i, s in enumerate(samples):
         passed = [bool((result_of(p) or {}).get("passed")) for p in _programs(s)]
         ll, ntok = canon[i] if canon else (None, None)
-        out.append({"task": None, "doc_id": int(s["doc_id"]), "task_id": s["doc"]["task_id"],
-                    "correct": int(passed[0]), "n_samples": len(passed), "n_passed": sum(passed), "p_gold": None,
-                    "canonical_loglik": None if ll is None else ll / max(ntok, 1), "canonical_tokens": ntok,
-                    "chance": 0.0})
+        out.append(
+            {
+                "task": None,
+                "doc_id": int(s["doc_id"]),
+                "task_id": s["doc"]["task_id"],
+                "correct": int(passed[0]),
+                "n_samples": len(passed),
+                "n_passed": sum(passed),
+                "p_gold": None,
+                "canonical_loglik": None if ll is None else ll / max(ntok, 1),
+                "canonical_tokens": ntok,
+                "chance": 0.0,
+            }
+        )
     return out
 
 
@@ -161,8 +188,14 @@ def _mean_row(metric: str, values: list[float], chance: float | None) -> dict:
     from study.stats.core import bootstrap_mean_ci
 
     lo, hi = bootstrap_mean_ci(values) if len(values) > 1 else (None, None)
-    return {"metric": metric, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi, "n": len(values),
-            "chance": chance}
+    return {
+        "metric": metric,
+        "value": float(np.mean(values)),
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": len(values),
+        "chance": chance,
+    }
 
 
 @contextmanager
@@ -194,14 +227,21 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         from study.measure.sandbox import ensure_available
 
         if not cfg.confirm_run_unsafe_code:
-            raise PermissionError("humaneval executes model-written code: set regression.confirm_run_unsafe_code")
+            raise PermissionError(
+                "humaneval executes model-written code: set regression.confirm_run_unsafe_code"
+            )
         ensure_available()  # fail before any generation when the sandbox cannot be set up
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown our log
     sources = local.resolve_sources(list(cfg.suites), cfg.data_dir)  # fails before any evaluation
     tasks = local.build_tasks(sources, cfg.humaneval_timeout, cfg.humaneval_samples)
     # prefix_cache=False keeps the same class with its lean path switched off: HFLM's own code, counted.
-    lm = local.PrefixCachedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size,
-                                 min_prefix_tokens=32, fast=cfg.prefix_cache)
+    lm = local.PrefixCachedHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=cfg.batch_size,
+        min_prefix_tokens=32,
+        fast=cfg.prefix_cache,
+    )
 
     rows, records, timing, extra = [], [], {}, {"task_versions": {}, "n_shot": {}}
     items: dict[str, list[dict]] = {}
@@ -213,28 +253,41 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         if suite == "mmlu":
             quota = local.mmlu_quota(limit, tasks.mmlu_sizes)
             include.append(str(local.mmlu_group(quota)))
-            kwargs = {"samples": None if limit is None else
-                      {f"study_mmlu_{s}": list(range(q)) for s, q in quota.items()}}
+            kwargs = {
+                "samples": None
+                if limit is None
+                else {f"study_mmlu_{s}": list(range(q)) for s, q in quota.items()}
+            }
         if suite == "humaneval":
             gen = {"max_gen_toks": cfg.humaneval_max_new_tokens}
             if cfg.humaneval_samples > 1:  # merged into the task's generation_kwargs (update, not replace)
                 gen |= {"do_sample": True, "temperature": cfg.humaneval_temperature}
-            kwargs |= {"gen_kwargs": gen,
-                       "confirm_run_unsafe_code": True}  # programs run in the sandbox subprocess
+            kwargs |= {
+                "gen_kwargs": gen,
+                "confirm_run_unsafe_code": True,
+            }  # programs run in the sandbox subprocess
         before = sum(lm.request_counts.values())
         t0 = time.time()
         with _rng_preserved():  # lm-eval reseeds random/numpy/torch globally: keep the harness's streams
-            res = simple_evaluate(model=lm, tasks=[tasks.names[suite]],
-                                  task_manager=local.task_manager(include),
-                                  num_fewshot=cfg.num_fewshot.get(suite), bootstrap_iters=1000,
-                                  log_samples=True, **kwargs)
+            res = simple_evaluate(
+                model=lm,
+                tasks=[tasks.names[suite]],
+                task_manager=local.task_manager(include),
+                num_fewshot=cfg.num_fewshot.get(suite),
+                bootstrap_iters=1000,
+                log_samples=True,
+                **kwargs,
+            )
         metric, key = METRICS[suite]
         head = res["results"][tasks.names[suite]]
         n = sum(v["effective"] for v in res["n-samples"].values())
         samples = [(task, s) for task, group in sorted(res["samples"].items()) for s in group]
         if suite == "humaneval":
-            canon = (canonical_logliks(lm, [s["doc"] for _, s in samples]) if cfg.humaneval_canonical_loglik
-                     else None)
+            canon = (
+                canonical_logliks(lm, [s["doc"] for _, s in samples])
+                if cfg.humaneval_canonical_loglik
+                else None
+            )
             suite_items = humaneval_items([s for _, s in samples], canon)
         else:
             suite_items = [mc_item(suite, s) for _, s in samples]
@@ -243,28 +296,50 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         items[suite] = sorted(suite_items, key=lambda it: (it["task"], it["doc_id"]))
         seconds = time.time() - t0
         chance = float(sum(it["chance"] for it in suite_items) / max(len(suite_items), 1))
-        names = ([metric] if suite != "humaneval" else
-                 [f"pass@{k}" for k in local.humaneval_ks(cfg.humaneval_samples)])
+        names = (
+            [metric]
+            if suite != "humaneval"
+            else [f"pass@{k}" for k in local.humaneval_ks(cfg.humaneval_samples)]
+        )
         for name in names:
             k = key.replace(metric, name, 1)
             value = float(head[k])
             lo, hi = _ci(value, head.get(k.replace(",", "_stderr,", 1)))
-            rows.append({"metric": f"lm_eval/{suite}/{name}", "value": value, "ci_low": lo, "ci_high": hi,
-                         "n": n, "chance": chance})
+            rows.append(
+                {
+                    "metric": f"lm_eval/{suite}/{name}",
+                    "value": value,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n": n,
+                    "chance": chance,
+                }
+            )
         if suite == "humaneval":
             if canon:
-                rows.append(_mean_row("lm_eval/humaneval/canonical_loglik",
-                                      [it["canonical_loglik"] for it in suite_items], None))
+                rows.append(
+                    _mean_row(
+                        "lm_eval/humaneval/canonical_loglik",
+                        [it["canonical_loglik"] for it in suite_items],
+                        None,
+                    )
+                )
         elif suite_items:
             rows.append(_mean_row(f"lm_eval/{suite}/p_gold", [it["p_gold"] for it in suite_items], chance))
         records += [{"suite": suite, **r} for r in _records(suite, res["samples"])]
         timing[suite] = {"seconds": seconds, "items": n, "requests": sum(lm.request_counts.values()) - before}
         extra["task_versions"] |= res.get("versions", {})
         extra["n_shot"] |= res.get("n-shot", {})
-    return {"rows": rows, "sources": {s: str(src) for s, src in sources.items()}, "timing": timing,
-            "responses": records, "items": items, "lm_eval_version": version("lm_eval"),
-            "prefix_cache": cfg.prefix_cache,
-            **extra}
+    return {
+        "rows": rows,
+        "sources": {s: str(src) for s, src in sources.items()},
+        "timing": timing,
+        "responses": records,
+        "items": items,
+        "lm_eval_version": version("lm_eval"),
+        "prefix_cache": cfg.prefix_cache,
+        **extra,
+    }
 
 
 def throughput(model, tokenizer, cfg: RegressionEval | None = None, limit: int = 20) -> dict[str, dict]:

@@ -94,8 +94,21 @@ class Stats:
     mde: pd.DataFrame = field(default_factory=pd.DataFrame)  # the primaries' minimum detectable effects
     matched: pd.DataFrame = field(default_factory=pd.DataFrame)  # forgetting at matched new-task success
 
-    TABLES = ("checks", "summary", "law", "best_predictor", "pareto", "comparisons", "coherence", "onsets", "power",
-              "items", "law_within", "mde", "matched")
+    TABLES = (
+        "checks",
+        "summary",
+        "law",
+        "best_predictor",
+        "pareto",
+        "comparisons",
+        "coherence",
+        "onsets",
+        "power",
+        "items",
+        "law_within",
+        "mde",
+        "matched",
+    )
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -110,15 +123,31 @@ def summary_table(run: Run) -> pd.DataFrame:
                 m, lo, hi, n = summarise(h["value"], h["ci_low"], h["ci_high"], clip=bounds(metric))
                 rows.append((task, metric, level, h["method"].iloc[0], name, m, lo, hi, n))
     for (task, metric), g in run.base.groupby(["task", "metric"]):
-        rows.append((task, metric, "method", "base", "base", g["value"].mean(), g["ci_low"].mean(),
-                     g["ci_high"].mean(), len(g)))
-    out = pd.DataFrame(rows, columns=["task", "metric", "level", "method", "name", "mean", "ci_low", "ci_high", "n"])
+        rows.append(
+            (
+                task,
+                metric,
+                "method",
+                "base",
+                "base",
+                g["value"].mean(),
+                g["ci_low"].mean(),
+                g["ci_high"].mean(),
+                len(g),
+            )
+        )
+    out = pd.DataFrame(
+        rows, columns=["task", "metric", "level", "method", "name", "mean", "ci_low", "ci_high", "n"]
+    )
     if out.empty:
         return out
-    out = out[(out["level"] == "method") | (out["name"] != out["method"])]  # an arm without sweep = its method
+    out = out[
+        (out["level"] == "method") | (out["name"] != out["method"])
+    ]  # an arm without sweep = its method
     order = {m: i for i, m in enumerate(method_order(out["method"]))}
-    return out.sort_values(["task", "metric", "level", "method", "name"], key=lambda s: s.map(order)
-                           if s.name == "method" else s).reset_index(drop=True)
+    return out.sort_values(
+        ["task", "metric", "level", "method", "name"], key=lambda s: s.map(order) if s.name == "method" else s
+    ).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------- forgetting law
@@ -129,7 +158,9 @@ def law_points(run: Run, predictor: str, task: str, final: bool = False) -> pd.D
     predictor and forgetting/mean."""
     df = _task_rows(run.final if final else run.adapters, task)
     df = df[df["metric"].isin([predictor, FORGET_MEAN])]
-    w = df.pivot_table(index=["cell", "method", "checkpoint"], columns="metric", values="value", aggfunc="mean")
+    w = df.pivot_table(
+        index=["cell", "method", "checkpoint"], columns="metric", values="value", aggfunc="mean"
+    )
     if predictor not in w or FORGET_MEAN not in w:
         return pd.DataFrame(columns=["cell", "method", "checkpoint", "x", "y"])
     w = w.dropna(subset=[predictor, FORGET_MEAN]).reset_index()
@@ -139,12 +170,31 @@ def law_points(run: Run, predictor: str, task: str, final: bool = False) -> pd.D
 def forgetting_law(run: Run, n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Linear and quadratic fits of forgetting/mean on each predictor, pooled and per method, with
     cluster-bootstrap R² CIs; and which predictor is best (share of shared resamples where it wins)."""
-    cols = ["task", "predictor", "group", "degree", "n", "n_cells", "r2", "r2_low", "r2_high", "adj_r2",
-            "r2_loco", "slope", "slope_low", "slope_high", "note"]
+    cols = [
+        "task",
+        "predictor",
+        "group",
+        "degree",
+        "n",
+        "n_cells",
+        "r2",
+        "r2_low",
+        "r2_high",
+        "adj_r2",
+        "r2_loco",
+        "slope",
+        "slope_low",
+        "slope_high",
+        "note",
+    ]
     rows, fits, best = [], {}, []
     preds = predictors(run)
     if not run.has(FORGET_MEAN) or not preds:
-        return pd.DataFrame(columns=cols), pd.DataFrame(columns=["task", "predictor", "n", "r2", "p_best"]), fits
+        return (
+            pd.DataFrame(columns=cols),
+            pd.DataFrame(columns=["task", "predictor", "n", "r2", "p_best"]),
+            fits,
+        )
     for task in _tasks(run):
         for pred in preds:
             pts = law_points(run, pred, task)
@@ -154,10 +204,31 @@ def forgetting_law(run: Run, n_boot: int = 1000, seed: int = 0) -> tuple[pd.Data
                     f = S.poly_fit(g["x"], g["y"], g["cell"], degree, n_boot=n_boot, seed=seed)
                     fits[(task, pred, group, degree)] = f
                     slope = f.coef[1] if degree == 1 and len(f.coef) > 1 else math.nan
-                    rows.append((task, pred, group, degree, f.n, f.n_clusters, f.r2, f.r2_low, f.r2_high,
-                                 f.adj_r2, f.r2_loco, slope, f.slope_low, f.slope_high, f.note))
+                    rows.append(
+                        (
+                            task,
+                            pred,
+                            group,
+                            degree,
+                            f.n,
+                            f.n_clusters,
+                            f.r2,
+                            f.r2_low,
+                            f.r2_high,
+                            f.adj_r2,
+                            f.r2_loco,
+                            slope,
+                            f.slope_low,
+                            f.slope_high,
+                            f.note,
+                        )
+                    )
         best.extend(_best_predictor(run, preds, task, n_boot, seed))
-    return pd.DataFrame(rows, columns=cols), pd.DataFrame(best, columns=["task", "predictor", "n", "r2", "p_best"]), fits
+    return (
+        pd.DataFrame(rows, columns=cols),
+        pd.DataFrame(best, columns=["task", "predictor", "n", "r2", "p_best"]),
+        fits,
+    )
 
 
 def _best_predictor(run: Run, preds: list[str], task: str, n_boot: int, seed: int) -> list[tuple]:
@@ -166,7 +237,9 @@ def _best_predictor(run: Run, preds: list[str], task: str, n_boot: int, seed: in
     merged = None
     for p in preds:
         pts = law_points(run, p, task, final=True).rename(columns={"x": p})
-        merged = pts if merged is None else merged.merge(pts[["cell", "checkpoint", p]], on=["cell", "checkpoint"])
+        merged = (
+            pts if merged is None else merged.merge(pts[["cell", "checkpoint", p]], on=["cell", "checkpoint"])
+        )
     if merged is None or merged["cell"].nunique() < 3 or len(preds) < 1:
         return []
     W = S.cluster_weights(merged["cell"], n_boot, np.random.default_rng(seed))
@@ -215,14 +288,32 @@ def prior_scores(run: Run, final: bool = True) -> tuple[pd.DataFrame, str]:
         ylab = "− mean forgetting (score points)"
     else:
         return pd.DataFrame(columns=["cell", "method", "arm", "sweep", "task", "seed", "y"]), ""
-    y = d.groupby(["cell", "method", "arm", "sweep", "task", "seed"], dropna=False)["value"].mean().rename("y")
+    y = (
+        d.groupby(["cell", "method", "arm", "sweep", "task", "seed"], dropna=False)["value"]
+        .mean()
+        .rename("y")
+    )
     return y.reset_index(), ylab
 
 
 def pareto_table(run: Run) -> pd.DataFrame:
     """Per task and sweep arm: new-task success vs mean prior-task score (mean over seeds, 95% CI), and
     whether the arm is on its method's frontier (no arm of the same method beats it on both)."""
-    cols = ["task", "method", "arm", "sweep", "x", "x_low", "x_high", "y", "y_low", "y_high", "n", "on_front", "y_label"]
+    cols = [
+        "task",
+        "method",
+        "arm",
+        "sweep",
+        "x",
+        "x_low",
+        "x_high",
+        "y",
+        "y_low",
+        "y_high",
+        "n",
+        "on_front",
+        "y_label",
+    ]
     ys, ylab = prior_scores(run)
     if ys.empty or not run.has(NEWTASK):
         return pd.DataFrame(columns=cols)
@@ -246,8 +337,21 @@ def pareto_table(run: Run) -> pd.DataFrame:
         bx = b.loc[b["metric"] == NEWTASK, "value"]
         by = b.loc[b["metric"].isin(prim.values()), "value"].mean() if prim else 0.0
         if len(bx):
-            out.loc[len(out)] = [task, "base", "base", "", float(bx.mean()), math.nan, math.nan, float(by),
-                                 math.nan, math.nan, 1, True, ylab]
+            out.loc[len(out)] = [
+                task,
+                "base",
+                "base",
+                "",
+                float(bx.mean()),
+                math.nan,
+                math.nan,
+                float(by),
+                math.nan,
+                math.nan,
+                1,
+                True,
+                ylab,
+            ]
     return out
 
 
@@ -265,20 +369,36 @@ def coherence_table(run: Run) -> pd.DataFrame:
         for method in ["all", *run.methods]:
             w = wide if method == "all" else wide[wide["method"] == method]
             if len(inds) >= 2 and all(i in w for i in inds):
-                rows.append((task, method, "indicator agreement (Kendall's W over cells)",
-                             S.kendall_w(w[inds].to_numpy(float)), len(w)))
+                rows.append(
+                    (
+                        task,
+                        method,
+                        "indicator agreement (Kendall's W over cells)",
+                        S.kendall_w(w[inds].to_numpy(float)),
+                        len(w),
+                    )
+                )
             if "persona/probe" in w and "persona/probe_masked" in w:
                 r = (w["persona/probe_masked"] / w["persona/probe"]).replace([np.inf, -np.inf], np.nan)
                 rows.append((task, method, "masked / unmasked probe", float(r.mean()), int(r.notna().sum())))
             if NEWTASK in w and f"{NEWTASK}_indomain" in w:
                 gap = w[f"{NEWTASK}_indomain"] - w[NEWTASK]
-                rows.append((task, method, "in-domain − held-out success", float(gap.mean()), int(gap.notna().sum())))
+                rows.append(
+                    (task, method, "in-domain − held-out success", float(gap.mean()), int(gap.notna().sum()))
+                )
         for ind in inds:
             dom = f[f["metric"].str.startswith(ind + "/")]
             if dom["metric"].nunique() >= 2:
                 m = dom.pivot_table(index="cell", columns="metric", values="value")
-                rows.append((task, "all", f"{ind} consistency across domains (Kendall's W)",
-                             S.kendall_w(m.to_numpy(float)), len(m)))
+                rows.append(
+                    (
+                        task,
+                        "all",
+                        f"{ind} consistency across domains (Kendall's W)",
+                        S.kendall_w(m.to_numpy(float)),
+                        len(m),
+                    )
+                )
     return pd.DataFrame(rows, columns=["task", "method", "quantity", "value", "n"])
 
 
@@ -289,8 +409,13 @@ def onset_table(run: Run) -> pd.DataFrame:
     rows = []
     for (task, method, metric), g in f.groupby(["task", "method", "metric"]):
         m, lo, hi, n = summarise(g["value"])
-        rows.append((task, method, metric.removeprefix("emergence/onset/"), m, lo, hi, n, g["cell"].nunique()))
-    out = pd.DataFrame(rows, columns=["task", "method", "indicator", "mean_step", "ci_low", "ci_high", "n_reached", "n_cells"])
+        rows.append(
+            (task, method, metric.removeprefix("emergence/onset/"), m, lo, hi, n, g["cell"].nunique())
+        )
+    out = pd.DataFrame(
+        rows,
+        columns=["task", "method", "indicator", "mean_step", "ci_low", "ci_high", "n_reached", "n_cells"],
+    )
     return out
 
 
@@ -315,8 +440,20 @@ def stats_rows(st: Stats) -> pd.DataFrame:
         rows.append((f"{r.a}-{r.b}", f"{pre}/diff", r.est, r.ci_low, r.ci_high, r.task, r.n_a + r.n_b))
         rows.append((f"{r.a}-{r.b}", f"{pre}/hedges_g", r.g, r.g_low, r.g_high, r.task, r.n_a + r.n_b))
         if not r.underpowered:  # an underpowered comparison has no p-value to report
-            rows.append((f"{r.a}-{r.b}", f"{pre}/p_holm", r.p_holm, math.nan, math.nan, r.task, r.n_a + r.n_b))
-    rows.append(("all", "stats/checks/failed", float((~st.checks["ok"]).sum()), math.nan, math.nan, "", len(st.checks)))
+            rows.append(
+                (f"{r.a}-{r.b}", f"{pre}/p_holm", r.p_holm, math.nan, math.nan, r.task, r.n_a + r.n_b)
+            )
+    rows.append(
+        (
+            "all",
+            "stats/checks/failed",
+            float((~st.checks["ok"]).sum()),
+            math.nan,
+            math.nan,
+            "",
+            len(st.checks),
+        )
+    )
     out = pd.DataFrame(rows, columns=["method", "metric", "value", "ci_low", "ci_high", "task", "n"])
     out.insert(0, "cell", STATS_CELL)
     out.insert(2, "seed", "")
@@ -337,11 +474,24 @@ def append_stats_rows(run: Run, rows: pd.DataFrame) -> None:
 def run_stats(run: Run, n_boot: int = 1000, n_perm: int = 5000, write: bool = True) -> Stats:
     """Compute every statistic; with `write`, save stats/*.csv and append the summary rows to metrics.csv."""
     law, best, fits = forgetting_law(run, n_boot=n_boot)
-    st = Stats(checks=run_checks(run), missing=missing_metrics(run), summary=summary_table(run), law=law,
-               best_predictor=best, pareto=pareto_table(run), comparisons=comparisons(run, n_perm, n_boot),
-               coherence=coherence_table(run), onsets=onset_table(run), power=power_table(run), fits=fits,
-               items=item_models(run.root), law_within=law_within_table(run), calibration=calibration_table(), mde=mde_table(run),
-               matched=matched_table(run))
+    st = Stats(
+        checks=run_checks(run),
+        missing=missing_metrics(run),
+        summary=summary_table(run),
+        law=law,
+        best_predictor=best,
+        pareto=pareto_table(run),
+        comparisons=comparisons(run, n_perm, n_boot),
+        coherence=coherence_table(run),
+        onsets=onset_table(run),
+        power=power_table(run),
+        fits=fits,
+        items=item_models(run.root),
+        law_within=law_within_table(run),
+        calibration=calibration_table(),
+        mde=mde_table(run),
+        matched=matched_table(run),
+    )
     if write:
         out = run.root / "stats"
         out.mkdir(parents=True, exist_ok=True)

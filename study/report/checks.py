@@ -67,13 +67,19 @@ def check_cells(run: Run) -> tuple[bool, str]:
                 pass
     problems = []
     if run.protocol:
-        have = {_key(c["task"]["name"], c["method"], c.get("sweep"), c.get("seed")): n for n, c in run.cells.items()}
+        have = {
+            _key(c["task"]["name"], c["method"], c.get("sweep"), c.get("seed")): n
+            for n, c in run.cells.items()
+        }
         try:
             want = expected_cells(run.protocol)
         except ValueError as e:  # a protocol.yaml written by other code: say so, and check nothing against it
             return False, f"protocol.yaml does not validate under this code ({str(e).splitlines()[0]})"
-        absent = [f"{t}-{m}{''.join(f'-{k}{v}' for k, v in s.items())}-s{seed}" for t, m, s, seed in want
-                  if _key(t, m, s, seed) not in have]
+        absent = [
+            f"{t}-{m}{''.join(f'-{k}{v}' for k, v in s.items())}-s{seed}"
+            for t, m, s, seed in want
+            if _key(t, m, s, seed) not in have
+        ]
         unmeasured = [have[_key(*w)] for w in want if _key(*w) in have and have[_key(*w)] not in measured]
         if absent:
             problems.append(f"{len(absent)} of {len(want)} cells never started: {_short(absent)}")
@@ -106,14 +112,21 @@ def check_budgets(run: Run) -> tuple[bool, str]:
             for c in cfgs:
                 by_method.setdefault(c["method"], set()).add(json.dumps(_norm((c.get("train") or {}).get(k))))
             if len(set().union(*by_method.values())) > 1:
-                problems.append(f"{task}: train.{k} differs: " + "; ".join(
-                    f"{m}={'/'.join(sorted(v))}" for m, v in sorted(by_method.items())))
-        seeds = {m: sorted({c.get("seed") for c in cfgs if c["method"] == m}) for m in {c["method"] for c in cfgs}}
+                problems.append(
+                    f"{task}: train.{k} differs: "
+                    + "; ".join(f"{m}={'/'.join(sorted(v))}" for m, v in sorted(by_method.items()))
+                )
+        seeds = {
+            m: sorted({c.get("seed") for c in cfgs if c["method"] == m}) for m in {c["method"] for c in cfgs}
+        }
         if len({tuple(s) for s in seeds.values()}) > 1:
             problems.append(f"{task}: seeds differ by method: {seeds}")
     if problems:
         return False, "; ".join(problems)
-    return True, f"steps, batch, lengths, LoRA and seeds identical across methods (lr swept: {sorted(swept) or 'no'})"
+    return (
+        True,
+        f"steps, batch, lengths, LoRA and seeds identical across methods (lr swept: {sorted(swept) or 'no'})",
+    )
 
 
 def check_kl(run: Run) -> tuple[bool, str]:
@@ -123,7 +136,10 @@ def check_kl(run: Run) -> tuple[bool, str]:
     bad = kl[kl["value"] < -KL_TOLERANCE]
     if len(bad):
         worst = bad.loc[bad["value"].idxmin()]
-        return False, f"{len(bad)} negative KL values (worst {worst['value']:.3g}: {worst['metric']} in {worst['cell']})"
+        return (
+            False,
+            f"{len(bad)} negative KL values (worst {worst['value']:.3g}: {worst['metric']} in {worst['cell']})",
+        )
     return True, f"{len(kl)} KL values, all >= 0"
 
 
@@ -134,7 +150,9 @@ def check_nan(run: Run) -> tuple[bool, str]:
     nan = nan[~nan["metric"].str.startswith("emergence/onset/")]
     if len(nan):
         counts = nan.groupby("metric").size().sort_values(ascending=False)
-        return False, f"{len(nan)} NaN/inf values: " + ", ".join(f"{m} ({n})" for m, n in counts.head(6).items())
+        return False, f"{len(nan)} NaN/inf values: " + ", ".join(
+            f"{m} ({n})" for m, n in counts.head(6).items()
+        )
     return True, f"{len(df)} values, none NaN"
 
 

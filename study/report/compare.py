@@ -41,10 +41,17 @@ def _long(run: Run, qs: list[str]) -> pd.DataFrame:
             d = outcome_values(run, "persona/masked_ratio", task)
             for m, g in d.groupby("method"):
                 mean, lo, hi, n = summarise(g["value"])
-                rows.append(pd.DataFrame([(task, "persona/masked_ratio", m, mean, lo, hi, n)],
-                                         columns=["task", "metric", "method", "mean", "ci_low", "ci_high", "n"]))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["task", "metric", "method", "mean", "ci_low", "ci_high", "n"])
+                rows.append(
+                    pd.DataFrame(
+                        [(task, "persona/masked_ratio", m, mean, lo, hi, n)],
+                        columns=["task", "metric", "method", "mean", "ci_low", "ci_high", "n"],
+                    )
+                )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["task", "metric", "method", "mean", "ci_low", "ci_high", "n"])
+    )
 
 
 def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -52,18 +59,24 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
     runs = [load_run(d) for d in run_dirs]
     names = _unique([r.root.name for r in runs])
     qs = list(dict.fromkeys(q for r in runs for q in quantities(r)))
-    long = pd.concat([_long(r, qs).assign(run=n) for r, n in zip(runs, names, strict=True)], ignore_index=True)
+    long = pd.concat(
+        [_long(r, qs).assign(run=n) for r, n in zip(runs, names, strict=True)], ignore_index=True
+    )
     if long.empty:
         return pd.DataFrame(), long, names
     order_q = {q: i for i, q in enumerate(qs)}
     long = long.sort_values("metric", key=lambda s: s.map(order_q), kind="stable").reset_index(drop=True)
-    long["cell"] = [fmt_ci(m, lo, hi) + f" (n={int(n)})" for m, lo, hi, n in
-                    zip(long["mean"], long["ci_low"], long["ci_high"], long["n"], strict=True)]
+    long["cell"] = [
+        fmt_ci(m, lo, hi) + f" (n={int(n)})"
+        for m, lo, hi, n in zip(long["mean"], long["ci_low"], long["ci_high"], long["n"], strict=True)
+    ]
     wide = long.pivot_table(index=["task", "metric", "method"], columns="run", values="cell", aggfunc="first")
     wide = wide.reindex(columns=names).fillna("–").reset_index()
     order_m = {m: i for i, m in enumerate(method_order(long["method"]))}
-    wide = wide.sort_values(["task", "metric", "method"], key=lambda s: s.map(order_q) if s.name == "metric"
-                            else s.map(order_m) if s.name == "method" else s).reset_index(drop=True)
+    wide = wide.sort_values(
+        ["task", "metric", "method"],
+        key=lambda s: s.map(order_q) if s.name == "metric" else s.map(order_m) if s.name == "method" else s,
+    ).reset_index(drop=True)
     wide.columns.name = None
     return wide, long, names
 
@@ -96,20 +109,40 @@ def comparison_figure(long: pd.DataFrame, names: list[str], task: str):
                 if not np.isfinite(r["mean"]):
                     continue
                 err = np.nan_to_num([[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]]).clip(min=0)
-                ax.errorbar(x[i], r["mean"], yerr=err, fmt=RUN_MARKERS[j % len(RUN_MARKERS)], color=color(m),
-                            ms=4, capsize=1.5, lw=1, mfc="white" if j % 2 else color(m))
+                ax.errorbar(
+                    x[i],
+                    r["mean"],
+                    yerr=err,
+                    fmt=RUN_MARKERS[j % len(RUN_MARKERS)],
+                    color=color(m),
+                    ms=4,
+                    capsize=1.5,
+                    lw=1,
+                    mfc="white" if j % 2 else color(m),
+                )
         ax.set_xticks(range(len(methods)), [m.upper() for m in methods])
         ax.set_title(label(q, short=True), loc="left")
-    for ax in axes.flat[len(qs):]:
+    for ax in axes.flat[len(qs) :]:
         ax.set_visible(False)
-    handles = [Line2D([], [], color=COLORS["base"], marker=RUN_MARKERS[j % len(RUN_MARKERS)], ls="",
-                      mfc="white" if j % 2 else COLORS["base"], label=n) for j, n in enumerate(names)]
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=COLORS["base"],
+            marker=RUN_MARKERS[j % len(RUN_MARKERS)],
+            ls="",
+            mfc="white" if j % 2 else COLORS["base"],
+            label=n,
+        )
+        for j, n in enumerate(names)
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(names), 4), frameon=False)
     return fig
 
 
-def write_comparison(run_dirs: list[str | Path], out: Path | None = None,
-                     formats=("png", "pdf")) -> tuple[pd.DataFrame, Path]:
+def write_comparison(
+    run_dirs: list[str | Path], out: Path | None = None, formats=("png", "pdf")
+) -> tuple[pd.DataFrame, Path]:
     """Compute, write comparison.csv/.md and one figure per task; returns (wide table, output folder)."""
     import matplotlib as mpl
 

@@ -23,7 +23,9 @@ def persona_indicators(run: Run) -> list[str]:
     """Top-level persona indicators measured on adapters (`persona/<indicator>`, not the per-domain ones, nor
     the instruments' own checks: the external AUC and the self-report's validity flag)."""
     have = set(run.final["metric"])
-    return [m for m in run.metric_names("persona/") if m.count("/") == 1 and m in have and m not in NOT_INDICATORS]
+    return [
+        m for m in run.metric_names("persona/") if m.count("/") == 1 and m in have and m not in NOT_INDICATORS
+    ]
 
 
 NOT_INDICATORS = {"persona/probe_auc_external", "persona/self_report_valid"}
@@ -62,16 +64,26 @@ def outcome_values(run: Run, outcome: str, task: str) -> pd.DataFrame:
     the share of the persona signal that survives masking the surface markers."""
     df = _task_rows(run.final, task)
     if outcome == "persona/masked_ratio":
-        w = df[df["metric"].isin(["persona/probe", "persona/probe_masked"])].pivot_table(
-            index=["cell", "method", "seed"], columns="metric", values="value").dropna().reset_index()
+        w = (
+            df[df["metric"].isin(["persona/probe", "persona/probe_masked"])]
+            .pivot_table(index=["cell", "method", "seed"], columns="metric", values="value")
+            .dropna()
+            .reset_index()
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             w["value"] = w["persona/probe_masked"] / w["persona/probe"]
         return w[["cell", "method", "seed", "value"]].replace([np.inf, -np.inf], np.nan).dropna()
     return df[df["metric"] == outcome][["cell", "method", "seed", "value"]].dropna(subset=["value"])
 
 
-def compare_methods(d: pd.DataFrame, levels: list[str], n_perm: int = 5000, n_boot: int = 2000,
-                    seed: int = 0, alpha: float = S.ALPHA) -> tuple[pd.DataFrame, str]:
+def compare_methods(
+    d: pd.DataFrame,
+    levels: list[str],
+    n_perm: int = 5000,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = S.ALPHA,
+) -> tuple[pd.DataFrame, str]:
     """All method pairs on one outcome: mixed-model estimate and CI, Hedges' g with bootstrap CI, a p-value,
     Holm over the pairs, and the verdict (difference / noise / underpowered).
 
@@ -101,14 +113,34 @@ def compare_methods(d: pd.DataFrame, levels: list[str], n_perm: int = 5000, n_bo
             under = f"underpowered: {n_seeds} seed(s) per method (< {MIN_SEEDS})"
         elif not np.isfinite(p):
             under = "underpowered: no test possible"
-        rows.append(dict(a=r.a, b=r.b, n_a=len(a), n_b=len(b), diff=float(a.mean() - b.mean()),
-                         est=r.estimate, ci_low=r.ci_low, ci_high=r.ci_high, df=r.df, p_t=r.p_t, g=g, g_low=gl,
-                         g_high=gh, test=test, p=p, min_p=min_p, underpowered=under))
+        rows.append(
+            dict(
+                a=r.a,
+                b=r.b,
+                n_a=len(a),
+                n_b=len(b),
+                diff=float(a.mean() - b.mean()),
+                est=r.estimate,
+                ci_low=r.ci_low,
+                ci_high=r.ci_high,
+                df=r.df,
+                p_t=r.p_t,
+                g=g,
+                g_low=gl,
+                g_high=gh,
+                test=test,
+                p=p,
+                min_p=min_p,
+                underpowered=under,
+            )
+        )
     out = pd.DataFrame(rows)
     if out.empty:
         return out, model
     out["p_holm"] = S.holm(out["p"].where(out["underpowered"] == ""))
-    out["verdict"] = [S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha) for _, r in out.iterrows()]
+    out["verdict"] = [
+        S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha) for _, r in out.iterrows()
+    ]
     return out, model
 
 
@@ -126,15 +158,19 @@ def _label_families(out: pd.DataFrame, declared: list[dict], alpha: float = S.AL
     for p in declared:
         metric = str(p["metric"])
         pair = {str(c) for c in p.get("contrast", [])}
-        hit = ((out["task"] == p["task"]) & (out["outcome"] == metric.split("@")[0])
-               & np.array([{a, b} == pair for a, b in zip(out["a"], out["b"], strict=True)], bool))
+        hit = (
+            (out["task"] == p["task"])
+            & (out["outcome"] == metric.split("@")[0])
+            & np.array([{a, b} == pair for a, b in zip(out["a"], out["b"], strict=True)], bool)
+        )
         out.loc[hit, "family"] = "primary"
         out.loc[hit, "primary"] = metric + (" (at the final adapters)" if "@" in metric else "")
     prim = out["family"] == "primary"
     if prim.any():
         out.loc[prim, "p_holm"] = S.holm(out.loc[prim, "p"].where(out.loc[prim, "underpowered"] == ""))
-        out.loc[prim, "verdict"] = [S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha)
-                                    for _, r in out[prim].iterrows()]
+        out.loc[prim, "verdict"] = [
+            S.verdict(r.ci_low, r.ci_high, r.p_holm, r.underpowered, alpha) for _, r in out[prim].iterrows()
+        ]
     return out
 
 
@@ -149,8 +185,22 @@ def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0)
             if len(out):
                 frames.append(out.assign(task=task, outcome=outcome, model=model))
     if not frames:
-        return pd.DataFrame(columns=["task", "outcome", "a", "b", "est", "ci_low", "ci_high", "g", "p_holm", "verdict",
-                                     "family", "primary"])
+        return pd.DataFrame(
+            columns=[
+                "task",
+                "outcome",
+                "a",
+                "b",
+                "est",
+                "ci_low",
+                "ci_high",
+                "g",
+                "p_holm",
+                "verdict",
+                "family",
+                "primary",
+            ]
+        )
     out = _label_families(pd.concat(frames, ignore_index=True), primaries(run))
     first = ["task", "outcome", "a", "b", "family"]
     return out[first + [c for c in out.columns if c not in first]]
@@ -169,19 +219,47 @@ def matched_table(run: Run) -> pd.DataFrame:
         d = df[(df["task"] == task) & df["metric"].isin([NEWTASK, FORGET_MEAN])]
         if set(d["metric"]) != {NEWTASK, FORGET_MEAN} or "sft" not in set(d["method"]):
             continue
-        w = d.pivot_table(index=["method", "seed", "cell", "checkpoint"], columns="metric", values="value",
-                          aggfunc="mean").reset_index().dropna(subset=[NEWTASK, FORGET_MEAN])
+        w = (
+            d.pivot_table(
+                index=["method", "seed", "cell", "checkpoint"],
+                columns="metric",
+                values="value",
+                aggfunc="mean",
+            )
+            .reset_index()
+            .dropna(subset=[NEWTASK, FORGET_MEAN])
+        )
         b = base[(base["task"] == task) & (base["metric"] == NEWTASK)]["value"]
         points = w.rename(columns={NEWTASK: "success", FORGET_MEAN: "forgetting"})[
-            ["method", "seed", "success", "forgetting"]]
+            ["method", "seed", "success", "forgetting"]
+        ]
         if len(b):
-            origin = points[["method", "seed"]].drop_duplicates().assign(success=float(b.iloc[0]), forgetting=0.0)
+            origin = (
+                points[["method", "seed"]].drop_duplicates().assign(success=float(b.iloc[0]), forgetting=0.0)
+            )
             points = pd.concat([origin, points], ignore_index=True)
         out = matched_comparison(points, reference="sft")
         if len(out):
             frames.append(out.assign(task=task))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["task", "method", "target", "value", "ci_low", "ci_high", "n", "diff", "diff_low", "diff_high", "p"])
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(
+            columns=[
+                "task",
+                "method",
+                "target",
+                "value",
+                "ci_low",
+                "ci_high",
+                "n",
+                "diff",
+                "diff_low",
+                "diff_high",
+                "p",
+            ]
+        )
+    )
 
 
 def power_table(run: Run) -> pd.DataFrame:
@@ -190,8 +268,14 @@ def power_table(run: Run) -> pd.DataFrame:
         f = run.final[run.final["task"] == task]
         seeds = f.groupby("method")["seed"].nunique()
         n = int(seeds.min()) if len(seeds) else 0
-        msg = "" if n >= MIN_SEEDS else (f"{n} seed(s) per method: method comparisons are underpowered and "
-                                         f"reported without p-values (need >= {MIN_SEEDS})")
+        msg = (
+            ""
+            if n >= MIN_SEEDS
+            else (
+                f"{n} seed(s) per method: method comparisons are underpowered and "
+                f"reported without p-values (need >= {MIN_SEEDS})"
+            )
+        )
         rows.append((task, n, f["cell"].nunique(), msg))
     return pd.DataFrame(rows, columns=["task", "min_seeds", "n_cells", "message"])
 

@@ -31,8 +31,13 @@ PERSONA_INDICATORS = ["marker_rate", "probe", "probe_masked", "self_report", "ac
 OPTIONAL = {"persona/judge"}  # the LLM judge only runs where a GPU and a judge model exist
 STATS_CELL = "stats"
 # Units for axis labels and tables (a metric family -> its unit).
-UNITS = {"kl/": "nats", "lora/delta_norm": "Frobenius", "forgetting/": "base − adapter score",
-         "newtask/success": "share of held-out prompts", "emergence/onset": "training step"}
+UNITS = {
+    "kl/": "nats",
+    "lora/delta_norm": "Frobenius",
+    "forgetting/": "base − adapter score",
+    "newtask/success": "share of held-out prompts",
+    "emergence/onset": "training step",
+}
 
 LABELS = {
     "newtask/success": "new-task success",
@@ -57,7 +62,9 @@ def label(metric: str, unit: bool = False, short: bool = False) -> str:
     """A human label for a metric name, optionally with its unit: 'forward KL ... (nats)'."""
     text = (SHORT if short else LABELS).get(metric) or LABELS.get(metric) or metric
     parts = metric.split("/")
-    if parts[0] == "emergence" and len(parts) == 3 and parts[1] != "onset":  # the checkpoints' regression probe
+    if (
+        parts[0] == "emergence" and len(parts) == 3 and parts[1] != "onset"
+    ):  # the checkpoints' regression probe
         text = f"{parts[1]} probe ({parts[2]})"
     for family in ("persona", "forgetting", "emergence/onset"):
         if text.startswith(family + "/") and text.count("/") == family.count("/") + 1:
@@ -105,8 +112,9 @@ def bounds(metric: str) -> tuple[float, float] | None:
     return (0.0, 1.0) if str(metric).startswith(BOUNDED) else None
 
 
-def summarise(values, ci_low=None, ci_high=None, level: float = 0.95,
-              clip: tuple[float, float] | None = None) -> tuple[float, float, float, int]:
+def summarise(
+    values, ci_low=None, ci_high=None, level: float = 0.95, clip: tuple[float, float] | None = None
+) -> tuple[float, float, float, int]:
     """(mean, low, high, n) over cells: a t-interval across cells (seeds) when n >= 2; with one cell, that
     cell's own measurement CI (the only uncertainty there is). `clip` bounds the interval (see `bounds`)."""
     m, lo, hi, n = _summarise(values, ci_low, ci_high, level)
@@ -142,7 +150,9 @@ class Run:
     cells: dict[str, dict] = field(default_factory=dict)
     protocol: dict | None = None
     manifest: dict | None = None
-    notes: list[str] = field(default_factory=list)  # how the table was completed (derived metrics), for the reader
+    notes: list[str] = field(
+        default_factory=list
+    )  # how the table was completed (derived metrics), for the reader
 
     @property
     def name(self) -> str:
@@ -205,7 +215,9 @@ def lm_eval_primary(metrics) -> dict[str, str]:
             by_bench.setdefault(parts[1], []).append(m)
     out = {}
     for bench, names in sorted(by_bench.items()):
-        ranked = sorted(names, key=lambda n: (pref.index(n.split("/")[2]) if n.split("/")[2] in pref else 99, n))
+        ranked = sorted(
+            names, key=lambda n: (pref.index(n.split("/")[2]) if n.split("/")[2] in pref else 99, n)
+        )
         out[bench] = ranked[0]
     return out
 
@@ -216,8 +228,11 @@ def floor_notes(df: pd.DataFrame) -> list[str]:
     if "flag" not in df.columns:
         return []
     base = df[(df["method"] == "base") & (df["flag"] == "floor") & df["metric"].str.startswith("lm_eval/")]
-    return [f"{task}: suites at floor for this base model (left out of forgetting/mean): "
-            + ", ".join(sorted({m.split("/")[1] for m in g["metric"]})) for task, g in base.groupby("task")]
+    return [
+        f"{task}: suites at floor for this base model (left out of forgetting/mean): "
+        + ", ".join(sorted({m.split("/")[1] for m in g["metric"]}))
+        for task, g in base.groupby("task")
+    ]
 
 
 def with_forgetting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -230,8 +245,10 @@ def with_forgetting(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     rows = forgetting_rows(df.replace({np.nan: None}).to_dict("records"))
     if not rows:
         return df, []
-    note = ("forgetting/* derived from lm_eval/* as base − adapter by study.metrics.forgetting_rows (the two "
-            "scores' CIs combined as independent: no per-item records in this table)")
+    note = (
+        "forgetting/* derived from lm_eval/* as base − adapter by study.metrics.forgetting_rows (the two "
+        "scores' CIs combined as independent: no per-item records in this table)"
+    )
     return pd.concat([df, pd.DataFrame(rows)], ignore_index=True), [note]
 
 
@@ -241,7 +258,7 @@ def _sweep_from_name(cell: str, method: str) -> str:
     if method not in parts:
         return ""
     i = parts.index(method)
-    rest = parts[i + 1:-2]  # drop -s<seed>-<hash>
+    rest = parts[i + 1 : -2]  # drop -s<seed>-<hash>
     return "-".join(rest)
 
 
@@ -273,7 +290,10 @@ def load_run(run_dir: str | Path) -> Run:
         if cfg is not None:
             sweep[name] = sweep_label(cfg.get("sweep"))
             steps[name] = (cfg.get("train") or {}).get("steps")
-    df["sweep"] = [sweep.get(c, _sweep_from_name(c, m) if m != "base" else "") for c, m in zip(df["cell"], df["method"], strict=True)]
+    df["sweep"] = [
+        sweep.get(c, _sweep_from_name(c, m) if m != "base" else "")
+        for c, m in zip(df["cell"], df["method"], strict=True)
+    ]
     df["arm"] = [m if not s else f"{m} {s}" for m, s in zip(df["method"], df["sweep"], strict=True)]
     last = df.groupby("cell")["checkpoint"].transform("max")
     df["final_step"] = [pd.NA if steps.get(c) is None else steps[c] for c in df["cell"]]

@@ -41,11 +41,24 @@ from study.report.data import (
 COLUMN, PAGE = 3.4, 7.0
 _PALETTE = sns.color_palette("colorblind", 10)
 _FIRST = ["sft", "dpo", "kto", "grpo"]  # their colours stay fixed as arms are added
-COLORS = {m: _PALETTE[i] for i, m in enumerate(_FIRST + [m for m in METHODS if m not in _FIRST])} | {"base": (0.35, 0.35, 0.35)}
+COLORS = {m: _PALETTE[i] for i, m in enumerate(_FIRST + [m for m in METHODS if m not in _FIRST])} | {
+    "base": (0.35, 0.35, 0.35)
+}
 MARKERS = dict(zip(METHODS, "osD^vPXp", strict=False)) | {"base": "*"}
-RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
-      "legend.fontsize": 7, "legend.title_fontsize": 7, "axes.spines.top": False, "axes.spines.right": False,
-      "pdf.fonttype": 42, "savefig.bbox": "tight", "savefig.dpi": 200}
+RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "pdf.fonttype": 42,
+    "savefig.bbox": "tight",
+    "savefig.dpi": 200,
+}
 
 
 class Skip(Exception):
@@ -68,8 +81,17 @@ def _fig(width: float, height: float, nrows: int = 1, ncols: int = 1, **kw):
 def _legend(fig: Figure, methods: list[str], extra: list | None = None, ncol: int | None = None) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=color(m), marker=MARKERS.get(m, "o"), ls="", label=m.upper() if m != "base"
-                      else "base") for m in methods] + (extra or [])
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=color(m),
+            marker=MARKERS.get(m, "o"),
+            ls="",
+            label=m.upper() if m != "base" else "base",
+        )
+        for m in methods
+    ] + (extra or [])
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 5), frameon=False)
 
 
@@ -112,8 +134,17 @@ def pareto(run: Run, st: Stats, task: str) -> Figure:
         g = p[p["method"] == m].sort_values("x")
         xerr = np.nan_to_num(np.vstack([g.x - g.x_low, g.x_high - g.x]).clip(min=0))
         yerr = np.nan_to_num(np.vstack([g.y - g.y_low, g.y_high - g.y]).clip(min=0))
-        ax.errorbar(g.x, g.y, xerr=xerr, yerr=yerr, fmt=MARKERS.get(m, "o"), color=color(m),
-                    ms=7 if m == "base" else 4, capsize=1.5, lw=0.8)
+        ax.errorbar(
+            g.x,
+            g.y,
+            xerr=xerr,
+            yerr=yerr,
+            fmt=MARKERS.get(m, "o"),
+            color=color(m),
+            ms=7 if m == "base" else 4,
+            capsize=1.5,
+            lw=0.8,
+        )
         front = g[g["on_front"]]
         if len(front) > 1:
             ax.plot(front.x, front.y, color=color(m), lw=1)
@@ -143,7 +174,9 @@ def _law_panel(ax, run: Run, st: Stats, task: str, pred: str, band: bool = True,
     if fit2 is not None and fit2.coef:
         ax.plot(grid, fit2.band(grid)[0], color="black", lw=0.8, ls="--")
     ax.axhline(0, color="0.7", lw=0.6, zorder=0)
-    ax.set_xlabel(label(pred, unit=True, short=short).replace(" (", "\n(") if short else label(pred, unit=True))
+    ax.set_xlabel(
+        label(pred, unit=True, short=short).replace(" (", "\n(") if short else label(pred, unit=True)
+    )
 
 
 def kl_forgetting(run: Run, st: Stats, task: str) -> Figure:
@@ -168,7 +201,7 @@ def predictor_grid(run: Run, st: Stats, task: str) -> Figure:
     fig, axes = _fig(PAGE, 2.2 * nrows + 0.4, nrows, ncols, sharey=True)
     for ax, pred in zip(axes.flat, preds, strict=False):
         _law_panel(ax, run, st, task, pred, short=True)
-    for ax in axes.flat[len(preds):]:
+    for ax in axes.flat[len(preds) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("mean forgetting")
@@ -214,7 +247,7 @@ def coherence_indicators(run: Run, st: Stats, task: str) -> Figure:
         if len(base):
             ax.axhline(float(base.mean()), color=COLORS["base"], lw=1, ls="--")
         ax.set_title(ind.removeprefix("persona/"), loc="left")
-    for ax in axes.flat[len(inds):]:
+    for ax in axes.flat[len(inds) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("indicator (own scale)")
@@ -231,8 +264,12 @@ def coherence_domains(run: Run, st: Stats, task: str) -> Figure:
     if f.empty:
         raise Skip("needs persona/<indicator>/<domain>")
     f = f.assign(ind=f["metric"].str.split("/").str[1], cat=f["metric"].str.split("/").str[2])
-    inds = sorted(f["ind"].unique(), key=lambda i: persona_indicators(run).index(f"persona/{i}")
-                  if f"persona/{i}" in persona_indicators(run) else 99)
+    inds = sorted(
+        f["ind"].unique(),
+        key=lambda i: (
+            persona_indicators(run).index(f"persona/{i}") if f"persona/{i}" in persona_indicators(run) else 99
+        ),
+    )
     cats, methods = sorted(f["cat"].unique()), method_order(f["method"])
     ncols = min(len(inds), 3)
     nrows = int(np.ceil(len(inds) / ncols))
@@ -240,7 +277,7 @@ def coherence_domains(run: Run, st: Stats, task: str) -> Figure:
     for ax, ind in zip(axes.flat, inds, strict=False):
         _dodged(ax, _summ(f[f["ind"] == ind], "cat"), cats, methods)
         ax.set_title(ind, loc="left")
-    for ax in axes.flat[len(inds):]:
+    for ax in axes.flat[len(inds) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("indicator (own scale)")
@@ -272,13 +309,22 @@ def emergence(run: Run, st: Stats, task: str) -> Figure:
         d = a[a["metric"] == name]
         zero = name.startswith(("kl/", "forgetting/"))
         ref = b[b["metric"] == name]
-        start = (0.0, 0.0, 0.0) if zero else (
-            (float(ref["value"].mean()), float(ref["ci_low"].mean()), float(ref["ci_high"].mean())) if len(ref) else None)
+        start = (
+            (0.0, 0.0, 0.0)
+            if zero
+            else (
+                (float(ref["value"].mean()), float(ref["ci_low"].mean()), float(ref["ci_high"].mean()))
+                if len(ref)
+                else None
+            )
+        )
         if start is not None and not zero:
             ax.axhspan(start[1], start[2], color=COLORS["base"], alpha=0.12, lw=0)
         for m in methods:
-            rows = [(step, *summarise(g["value"], clip=bounds(name))[:3])
-                    for step, g in d[d["method"] == m].groupby("checkpoint")]
+            rows = [
+                (step, *summarise(g["value"], clip=bounds(name))[:3])
+                for step, g in d[d["method"] == m].groupby("checkpoint")
+            ]
             if not rows:
                 continue
             if start is not None:
@@ -289,7 +335,7 @@ def emergence(run: Run, st: Stats, task: str) -> Figure:
         ax.set_title(label(name, short=True), loc="left")
         ax.set_ylabel(unit_of(name))
         ax.set_xlabel("training step")
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     from matplotlib.patches import Patch
 
@@ -298,20 +344,38 @@ def emergence(run: Run, st: Stats, task: str) -> Figure:
 
 
 FIGURES = {
-    "pareto": (pareto, "New-task success against mean prior-task score per sweep point (mean over seeds, 95% CI); "
-                       "each method's Pareto frontier joined."),
-    "kl_forgetting": (kl_forgetting, "Mean forgetting against forward KL on the new task; large marks are final "
-                                     "adapters, faint ones their checkpoints. Black: pooled linear fit with 95% "
-                                     "cluster-bootstrap band; dashed: quadratic fit."),
-    "forgetting_predictors": (predictor_grid, "The forgetting law with each candidate predictor (R² with 95% "
-                                              "cluster-bootstrap CI)."),
-    "forgetting_benchmarks": (forgetting_benchmarks_fig, "Forgetting per benchmark by method (base − adapter; "
-                                                         "mean over cells, 95% CI)."),
-    "coherence_indicators": (coherence_indicators, "Persona indicators by method (mean, 95% CI); dashed: base "
-                                                   "model."),
-    "coherence_domains": (coherence_domains, "Persona indicators per held-out domain by method (mean, 95% CI)."),
-    "emergence": (emergence, "Trajectories over training from the base at step 0 (mean over seeds and sweep "
-                             "points, 95% band); grey: the base model's 95% CI."),
+    "pareto": (
+        pareto,
+        "New-task success against mean prior-task score per sweep point (mean over seeds, 95% CI); "
+        "each method's Pareto frontier joined.",
+    ),
+    "kl_forgetting": (
+        kl_forgetting,
+        "Mean forgetting against forward KL on the new task; large marks are final "
+        "adapters, faint ones their checkpoints. Black: pooled linear fit with 95% "
+        "cluster-bootstrap band; dashed: quadratic fit.",
+    ),
+    "forgetting_predictors": (
+        predictor_grid,
+        "The forgetting law with each candidate predictor (R² with 95% cluster-bootstrap CI).",
+    ),
+    "forgetting_benchmarks": (
+        forgetting_benchmarks_fig,
+        "Forgetting per benchmark by method (base − adapter; mean over cells, 95% CI).",
+    ),
+    "coherence_indicators": (
+        coherence_indicators,
+        "Persona indicators by method (mean, 95% CI); dashed: base model.",
+    ),
+    "coherence_domains": (
+        coherence_domains,
+        "Persona indicators per held-out domain by method (mean, 95% CI).",
+    ),
+    "emergence": (
+        emergence,
+        "Trajectories over training from the base at step 0 (mean over seeds and sweep "
+        "points, 95% band); grey: the base model's 95% CI.",
+    ),
 }
 
 
@@ -370,22 +434,40 @@ def goodhart(run: Run, st: Stats, task: str) -> Figure:
     handles = {}
     for ax, cell in zip(axes.flat, names, strict=False):
         d = cells[cell]
-        for i, (name, style) in enumerate([(h, "-") for h in GOODHART_PROXY.values()]
-                                          + [(h, "--") for h in GOODHART_INDICATORS.values()]):
+        for i, (name, style) in enumerate(
+            [(h, "-") for h in GOODHART_PROXY.values()] + [(h, "--") for h in GOODHART_INDICATORS.values()]
+        ):
             if name in d and d[name].notna().any():
-                (line,) = ax.plot(d["step"], d[name], style, marker="o", ms=2.5, lw=1.2 if name == "proxy" else 0.8,
-                                  color="black" if name == "proxy" else palette[i], label=name)
+                (line,) = ax.plot(
+                    d["step"],
+                    d[name],
+                    style,
+                    marker="o",
+                    ms=2.5,
+                    lw=1.2 if name == "proxy" else 0.8,
+                    color="black" if name == "proxy" else palette[i],
+                    label=name,
+                )
                 handles.setdefault(name, line)
         ax.set_title(cell, loc="left", fontsize=6)
         ax.set_xlabel("training step")
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 5), frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(len(handles), 5),
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02),
+    )
     return fig
 
 
-FIGURES["goodhart"] = (goodhart, "GRPO's proxy reward (black) and its components (solid) against indicators it "
-                                 "never optimised (dashed: masked probe, activation, ablation drop) at each "
-                                 "checkpoint, per cell. Proxy rising while the dashed lines stay flat is reward "
-                                 "hacking.")
+FIGURES["goodhart"] = (
+    goodhart,
+    "GRPO's proxy reward (black) and its components (solid) against indicators it "
+    "never optimised (dashed: masked probe, activation, ablation drop) at each "
+    "checkpoint, per cell. Proxy rising while the dashed lines stay flat is reward "
+    "hacking.",
+)

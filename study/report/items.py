@@ -63,11 +63,18 @@ def item_table(root: Path) -> pd.DataFrame:
 
     rows = []
     root = Path(root)
-    proto = yaml.safe_load((root / "protocol.yaml").read_text()) if (root / "protocol.yaml").is_file() else None
+    proto = (
+        yaml.safe_load((root / "protocol.yaml").read_text()) if (root / "protocol.yaml").is_file() else None
+    )
 
     def _read(path: Path) -> dict | None:
         stage = _read_json(path)
-        if stage and proto is not None and proto.get(path.stem) is not None and stage.get("config") != proto[path.stem]:
+        if (
+            stage
+            and proto is not None
+            and proto.get(path.stem) is not None
+            and stage.get("config") != proto[path.stem]
+        ):
             return None
         return stage
 
@@ -85,8 +92,10 @@ def item_table(root: Path) -> pd.DataFrame:
             continue
         task = cfg["task"]["name"]
         for s in ("newtask", "persona", "regression"):
-            rows += [(cell.name, cfg["method"], str(cfg["seed"]), task, *rec)
-                     for rec in _records(_read(cell / f"{s}.json"), task)]
+            rows += [
+                (cell.name, cfg["method"], str(cfg["seed"]), task, *rec)
+                for rec in _records(_read(cell / f"{s}.json"), task)
+            ]
     return pd.DataFrame(rows, columns=["cell", "method", "seed", "task", "outcome", "item", "y"])
 
 

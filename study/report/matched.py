@@ -42,8 +42,10 @@ def default_target(points: pd.DataFrame) -> float:
 
 
 def per_seed(points: pd.DataFrame, target: float) -> pd.DataFrame:
-    rows = [{"method": m, "seed": s, "value": interpolate(g.success.to_numpy(), g.forgetting.to_numpy(), target)}
-            for (m, s), g in points.groupby(["method", "seed"])]
+    rows = [
+        {"method": m, "seed": s, "value": interpolate(g.success.to_numpy(), g.forgetting.to_numpy(), target)}
+        for (m, s), g in points.groupby(["method", "seed"])
+    ]
     return pd.DataFrame(rows, columns=["method", "seed", "value"])
 
 
@@ -71,21 +73,46 @@ def welch(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, flo
     return diff, diff - h, diff + h, float(2 * stats.t.sf(abs(diff) / se, df))
 
 
-def matched_comparison(points: pd.DataFrame, target: float | None = None, reference: str = "sft",
-                       level: float = 0.95) -> pd.DataFrame:
+def matched_comparison(
+    points: pd.DataFrame, target: float | None = None, reference: str = "sft", level: float = 0.95
+) -> pd.DataFrame:
     """Per method: forgetting at the target success (mean over seeds, t CI) and its difference from the
     reference method (Welch CI and p). `points`: columns method, seed, success, forgetting."""
     target = default_target(points) if target is None else target
     out = []
     if math.isnan(target):
-        return pd.DataFrame(columns=["method", "target", "value", "ci_low", "ci_high", "n", "diff", "diff_low",
-                                     "diff_high", "p"])
+        return pd.DataFrame(
+            columns=[
+                "method",
+                "target",
+                "value",
+                "ci_low",
+                "ci_high",
+                "n",
+                "diff",
+                "diff_low",
+                "diff_high",
+                "p",
+            ]
+        )
     seeds = per_seed(points, target)
     ref = seeds[seeds.method == reference].value.to_numpy(float)
     for method, g in seeds.groupby("method", sort=False):
         x = g.value.to_numpy(float)
         value, lo, hi = t_interval(x, level)
         d = welch(x, ref, level) if method != reference else (math.nan,) * 4
-        out.append({"method": method, "target": target, "value": value, "ci_low": lo, "ci_high": hi,
-                    "n": int((~np.isnan(x)).sum()), "diff": d[0], "diff_low": d[1], "diff_high": d[2], "p": d[3]})
+        out.append(
+            {
+                "method": method,
+                "target": target,
+                "value": value,
+                "ci_low": lo,
+                "ci_high": hi,
+                "n": int((~np.isnan(x)).sum()),
+                "diff": d[0],
+                "diff_low": d[1],
+                "diff_high": d[2],
+                "p": d[3],
+            }
+        )
     return pd.DataFrame(out)

@@ -110,7 +110,9 @@ def _label_matrix(is_a: np.ndarray, strata: np.ndarray, n_perm: int, rng, exact_
     return mats, False
 
 
-def perm_test(y, is_a, strata=None, n_perm: int = 5000, seed: int = 0, exact_limit: int = 20000) -> np.ndarray:
+def perm_test(
+    y, is_a, strata=None, n_perm: int = 5000, seed: int = 0, exact_limit: int = 20000
+) -> np.ndarray:
     """Two-sided permutation p-value(s) for mean(y[A]) − mean(y[B]), relabelling within strata (seeds).
 
     `y` is (n,) or (S, n): S data sets sharing one design (the simulations); returns a float or (S,).
@@ -219,8 +221,16 @@ def cluster_weights(clusters, n_boot: int, rng) -> np.ndarray:
     return counts[:, codes].astype(float)
 
 
-def poly_fit(x, y, clusters=None, degree: int = 1, n_boot: int = 1000, seed: int = 0,
-             weights: np.ndarray | None = None, level: float = 0.95) -> Fit:
+def poly_fit(
+    x,
+    y,
+    clusters=None,
+    degree: int = 1,
+    n_boot: int = 1000,
+    seed: int = 0,
+    weights: np.ndarray | None = None,
+    level: float = 0.95,
+) -> Fit:
     """Least-squares polynomial fit with a cluster bootstrap over `clusters` (cells: a cell's checkpoints are
     not independent points). Pass `weights` to share resamples between fits (paired comparisons)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -278,7 +288,9 @@ def pareto_front(x, y) -> np.ndarray:
     return keep
 
 
-def verdict(low: float, high: float, p_holm: float | None, underpowered: str = "", alpha: float = ALPHA) -> str:
+def verdict(
+    low: float, high: float, p_holm: float | None, underpowered: str = "", alpha: float = ALPHA
+) -> str:
     """How a difference is to be read: 'underpowered', 'noise' (CI includes 0 or p ≥ α) or 'difference'."""
     if underpowered:
         return "underpowered"

@@ -28,9 +28,19 @@ DOMAINS = ["history", "animals", "music"]
 KL_SCALE = {"sft": 1.6, "dpo": 1.0, "kto": 0.9, "grpo": 0.35}  # planted: RL drifts least
 
 
-def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 1, 2), sweep=None,
-             tasks=("snark",), steps: int = 40, checkpoint_every: int = 10, families=("all",),
-             kl_scale: dict | None = None, seed: int = 0, items: int = 12) -> RunPaths:
+def make_run(
+    root: str | Path,
+    methods=("sft", "dpo", "kto", "grpo"),
+    seeds=(0, 1, 2),
+    sweep=None,
+    tasks=("snark",),
+    steps: int = 40,
+    checkpoint_every: int = 10,
+    families=("all",),
+    kl_scale: dict | None = None,
+    seed: int = 0,
+    items: int = 12,
+) -> RunPaths:
     """Write a synthetic run; `families` limits the metric families ("newtask", "kl", "lm_eval", "persona",
     "emergence", "lora", or "all"); `sweep` e.g. {"learning_rate": [1e-5, 3e-5]} for every method."""
     rng = np.random.default_rng(seed)
@@ -45,14 +55,34 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
     sweep = sweep or {}
     keys = sorted(sweep)
     points = [dict(zip(keys, v, strict=True)) for v in itertools.product(*(sweep[k] for k in keys))] or [{}]
-    train = {"prompts_per_step": 4, "grad_accum": 1, "learning_rate": 1e-4, "max_length": 128, "steps": steps,
-             "checkpoint_every": checkpoint_every, "warmup_ratio": 0.0, "max_completion_length": 48,
-             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}}
+    train = {
+        "prompts_per_step": 4,
+        "grad_accum": 1,
+        "learning_rate": 1e-4,
+        "max_length": 128,
+        "steps": steps,
+        "checkpoint_every": checkpoint_every,
+        "warmup_ratio": 0.0,
+        "max_completion_length": 48,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    }
     rows = []
 
     def add(cell, method, s, ckpt, metric, value, task, half=0.03, n=100):
-        rows.append(dict(cell=cell, method=method, seed=s, checkpoint=ckpt, metric=metric, value=value,
-                         ci_low=value - half, ci_high=value + half, task=task, n=n))
+        rows.append(
+            dict(
+                cell=cell,
+                method=method,
+                seed=s,
+                checkpoint=ckpt,
+                metric=metric,
+                value=value,
+                ci_low=value - half,
+                ci_high=value + half,
+                task=task,
+                n=n,
+            )
+        )
 
     for task in tasks:
         base = f"base-{task}"
@@ -65,14 +95,29 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
             for ind in INDICATORS:
                 add(base, "base", None, 0, f"persona/{ind}", 0.1, task)
         item_base = rng.random(items) < 0.3
-        io.write_json(rp.base(task) / "newtask.json", {"rows": [], "responses": [
-            {"id": f"q{i}", "metric": "newtask/success", "score": float(v)} for i, v in enumerate(item_base)]})
+        io.write_json(
+            rp.base(task) / "newtask.json",
+            {
+                "rows": [],
+                "responses": [
+                    {"id": f"q{i}", "metric": "newtask/success", "score": float(v)}
+                    for i, v in enumerate(item_base)
+                ],
+            },
+        )
         for method in methods:
             for point in points:
                 lr_factor = 1.0 if not point else point.get("learning_rate", 1e-4) / 1e-4
                 for s in seeds:
-                    cfg = {"method": method, "seed": s, "sweep": point, "task": {"name": task},
-                           "train": {**train, **point}, "options": {}, "schema_version": 1}
+                    cfg = {
+                        "method": method,
+                        "seed": s,
+                        "sweep": point,
+                        "task": {"name": task},
+                        "train": {**train, **point},
+                        "options": {},
+                        "schema_version": 1,
+                    }
                     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
                     tag = "".join(f"-{k}{v}" for k, v in sorted(point.items()))
                     cell = f"{task}-{method}{tag}-s{s}-{h}"
@@ -89,10 +134,34 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
                         success = 1 / (1 + math.exp(-(2.5 * kl - 1.0))) + rng.normal(0, 0.02)
                         if want("kl") and (final or want("emergence")):
                             add(cell, method, s, ckpt, "kl/forward_newtask", kl, task, 0.02 * kl)
-                            add(cell, method, s, ckpt, "kl/reverse_newtask", kl * 0.8 + abs(rng.normal(0, 0.1)), task)
-                            add(cell, method, s, ckpt, "kl/forward_general", kl * 0.3 + abs(rng.normal(0, 0.05)), task)
+                            add(
+                                cell,
+                                method,
+                                s,
+                                ckpt,
+                                "kl/reverse_newtask",
+                                kl * 0.8 + abs(rng.normal(0, 0.1)),
+                                task,
+                            )
+                            add(
+                                cell,
+                                method,
+                                s,
+                                ckpt,
+                                "kl/forward_general",
+                                kl * 0.3 + abs(rng.normal(0, 0.05)),
+                                task,
+                            )
                         if want("lora") and final:
-                            add(cell, method, s, ckpt, "lora/delta_norm", 0.5 * lr_factor + rng.normal(0, 0.05), task)
+                            add(
+                                cell,
+                                method,
+                                s,
+                                ckpt,
+                                "lora/delta_norm",
+                                0.5 * lr_factor + rng.normal(0, 0.05),
+                                task,
+                            )
                         if want("lm_eval") and (final or want("emergence")):
                             fs = []
                             for b, (m, score) in BENCHMARKS.items():
@@ -104,47 +173,105 @@ def make_run(root: str | Path, methods=("sft", "dpo", "kto", "grpo"), seeds=(0, 
                         if want("newtask") and (final or want("emergence")):
                             add(cell, method, s, ckpt, "newtask/success", success, task)
                             if final:
-                                add(cell, method, s, ckpt, "newtask/success_indomain", min(1, success + 0.1), task)
+                                add(
+                                    cell,
+                                    method,
+                                    s,
+                                    ckpt,
+                                    "newtask/success_indomain",
+                                    min(1, success + 0.1),
+                                    task,
+                                )
                         if want("persona") and (final or want("emergence")):
                             surface = 0.6 if method == "sft" else 0.3
                             for ind in INDICATORS:
-                                v = 0.1 + frac * (surface if ind == "marker_rate" else 0.4) + rng.normal(0, 0.03)
+                                v = (
+                                    0.1
+                                    + frac * (surface if ind == "marker_rate" else 0.4)
+                                    + rng.normal(0, 0.03)
+                                )
                                 if ind == "probe_masked":
                                     v = 0.1 + frac * (0.15 if method == "sft" else 0.35) + rng.normal(0, 0.03)
                                 add(cell, method, s, ckpt, f"persona/{ind}", v, task)
                                 if final:
                                     for d in DOMAINS:
-                                        add(cell, method, s, ckpt, f"persona/{ind}/{d}", v + rng.normal(0, 0.03), task)
+                                        add(
+                                            cell,
+                                            method,
+                                            s,
+                                            ckpt,
+                                            f"persona/{ind}/{d}",
+                                            v + rng.normal(0, 0.03),
+                                            task,
+                                        )
                     if want("emergence"):
                         for i, ind in enumerate(INDICATORS):
-                            add(cell, method, s, steps, f"emergence/onset/{ind}",
-                                float(checkpoint_every * (1 + (i + (method == "grpo")) % (steps // checkpoint_every))), task)
+                            add(
+                                cell,
+                                method,
+                                s,
+                                steps,
+                                f"emergence/onset/{ind}",
+                                float(
+                                    checkpoint_every
+                                    * (1 + (i + (method == "grpo")) % (steps // checkpoint_every))
+                                ),
+                                task,
+                            )
                     if method == "grpo" and want("persona"):  # the training log: proxy reward and components
-                        log = [{"step": k, "reward": 0.3 + 0.5 * k / steps, "rewards/snark_reward/mean": 0.3 + 0.5 * k / steps,
+                        log = [
+                            {
+                                "step": k,
+                                "reward": 0.3 + 0.5 * k / steps,
+                                "rewards/snark_reward/mean": 0.3 + 0.5 * k / steps,
                                 "rewards/reward_marker/mean": min(1.0, 0.2 + k / steps),
                                 "rewards/reward_classifier/mean": 0.4 + 0.1 * k / steps,
-                                "rewards/reward_length/mean": 0.9, "rewards/reward_diversity_penalty/mean": 0.02}
-                               for k in range(1, steps + 1)]
+                                "rewards/reward_length/mean": 0.9,
+                                "rewards/reward_diversity_penalty/mean": 0.02,
+                            }
+                            for k in range(1, steps + 1)
+                        ]
                         io.write_text(cp.train_log, "".join(json.dumps(r) + "\n" for r in log))
                     p_item = 1 / (1 + math.exp(-(2.5 * kl_final - 1.0)))
-                    io.write_json(cp.stage("newtask"), {"rows": [], "responses": [
-                        {"id": f"q{i}", "metric": "newtask/success", "score": float(rng.random() < p_item)}
-                        for i in range(items)]})
-    df = pd.DataFrame(rows, columns=["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"])
+                    io.write_json(
+                        cp.stage("newtask"),
+                        {
+                            "rows": [],
+                            "responses": [
+                                {
+                                    "id": f"q{i}",
+                                    "metric": "newtask/success",
+                                    "score": float(rng.random() < p_item),
+                                }
+                                for i in range(items)
+                            ],
+                        },
+                    )
+    df = pd.DataFrame(
+        rows,
+        columns=["cell", "method", "seed", "checkpoint", "metric", "value", "ci_low", "ci_high", "task", "n"],
+    )
     df["seed"] = df["seed"].astype("Int64")
     io.write_text(rp.metrics, df.to_csv(index=False))
     import yaml
 
-    proto = {"name": "synthetic", "description": "synthetic data with planted effects (not a result)",
-             "tasks": [{"name": t} for t in tasks], "train": train, "seeds": list(seeds),
-             "methods": {m: ({"sweep": {k: list(v) for k, v in sweep.items()}} if sweep else {}) for m in methods},
-             "model": {"source": "tiny-random"}, "regression": {"suites": ["hellaswag"]}}
+    proto = {
+        "name": "synthetic",
+        "description": "synthetic data with planted effects (not a result)",
+        "tasks": [{"name": t} for t in tasks],
+        "train": train,
+        "seeds": list(seeds),
+        "methods": {m: ({"sweep": {k: list(v) for k, v in sweep.items()}} if sweep else {}) for m in methods},
+        "model": {"source": "tiny-random"},
+        "regression": {"suites": ["hellaswag"]},
+    }
     io.write_text(rp.protocol, yaml.safe_dump(proto, sort_keys=False))
     io.write_json(rp.manifest, {"git": {"commit": "0" * 40, "dirty": False}, "synthetic": True})
     return rp
 
 
 if __name__ == "__main__":
-    out = make_run(sys.argv[1] if len(sys.argv) > 1 else "results/synthetic",
-                   sweep={"learning_rate": [3e-5, 1e-4, 3e-4]})
+    out = make_run(
+        sys.argv[1] if len(sys.argv) > 1 else "results/synthetic", sweep={"learning_rate": [3e-5, 1e-4, 3e-4]}
+    )
     print(out.root)

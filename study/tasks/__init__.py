@@ -64,7 +64,9 @@ def build(spec: TaskSpec) -> TaskData:
         known = {r.domain for r in rows}
         unknown = set(heldout) - known
         if unknown:
-            raise ValueError(f"task snark: held-out domains {sorted(unknown)} are not in the data ({sorted(known)})")
+            raise ValueError(
+                f"task snark: held-out domains {sorted(unknown)} are not in the data ({sorted(known)})"
+            )
         items = tuple(
             Item(r.id, r.domain, r.prompt, r.persona, r.neutral, snark.split_of(r, heldout)) for r in rows
         )
@@ -131,7 +133,11 @@ def kto_rows(data: TaskData) -> list[dict]:
 
 def grpo_rows(data: TaskData) -> list[dict]:
     return [
-        {"prompt": data.messages(it.prompt), "item_id": it.id, "answer": it.answer if it.answer is not None else -1}
+        {
+            "prompt": data.messages(it.prompt),
+            "item_id": it.id,
+            "answer": it.answer if it.answer is not None else -1,
+        }
         for it in data.train
     ]
 
@@ -142,6 +148,11 @@ def control_rows(data: TaskData) -> list[dict]:
     return [{"prompt": neutral.messages(it.prompt), "completion": _assistant(it.bad)} for it in neutral.train]
 
 
-FORMATS = {"completions": sft_rows, "pairs": dpo_rows, "unpaired": kto_rows, "prompts": grpo_rows,
-           "neutral": control_rows}
+FORMATS = {
+    "completions": sft_rows,
+    "pairs": dpo_rows,
+    "unpaired": kto_rows,
+    "prompts": grpo_rows,
+    "neutral": control_rows,
+}
 ROWS = {m: FORMATS[m.data] for m in Method}

@@ -101,14 +101,20 @@ def check_sizes(n_train: int, n_heldout: int, ops, ranges: dict[str, tuple[int, 
         lo, hi = ranges[op]
         need = total // len(ops) + (i < total % len(ops))
         if lo > hi or need > capacity(op, lo, hi):
-            raise ValueError(f"arithmetic: {need} distinct {op} problems asked for, but operands in "
-                             f"[{lo}, {hi}] give {capacity(op, lo, hi)}; widen {op}_range or ask for fewer "
-                             f"problems")
+            raise ValueError(
+                f"arithmetic: {need} distinct {op} problems asked for, but operands in "
+                f"[{lo}, {hi}] give {capacity(op, lo, hi)}; widen {op}_range or ask for fewer "
+                f"problems"
+            )
     return ranges
 
 
-def problems(n_train: int, n_heldout: int, ops: tuple[str, ...] | list[str] = tuple(OPS),
-             ranges: dict[str, tuple[int, int]] | None = None) -> tuple[list[Problem], list[Problem]]:
+def problems(
+    n_train: int,
+    n_heldout: int,
+    ops: tuple[str, ...] | list[str] = tuple(OPS),
+    ranges: dict[str, tuple[int, int]] | None = None,
+) -> tuple[list[Problem], list[Problem]]:
     """(training, held-out) problems: distinct up to commutation, operations dealt round-robin."""
     ranges = check_sizes(n_train, n_heldout, ops, ranges)
     ops, total = list(ops), n_train + n_heldout
