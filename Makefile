@@ -67,7 +67,7 @@ bench: $(STAMP)  ## stage speeds (train, kl, regression, persona split, harness 
 	$(STUDY) bench $(ARGS)
 
 calibrate: $(STAMP)  ## null and planted-effect simulations of study/stats -> results/calibration/ (skips if unchanged)
-	$(PY) -m study.stats.calibrate
+	$(STUDY) calibrate
 
 lint: $(STAMP)  ## ruff lint and format check
 	.venv/bin/ruff check study tests

@@ -186,6 +186,7 @@ def plan(
         f"(base job, then the cell array, then the report; queue waits not counted)",
         highlight=False,
     )
+    console.print(power_report(protocol, proto)[0])  # what this design can detect, beside what it costs
     notes = sorted({a for r in rows for a in r["assumptions"]})
     if not on_gpu and not is_gpu_protocol(proto):
         notes.append("CPU figures: measured on this 2-core machine (make bench); another CPU differs")
@@ -384,10 +385,8 @@ def bench(ctx: typer.Context) -> None:
     main(ctx.args)
 
 
-@app.command()
-def power(protocol: Path) -> None:
-    """Minimum detectable effect (80 % power) of each primary outcome from the protocol's sizes and the base's
-    per-item variances (measured ones from the run folder's base/, else stated priors); writes power.json."""
+def power_report(protocol: Path, proto):
+    """(the MDE table, the rows, the sizes, the run paths) of a protocol's primary outcomes."""
     import json
 
     import numpy as np
@@ -395,7 +394,6 @@ def power(protocol: Path) -> None:
     from study.paths import RunPaths
     from study.stats.power import power_table, protocol_sizes
 
-    proto = _load(protocol)
     rp = RunPaths.for_protocol(protocol, proto.results_dir)
     item_sd = {}
     reg = rp.root / "base" / "model" / "regression.json"  # per-item records, when the base was measured
@@ -435,12 +433,30 @@ def power(protocol: Path) -> None:
             f"{r.mde_cell_sd:.2f}",
             r.source + (f"; {r.note}" if r.note else ""),
         )
+    return table, df, sizes, rp
+
+
+@app.command()
+def power(protocol: Path) -> None:
+    """Minimum detectable effect (80 % power) of each primary outcome from the protocol's sizes and the base's
+    per-item variances (measured ones from the run folder's base/, else stated priors); writes power.json."""
+    import json
+
+    table, df, sizes, rp = power_report(protocol, _load(protocol))
     console.print(table)
     rp.root.mkdir(parents=True, exist_ok=True)
     (rp.root / "power.json").write_text(
         json.dumps({"sizes": sizes, "rows": df.to_dict("records")}, indent=1, default=str)
     )
     console.print(f"written: {rp.root / 'power.json'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def calibrate(ctx: typer.Context) -> None:
+    """Null and planted-effect simulations of every statistic -> results/calibration/ (cached by code hash)."""
+    from study.stats.calibrate import main
+
+    raise typer.Exit(main(ctx.args))
 
 
 def _dur(s: float) -> str:
