@@ -210,6 +210,7 @@ def matched_table(run: Run) -> pd.DataFrame:
     """Forgetting at matched new-task success (RL's Razor's comparison, study.report.matched): per task, the
     points (newtask/success, forgetting/mean) of every cell at every measured step, plus the base's point
     (its success, no forgetting) at step 0 of every seed; each method against SFT."""
+    from study.report.matched import COLUMNS as MATCHED_COLUMNS
     from study.report.matched import matched_comparison
 
     frames = []
@@ -242,23 +243,7 @@ def matched_table(run: Run) -> pd.DataFrame:
         if len(out):
             frames.append(out.assign(task=task))
     return (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(
-            columns=[
-                "task",
-                "method",
-                "target",
-                "value",
-                "ci_low",
-                "ci_high",
-                "n",
-                "diff",
-                "diff_low",
-                "diff_high",
-                "p",
-            ]
-        )
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["task", *MATCHED_COLUMNS])
     )
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+COLUMNS = ["method", "target", "value", "ci_low", "ci_high", "n", "diff", "diff_low", "diff_high", "p"]
+
 
 def interpolate(success: np.ndarray, forgetting: np.ndarray, target: float) -> float:
     """Forgetting at `target` success along one frontier (NaN outside its range)."""
@@ -81,20 +83,7 @@ def matched_comparison(
     target = default_target(points) if target is None else target
     out = []
     if math.isnan(target):
-        return pd.DataFrame(
-            columns=[
-                "method",
-                "target",
-                "value",
-                "ci_low",
-                "ci_high",
-                "n",
-                "diff",
-                "diff_low",
-                "diff_high",
-                "p",
-            ]
-        )
+        return pd.DataFrame(columns=COLUMNS)
     seeds = per_seed(points, target)
     ref = seeds[seeds.method == reference].value.to_numpy(float)
     for method, g in seeds.groupby("method", sort=False):
