@@ -5,6 +5,7 @@ study report results/smoke && less results/smoke/report.md
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,56 @@ def md_table(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in esc)])
 
 
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def primary_lines(run: Run, st: Stats) -> list[str]:
+    """The pre-declared primary outcomes, stated plainly with their intervals and the minimum detectable effect
+    `study power` predicted before the run; 'not detected' is read against that MDE, never as 'no effect'."""
+    from study.report.comparisons import primaries
+
+    out = ["## Primary outcomes", ""]
+    for p in primaries(run):
+        metric, task = str(p["metric"]), p.get("task")
+        a, b = (str(c) for c in p.get("contrast", ["grpo", "sft"]))
+        mde = st.mde[(st.mde["metric"] == metric) & (st.mde["task"] == task)] if len(st.mde) else st.mde
+        mde_txt = (
+            f"; the design's minimum detectable effect (study power) is {_num(mde['mde'].iloc[0])}"
+            if len(mde)
+            else ""
+        )
+        head = f"- **{metric}, {a} − {b}** (task `{task}`): "
+        if "@matched" in metric:
+            m = st.matched
+            m = m[(m["task"] == task) & (m["method"] == a)] if len(m) else m
+            if not len(m) or b != "sft":
+                out.append(head + f"not available (needs the matched-success table against sft){mde_txt}.")
+                continue
+            r = m.iloc[0]
+            seen = "less" if r["diff_high"] < 0 else "more" if r["diff_low"] > 0 else "no difference detected"
+            verdict = f"{a} forgets {seen} than {b}" if seen != "no difference detected" else seen
+            out.append(
+                head + f"at new-task success {_num(r['target'])}, {_num(r['diff'])} "
+                f"[{_num(r['diff_low'])}, {_num(r['diff_high'])}] (p = {_num(r['p'])}, {int(r['n'])} seeds reached "
+                f"it): **{verdict}**{mde_txt}."
+            )
+            continue
+        c = st.comparisons
+        hit = c[(c["task"] == task) & (c["outcome"] == metric) & (c["family"] == "primary")] if len(c) else c
+        if not len(hit):
+            out.append(head + f"not measured in this run{mde_txt}.")
+            continue
+        r = hit.iloc[0]
+        sign = 1 if (r["a"], r["b"]) == (a, b) else -1
+        lo, hi = sorted((sign * r["ci_low"], sign * r["ci_high"]))
+        out.append(
+            head + f"{_num(sign * r['est'])} [{_num(lo)}, {_num(hi)}], Holm p = {_num(r['p_holm'])}: "
+            f"**{r['verdict']}**{mde_txt}."
+        )
+    return out + ["", "Everything after this section is exploratory.", ""]
+
+
 def _table(t: Table, multi_task: bool) -> list[str]:
     title = f"**{t.title}**" + (f" — task `{t.task}`" if multi_task and t.task else "")
     lines = [title, ""]
@@ -81,6 +132,7 @@ def render(run: Run, st: Stats, figures: list[FigureFile], base: Path) -> str:
         "cluster bootstrap over cells for R², bootstrap for Hedges' g.",
         "",
     ]
+    lines += primary_lines(run, st)
     lines += ["## Checks", ""] + _table(tables["checks"][0], False) + _table(tables["calibration"][0], False)
     for note in run.notes:
         lines += [f"**Note:** {note}.", ""]
