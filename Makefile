@@ -18,7 +18,7 @@ ifneq ($(wildcard ../shared/benchmarks/README.md),)
 export STUDY_DATA_DIR ?= $(abspath ../shared/benchmarks)
 endif
 
-.PHONY: help system-deps install study run status plan validate test test-unit test-integration bench lint clean-results report paper calibrate
+.PHONY: help system-deps install study run status plan validate test test-slow test-unit test-integration bench lint clean-results report paper calibrate
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -57,8 +57,11 @@ paper: $(STAMP)  ## regenerate paper/generated/ from RUN=results/<protocol> and 
 system-deps:  ## Debian packages the tests need (bubblewrap, slurm-wlm, munge); installs as root, else says what is missing
 	bash scripts/system-deps.sh
 
-test: $(STAMP) system-deps  ## unit tests (tiny random models) and integration tests (bundled SmolLM2, smoke protocol)
-	$(PY) -m pytest -q
+test: $(STAMP) system-deps  ## unit tests (tiny random models), integration tests (bundled SmolLM2, smoke protocol), SLURM, sandbox
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) system-deps  ## the slow bundled-model measurements (headroom suites, flattening), ~5 min
+	$(PY) -m pytest -q -m slow
 
 test-unit: $(STAMP)  ## only the fast unit tests
 	$(PY) -m pytest -q -m "not integration"

@@ -43,6 +43,7 @@ def measure_model(
     base: bool = False,
     say: Callable[[str], None] = print,
     runtime: Runtime | None = None,
+    label: str = "",
 ) -> None:
     """Run every stage in `stages` (name -> settings) whose file `where(name)` is not current for `model`.
     `base`: the model is the base (no KL stage: its KL to itself is 0). `runtime`: its `autocast` turns on
@@ -70,7 +71,7 @@ def measure_model(
             "seconds": time.time() - t,
         }
         io.write_json(path, result)
-        log.info("%s: %s %.1f s", path.parent.name, name, time.time() - t)
+        log.info("%s: %s %.1f s", label or path.parent.name, name, time.time() - t)
 
     from study.measure import kl, newtask, persona, regression
 

@@ -313,6 +313,7 @@ class Runner:
                     base=True,
                     say=say,
                     runtime=self.runtime,
+                    label=f"base/{task.name}",
                 )
 
     # ------------------------------------------------------------------------------------------ cells

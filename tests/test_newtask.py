@@ -102,6 +102,7 @@ def test_rows_and_paired_records():
         assert r["neutral_loglik"] < 0
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_flattening_on_bundled_model():
     from study.models import load_model, load_tokenizer, resolve_runtime

@@ -470,7 +470,7 @@ def test_missing_judge_leaves_no_row(tok, data, scripted):
         direction_prompts=4,
         retest_seeds=[],
         respondents=2,
-        judge="/no/such/judge",
+        judge="nobody/no-such-judge",
     )
     out = persona.run(tiny_model(), tok, data, cfg)
     assert not out["judge"]["available"] and "could not be loaded" in out["judge"]["reason"]

@@ -609,13 +609,38 @@ def _timed(fn, *a, **k) -> float:
 
 
 def test_arithmetic_capacity_is_what_the_task_can_draw():
-    """The schema's bound is the task's real number of distinct problems (beyond it, drawing never ends)."""
-    from study.config.protocol import ARITHMETIC_PROBLEMS
+    """The schema's bound is the task's real number of distinct problems: at capacity both accept and the task
+    draws every problem; one more, both refuse (the schema at validation, the task at once)."""
+    from pydantic import ValidationError
+
+    from study.config import TaskSpec
     from study.tasks import arithmetic
 
-    train, held = arithmetic.problems(ARITHMETIC_PROBLEMS - 100, 100)
-    assert len({(p.a, p.domain, p.b) for p in train + held}) == ARITHMETIC_PROBLEMS
-    assert sum(p.domain == "mul" for p in train + held) == 29 * 29  # every mul pair used: the bound is tight
+    ranges = {"add": (1, 6), "sub": (1, 5), "mul": (2, 7)}
+    cap = sum(arithmetic.capacity(op, *r) for op, r in ranges.items())
+    # equal shares per operation: ask for 3 x the smallest space, which every operation can hold
+    n = 3 * min(arithmetic.capacity(op, *r) for op, r in ranges.items())
+    spec = TaskSpec(
+        name="arithmetic",
+        n_train=n - 5,
+        n_heldout=5,
+        add_range=ranges["add"],
+        sub_range=ranges["sub"],
+        mul_range=ranges["mul"],
+    )
+    train, held = arithmetic.problems(n - 5, 5, ranges=ranges)
+    assert spec and len({(p.a, p.domain, p.b) for p in train + held}) == n <= cap
+    with pytest.raises(ValidationError, match="n_train"):
+        TaskSpec(
+            name="arithmetic",
+            n_train=n - 4,
+            n_heldout=5,
+            add_range=ranges["add"],
+            sub_range=ranges["sub"],
+            mul_range=ranges["mul"],
+        )
+    with pytest.raises(ValueError):
+        arithmetic.problems(n - 4, 5, ranges=ranges)
 
 
 def test_loss_type_choices_match_the_installed_trl():

@@ -565,6 +565,7 @@ def test_forgetting_uses_one_score_per_suite():
     assert out == {"forgetting/piqa": pytest.approx(0.2), "forgetting/mean": pytest.approx(0.2)}
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @needs_wheel
 def test_headroom_suites_on_bundled_model():

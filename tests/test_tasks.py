@@ -124,7 +124,10 @@ def test_arithmetic_task_spec_fields_and_capacity():
 
     with pytest.raises(ValidationError, match="widen (add|sub|mul)_range"):  # caught by `study validate`
         TaskSpec(name="arithmetic", n_train=4000, n_heldout=500)
-    TaskSpec(name="snark", n_train=4000, n_heldout=500)  # the arithmetic fields are not checked for snark
+    with pytest.raises(
+        ValidationError, match="not a field of the snark task"
+    ):  # one task's fields on another
+        TaskSpec(name="snark", n_train=4000, n_heldout=500)
     default = build(TaskSpec(name="arithmetic"))  # the default sizes fit the default (calibrated) ranges
     assert len(default.train) == 1000 and len(default.heldout) == 100
     paper = load_protocol(REPO / "protocols/qwen2.5-3b.yaml")
