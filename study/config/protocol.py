@@ -120,7 +120,7 @@ class TaskSpec(Strict):
             need = total // len(self.ops) + (i < total % len(self.ops))
             if need > room:
                 raise ValueError(
-                    f"@{op}_range: {need} distinct {op} problems asked for, but operands in "
+                    f"@n_train: {need} distinct {op} problems asked for, but operands in "
                     f"[{lo}, {hi}] give {room}; widen {op}_range or ask for fewer problems"
                 )
         return self
