@@ -72,6 +72,16 @@ def validate(protocol: Path) -> None:
     )
     if proto.allow_unmatched:
         console.print("[yellow]allow_unmatched: the methods' budgets differ; the report says so[/]")
+    _gpu_notes(proto)
+
+
+def _gpu_notes(proto) -> None:
+    """One line per GPU path the protocol uses that has not run on a GPU here, and per setting that needs
+    the gpu extra when it is not installed (`study run` refuses such a protocol; writing one is fine)."""
+    from study.gpu import missing_extra, unverified_paths
+
+    for line in unverified_paths(proto) + missing_extra(proto):
+        console.print(f"[yellow]note[/] {line}", highlight=False, soft_wrap=True)
 
 
 def budget_table(proto) -> Table:
@@ -128,6 +138,7 @@ def plan(
 
     proto = _load(protocol)
     console.print(budget_table(proto))
+    _gpu_notes(proto)
     if gpu is not None and gpu not in GPUS:
         err.print(f"[red]--gpu {gpu}[/]: use one of {', '.join(GPUS)}")
         raise typer.Exit(2)
@@ -231,9 +242,12 @@ def run(
 ) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
     from study.executor import LocalExecutor
+    from study.gpu import missing_extra
 
     proto = _load(protocol)
     _problems(protocol, proto)
+    if missing := missing_extra(proto):
+        _say_problems(protocol, missing)
     executor = executor or proto.executor.kind
     if executor == "local":
         raise typer.Exit(LocalExecutor().run(protocol, only=only, console=console, wait=wait))
@@ -252,7 +266,7 @@ def run(
         "cpus_per_cell": cpus_per_cell,
         "mem": mem,
     }
-    spec = proto.executor.model_dump(exclude={"kind"})
+    spec = proto.executor.model_dump(mode="json", exclude={"kind"})
     opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
     try:
         rec = SlurmExecutor(opts).submit(protocol, only=only)
@@ -272,6 +286,16 @@ def run(
         )
         bad = {j: s for j, s in states.items() if s != "COMPLETED"}
         raise typer.Exit(1 if bad else 0)
+
+
+@app.command("run-cell", hidden=True)
+def run_cell(protocol: Path, cell: str) -> None:
+    """Train and measure one cell in this process (what `accelerate launch` runs for a multi-GPU cell)."""
+    from study.executor import run_cell as run_one
+
+    state = run_one(protocol, cell)
+    console.print(f"{cell}: {state}", highlight=False)
+    raise typer.Exit(0 if state in ("done", "trained", "locked") else 1)
 
 
 @app.command()

@@ -108,6 +108,13 @@ def run_cell(protocol_path: str | Path, cell_name: str) -> str:
             f"{cell_name} is not a cell of {protocol_path} (the protocol changed since submission?)"
         )
     cell, cp = cells[cell_name], r.run_paths.cell(cell_name)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # `accelerate launch`: the other processes join process 0's training (DDP) and leave the cell's lock,
+        # status and measurements to it
+        from study.train import train_cell
+
+        train_cell(cell, cp, r.runtime)
+        return "trained"
     try:
         if not r.run_cell(cell, _LogProgress(), wait=False):
             print(f"{cell_name}: another process holds its lock; skipped", flush=True)
@@ -175,6 +182,14 @@ class SlurmOptions:
     """How often submitit requeues a cell that timed out or was preempted."""
     extra: dict = field(default_factory=dict)
     """Further sbatch options, e.g. {"account": "proj", "qos": "high"}."""
+    num_processes: int | None = None
+    """Processes per cell (None: gpus_per_cell); above 1 the cell runs under `accelerate launch`."""
+    accelerate_config: str | None = None
+    """An `accelerate config` YAML for multi-process cells."""
+
+    @property
+    def processes(self) -> int:
+        return self.num_processes or max(self.gpus_per_cell, 1)
 
     def minutes(self) -> int:
         return parse_minutes(self.time)
@@ -199,12 +214,28 @@ class CellJob(submitit.helpers.Checkpointable):
     it. What it resumes from is the run folder (the last complete training checkpoint and every finished
     stage file), not a pickled state: Checkpointable's `checkpoint()` resubmits the same call."""
 
-    def __init__(self, protocol_path: str):
+    def __init__(self, protocol_path: str, processes: int = 1, accelerate_config: str | None = None):
         self.protocol_path = protocol_path
+        self.processes, self.accelerate_config = processes, accelerate_config
+
+    def command(self, cell_name: str, python: str | None = None) -> list[str] | None:
+        """The `accelerate launch` command of a multi-process cell (None: the cell runs in this process)."""
+        from study.gpu import accelerate_command
+
+        if self.processes <= 1:
+            return None
+        return accelerate_command(
+            self.protocol_path, cell_name, self.processes, self.accelerate_config, python
+        )
 
     def __call__(self, cell_name: str) -> str:
         print(f"cell {cell_name} on {os.uname().nodename}, job {os.environ.get('SLURM_JOB_ID')}", flush=True)
-        return run_cell(self.protocol_path, cell_name)
+        cmd = self.command(cell_name)
+        if cmd is None:
+            return run_cell(self.protocol_path, cell_name)
+        print("running", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)  # a failure is in the cell's status.json (process 0 wrote it)
+        return "launched"
 
 
 class SlurmExecutor:
@@ -285,7 +316,8 @@ class SlurmExecutor:
             ex = self._executor(folder, f"{name}-cells", gpus)
             if base_id:
                 ex.update_parameters(dependency=f"afterok:{base_id}")
-            jobs = ex.map_array(CellJob(str(protocol_path)), cells)
+            o = self.options
+            jobs = ex.map_array(CellJob(str(protocol_path), o.processes, o.accelerate_config), cells)
             record["array"] = jobs[0].job_id.split("_")[0]
             record["cells"] = {c: j.job_id for c, j in zip(cells, jobs)}
         ex = self._executor(folder, f"{name}-report", 0)

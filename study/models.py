@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -441,6 +442,36 @@ def tiny_model(seed: int = 0):
 
 # ------------------------------------------------------------------------------------------- generation
 
+_ENGINE: ContextVar = ContextVar("study_generation_engine", default=None)
+
+
+@contextmanager
+def generation_engine(session):
+    """Route `generate` and KL's sampling through `session` (a study.gpu.VllmSession: model.engine vllm)
+    while active; None: transformers. The model passed to them still decides the policy: the adapter is on
+    unless the caller disabled it (`adapter_active`)."""
+    token = _ENGINE.set(session)
+    try:
+        yield
+    finally:
+        _ENGINE.reset(token)
+
+
+def current_engine():
+    return _ENGINE.get()
+
+
+def transformers_only():
+    """Generation through transformers whatever the engine: forward hooks (the persona stage's steering
+    and ablation) act on the transformers model only."""
+    return generation_engine(None)
+
+
+def adapter_active(model) -> bool:
+    """Whether `model` answers with a LoRA adapter: a PeftModel whose adapter layers are not disabled."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+    return bool(layers) and not any(m.disable_adapters for m in layers)
+
 
 def generate(
     model,
@@ -453,6 +484,11 @@ def generate(
     seed: int = 0,
 ) -> list[str]:
     """Batched chat generation (left-padded); greedy unless do_sample. Returns the decoded answers."""
+    session = _ENGINE.get()
+    if session is not None:
+        return session.generate(
+            tokenizer, conversations, max_new_tokens, do_sample, temperature, seed, adapter_active(model)
+        )
     import torch
 
     prompts = [

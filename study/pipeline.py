@@ -21,7 +21,7 @@ from pathlib import Path
 from study import io
 from study.measure import VERSIONS
 from study.metrics import rename_probe, stage_done, stage_key
-from study.models import Runtime, compute_autocast
+from study.models import Runtime, compute_autocast, generation_engine
 from study.tasks import TaskData
 
 log = logging.getLogger("study")
@@ -44,10 +44,12 @@ def measure_model(
     say: Callable[[str], None] = print,
     runtime: Runtime | None = None,
     label: str = "",
+    vllm=None,
 ) -> None:
     """Run every stage in `stages` (name -> settings) whose file `where(name)` is not current for `model`.
     `base`: the model is the base (no KL stage: its KL to itself is 0). `runtime`: its `autocast` turns on
-    bf16 autocast for the stages in BF16_STAGES (None: fp32 throughout)."""
+    bf16 autocast for the stages in BF16_STAGES (None: fp32 throughout). `vllm`: a study.gpu.VllmSession set
+    to this model's adapter (model.engine vllm): the stages generate through it, regression evaluates it."""
 
     def stage(name: str, measure: Callable[[object], dict]) -> None:
         if name not in stages or (base and name == "kl"):
@@ -61,9 +63,10 @@ def measure_model(
             return
         say(f"measuring {name}")
         t = time.time()
-        with compute_autocast(runtime, bf16):
+        with compute_autocast(runtime, bf16), generation_engine(vllm):
             result = measure(settings)
         result |= {
+            "engine": "hf" if vllm is None else "vllm",
             "compute": "bfloat16-autocast" if bf16 else "float32",
             "config_hash": key,
             "version": VERSIONS[name],
@@ -77,14 +80,15 @@ def measure_model(
 
     stage("newtask", lambda s: newtask.run(model, tokenizer, data, s))
     stage("kl", lambda s: kl.run(model, tokenizer, data, s))
-    stage("regression", lambda s: regression.run(model, tokenizer, s))
+    lm = None if vllm is None else vllm.lm
+    stage("regression", lambda s: regression.run(model, tokenizer, s, lm=lm))
     stage(
         "persona",
         lambda s: persona.run(
             model, tokenizer, data, s, cache=direction_cache, previous=_previous(where("newtask"))
         ),
     )
-    stage("probe", lambda s: _renamed(regression.run(model, tokenizer, s)))
+    stage("probe", lambda s: _renamed(regression.run(model, tokenizer, s, lm=lm)))
 
 
 def _previous(newtask_file: Path) -> dict:

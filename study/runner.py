@@ -114,6 +114,7 @@ class Runner:
         self.run_paths = RunPaths.for_protocol(self.path, self.proto.results_dir)
         self.console = console or Console()
         self._host = None
+        self._vllm = None
         self.env: dict = {}
 
     def host(self):
@@ -124,10 +125,25 @@ class Runner:
             self._host = AdapterHost(self.proto.model.source, self.runtime, self.proto.model.revision)
         return self._host
 
+    def vllm(self, adapter):
+        """model.engine vllm: this process's vLLM engine (one for the base) set to `adapter` (None: the
+        base); engine hf: None."""
+        if self.proto.model.engine != "vllm":
+            return None
+        if self._vllm is None:
+            from study.gpu import VllmSession
+            from study.models import local_path
+
+            self._vllm = VllmSession(self.proto, local_path(self.proto.model.source), self.runtime.dtype)
+        return self._vllm.use(adapter)
+
     def start(self) -> None:
         """Resolve the runtime and record this start (manifest.json keeps every start, not only the last)."""
+        from study.gpu import missing_extra
         from study.models import quiet_libraries, resolve_runtime
 
+        if missing := missing_extra(self.proto):  # before any model loads (TRL would fail after)
+            raise RuntimeError(f"{self.path}: {missing[0]}")
         rp = self.run_paths
         quiet_libraries()
         _setup_logging(rp.log)
@@ -314,6 +330,7 @@ class Runner:
                     say=say,
                     runtime=self.runtime,
                     label=f"base/{task.name}",
+                    vllm=self.vllm(None),
                 )
 
     # ------------------------------------------------------------------------------------------ cells
@@ -367,6 +384,7 @@ class Runner:
                 direction,
                 say=_say(progress, cell.name),
                 runtime=self.runtime,
+                vllm=self.vllm(cp.adapter),
             )
         ck = checkpoint_stages(self.proto)
         for n, folder in intermediate_checkpoints(self.proto, cell, cp) if ck else ():
@@ -380,6 +398,7 @@ class Runner:
                     direction,
                     say=_say(progress, f"{cell.name}@{n}"),
                     runtime=self.runtime,
+                    vllm=self.vllm(folder),
                 )
         io.write_json(
             cp.record,

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -214,7 +215,7 @@ def _callbacks(paths: CellPaths, progress: Callable[[int], None] | None, cell: C
 
     class JsonlLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs:
+            if logs and state.is_world_process_zero:  # one line per step under `accelerate launch`
                 row = {"step": state.global_step, **{k: v for k, v in logs.items() if _is_number(v)}}
                 with paths.train_log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -267,11 +268,14 @@ def train_cell(
 
     if (paths.adapter / "adapter_model.safetensors").is_file():
         return paths.adapter
+    main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` process 0 owns the files
     paths.train_dir.mkdir(parents=True, exist_ok=True)
-    _drop_incomplete(paths.train_dir)
+    if main:
+        _drop_incomplete(paths.train_dir)
     done = checkpoints(paths.train_dir)
     resume = str(done[-1][1]) if done else None
-    _trim_log(paths.train_log, done[-1][0] if done else 0)
+    if main:
+        _trim_log(paths.train_log, done[-1][0] if done else 0)
     if resume:
         log.info("%s: resuming from %s", paths.root.name, resume)
 
@@ -289,11 +293,13 @@ def train_cell(
         trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=resume)
 
-    tmp = paths.root / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    shutil.rmtree(paths.adapter, ignore_errors=True)
-    tmp.rename(paths.adapter)
+    if trainer.accelerator.is_main_process:
+        tmp = paths.root / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+        shutil.rmtree(paths.adapter, ignore_errors=True)
+        tmp.rename(paths.adapter)
+    trainer.accelerator.wait_for_everyone()
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

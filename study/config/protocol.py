@@ -37,6 +37,17 @@ class ModelSpec(Strict):
     """`auto`: bf16 on a CUDA GPU that supports it, else fp32."""
     params_b: float | None = Field(None, gt=0, le=10_000)
     """Parameter count in billions, for `study plan`'s memory estimate (read from the model when absent)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Inference engine of the measurement stages: `hf` (transformers; everywhere) or `vllm` (a CUDA GPU and
+    the gpu extra, `pip install -e .[gpu]`): lm-eval's `vllm` model for the regression suites with the
+    adapter as `lora_local_path`, and vLLM sampling for the newtask and persona answers and KL's samples.
+    KL's exact scoring, the persona probe's hidden states and its steering stay in transformers (they need
+    the full distribution or the activations). Not yet run on a GPU in this project (README, GPU paths)."""
+    vllm_gpu_memory_utilization: float = Field(0.4, gt=0, lt=1)
+    """engine vllm: share of GPU memory each vLLM engine may take (the transformers copy of the model that
+    scores and trains shares the GPU with it)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """engine vllm: GPUs each vLLM engine shards the model over."""
 
     @field_validator("source")
     @classmethod
@@ -237,6 +248,27 @@ class ExecutorSpec(Strict):
     """How often a preempted or timed-out cell job is requeued."""
     extra: dict[str, Any] = {}
     """Further sbatch options, e.g. {account: proj, qos: high}."""
+    num_processes: int | None = Field(None, ge=1, le=512)
+    """Processes per cell (data-parallel training, one per GPU); None: gpus_per_cell. Above 1 a cell job runs
+    `accelerate launch --num_processes N [--config_file F] -m study.cli run-cell PROTOCOL CELL`
+    (study.gpu.accelerate_command): every process trains, process 0 measures. Not yet run on GPUs here."""
+    accelerate_config: Path | None = None
+    """An `accelerate config` YAML for multi-process cells (mixed precision, FSDP, DeepSpeed); None:
+    accelerate's defaults and --num_processes."""
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(
+                f"{str(v)!r} is not a file: point it at a YAML written by `accelerate config`, or remove it"
+            )
+        return v
+
+    @property
+    def processes(self) -> int:
+        """Processes per cell: num_processes, else one per GPU (at least one)."""
+        return self.num_processes or max(self.gpus_per_cell, 1)
 
 
 class _MethodsBase(Strict):

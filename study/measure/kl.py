@@ -62,8 +62,17 @@ def _policy(model, base: bool):
 def _sample(
     model, prompts: list[list[int]], cfg: KLEval, eos: set[int], pad: int, seed: int
 ) -> list[list[int]]:
-    """Ancestral sampling from the full softmax of `model` as the caller has set it (adapter on or off)."""
+    """Ancestral sampling from the full softmax of `model` as the caller has set it (adapter on or off).
+    With model.engine vllm the samples come from vLLM (same policy and temperature, its own RNG stream);
+    the scoring stays here: exact KL needs each position's full distribution, vLLM returns top-k logprobs."""
     import torch
+
+    from study.models import adapter_active, current_engine
+
+    if (session := current_engine()) is not None:
+        return session.sample_ids(
+            prompts, cfg.max_new_tokens, cfg.temperature, eos, seed, adapter_active(model)
+        )
 
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)

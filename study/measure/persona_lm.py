@@ -16,7 +16,7 @@ import yaml
 
 from study.config import PersonaEval
 from study.measure.persona_stats import Direction
-from study.models import padded
+from study.models import padded, transformers_only
 from study.tasks import TaskData
 
 QUESTIONNAIRE = Path(__file__).with_name("questionnaire.yaml")
@@ -303,7 +303,8 @@ def edit_hidden(model, layer: int, fn):
     # the recorded states (read by response_states) are the edited ones
     handle = _layer_module(model, layer).register_forward_hook(hook, prepend=True)
     try:
-        yield
+        with transformers_only():  # model.engine vllm: the hook acts on this model, not on vLLM's
+            yield
     finally:
         handle.remove()
 

@@ -214,8 +214,9 @@ def _rng_preserved():
         torch.set_rng_state(states[2])
 
 
-def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
-    """Returns {"rows": [...], "sources": {suite: ...}, "timing": {...}, "responses": [...], ...}."""
+def run(model, tokenizer, cfg: RegressionEval | None = None, lm=None) -> dict:
+    """Returns {"rows": [...], "sources": {suite: ...}, "timing": {...}, "responses": [...], ...}. `lm`: an
+    lm-eval model to evaluate instead of `model` (model.engine vllm: lm-eval's `vllm` model, study.gpu)."""
     from importlib.metadata import version
 
     from lm_eval import simple_evaluate
@@ -235,13 +236,14 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
     sources = local.resolve_sources(list(cfg.suites), cfg.data_dir)  # fails before any evaluation
     tasks = local.build_tasks(sources, cfg.humaneval_timeout, cfg.humaneval_samples)
     # prefix_cache=False keeps the same class with its lean path switched off: HFLM's own code, counted.
-    lm = local.PrefixCachedHFLM(
+    lm = lm or local.PrefixCachedHFLM(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=cfg.batch_size,
         min_prefix_tokens=32,
         fast=cfg.prefix_cache,
     )
+    counts = getattr(lm, "request_counts", {})  # PrefixCachedHFLM counts its requests; vLLM's does not
 
     rows, records, timing, extra = [], [], {}, {"task_versions": {}, "n_shot": {}}
     items: dict[str, list[dict]] = {}
@@ -266,7 +268,7 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
                 "gen_kwargs": gen,
                 "confirm_run_unsafe_code": True,
             }  # programs run in the sandbox subprocess
-        before = sum(lm.request_counts.values())
+        before = sum(counts.values())
         t0 = time.time()
         with _rng_preserved():  # lm-eval reseeds random/numpy/torch globally: keep the harness's streams
             res = simple_evaluate(
@@ -327,7 +329,7 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         elif suite_items:
             rows.append(_mean_row(f"lm_eval/{suite}/p_gold", [it["p_gold"] for it in suite_items], chance))
         records += [{"suite": suite, **r} for r in _records(suite, res["samples"])]
-        timing[suite] = {"seconds": seconds, "items": n, "requests": sum(lm.request_counts.values()) - before}
+        timing[suite] = {"seconds": seconds, "items": n, "requests": sum(counts.values()) - before}
         extra["task_versions"] |= res.get("versions", {})
         extra["n_shot"] |= res.get("n-shot", {})
     return {
@@ -338,6 +340,7 @@ def run(model, tokenizer, cfg: RegressionEval | None = None) -> dict:
         "items": items,
         "lm_eval_version": version("lm_eval"),
         "prefix_cache": cfg.prefix_cache,
+        "lm": type(lm).__name__,
         **extra,
     }
 
