@@ -266,21 +266,23 @@ def lora_rows(proto: Protocol, cell: Cell, cp: CellPaths, keep: dict) -> list[di
     return out
 
 
-def paired_forgetting_rows(base: dict, adapter: dict, keep: dict) -> list[dict]:
+def paired_forgetting_rows(base: dict, adapter: dict | list[dict], keep: dict) -> list[dict]:
     """Forgetting of one adapter, paired with the base on the same items (the regression stage's per-item
     records): `forgetting/<suite>` (base − adapter accuracy, on the suite's row metric), its continuous
     twin `forgetting/<suite>/p_gold` (the probability of the gold choice, normalised over the choices) and
     `forgetting/mean` over the suites that are not at floor. A suite whose base score is within its CI of
     chance is flagged `floor` (flag column) and left out of the mean: a model at chance cannot lose what it
-    never had. CIs: a bootstrap over the paired item differences (study.stats.forgetting)."""
+    never had. CIs: a bootstrap over the paired item differences (study.stats.forgetting). `adapter` may be a
+    list (the seeds of one method, for the report): then the crossed seeds x items interval."""
     from study.stats.forgetting import align_items, floor_flag, paired_forgetting, paired_forgetting_mean
 
+    adapters = adapter if isinstance(adapter, list) else [adapter]
     out, for_mean = [], {}
-    for suite, recs in sorted(adapter["items"].items()):
+    for suite in sorted(set.intersection(*(set(a["items"]) for a in adapters))):
         base_recs = base["items"].get(suite)
         if not base_recs:
             continue
-        b, a = align_items(base_recs, [recs], key="correct")
+        b, a = align_items(base_recs, [ad["items"][suite] for ad in adapters], key="correct")
         if b.size == 0:
             continue
         chance = float(sum(r.get("chance") or 0.0 for r in base_recs) / len(base_recs))
@@ -297,7 +299,7 @@ def paired_forgetting_rows(base: dict, adapter: dict, keep: dict) -> list[dict]:
                 "flag": flag or None,
             }
         )
-        bp, ap = align_items(base_recs, [recs], key="p_gold")
+        bp, ap = align_items(base_recs, [ad["items"][suite] for ad in adapters], key="p_gold")
         if bp.size:
             value, lo, hi = paired_forgetting(bp, ap)
             out.append(

@@ -303,3 +303,42 @@ def test_report_imports_no_model_code():
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_forgetting_table_uses_the_paired_item_interval(tmp_path):
+    """With the regression stage's per-item records, a method's forgetting [CI] in the report is the paired
+    seeds x items interval of study.stats.forgetting, not a t-interval over the cells' values."""
+    from study import io
+    from study.report.tables import build_tables, fmt_ci
+    from study.stats.forgetting import align_items, paired_forgetting
+
+    root = tmp_path / "synthetic"
+    make_run(
+        root,
+        seeds=(0, 1, 2),
+        steps=10,
+        checkpoint_every=10,
+        families=("lm_eval", "newtask", "kl"),
+        regression_items=40,
+    )
+    run = load_run(root)
+    st = run_stats(run, n_boot=50, n_perm=200, write=False)
+    base = io.read_json(root / "base" / "model" / "regression.json")["items"]["mmlu"]
+    cells = sorted(run.final[run.final["method"] == "sft"]["cell"].unique())
+    ads = [io.read_json(root / "cells" / c / "regression.json")["items"]["mmlu"] for c in cells]
+    want = paired_forgetting(*align_items(base, ads))
+    row = st.summary[
+        (st.summary["metric"] == "forgetting/mmlu")
+        & (st.summary["level"] == "method")
+        & (st.summary["method"] == "sft")
+    ].iloc[0]
+    assert (row["mean"], row["ci_low"], row["ci_high"]) == pytest.approx(want)
+    assert row["n"] == 3
+    t = build_tables(run, st)["forgetting"][0].frame.set_index("method")
+    assert t.loc["SFT", "mmlu"] == fmt_ci(*want)
+    # without per-item records: the cells' t-interval, as before
+    plain = tmp_path / "plain"
+    make_run(plain, seeds=(0, 1, 2), steps=10, checkpoint_every=10, families=("lm_eval", "newtask", "kl"))
+    s2 = run_stats(load_run(plain), n_boot=50, n_perm=200, write=False).summary
+    r2 = s2[(s2["metric"] == "forgetting/mmlu") & (s2["level"] == "method") & (s2["method"] == "sft")].iloc[0]
+    assert r2["mean"] != pytest.approx(want[0])

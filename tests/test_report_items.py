@@ -37,7 +37,7 @@ def _write_run(root, effects: dict[str, float], seeds=(0, 1, 2), n_items=40, see
 
 
 def test_planted_effects_are_recovered_and_null_is_not_rejected(tmp_path):
-    # Five seeds: with the cell as the replicated unit a method's interval has df = cells - 1, and three seeds
+    # Five seeds: with the cell as the replicated unit a method's interval has df >= cells - 1, and three seeds
     # (df 2) cannot give p_holm < 0.01 for this effect (the old item-as-replicate model could, by counting the
     # 40 items of a cell as replicates of the method; it rejected 27-71 % of null studies, test_calibration).
     _write_run(tmp_path, {"sft": 0.8, "dpo": 0.0}, seeds=(0, 1, 2, 3, 4))
@@ -49,7 +49,7 @@ def test_planted_effects_are_recovered_and_null_is_not_rejected(tmp_path):
     assert sft.ci_low > 0.08 and sft.p_holm < 0.01
     assert dpo.ci_low < 0 < dpo.ci_high and dpo.p_holm > 0.05
     assert sft.sd_item > 0.1  # the item difficulty was found
-    assert sft.n_cells == 5 and sft.df == 4 and "cells x items" in sft.model
+    assert sft.n_cells == 5 and sft.df >= 4 and "cells x items" in sft.model  # df: the equivalent t df
 
 
 def test_item_model_matches_the_mean_difference_on_balanced_data(tmp_path):

@@ -67,7 +67,7 @@ from study.report.data import (
     missing_metrics,
     summarise,
 )
-from study.report.items import item_models
+from study.report.items import item_models, paired_forgetting_summary
 from study.stats import law as L
 
 MIN_SEEDS = 3
@@ -115,12 +115,24 @@ class Stats:
 
 
 def summary_table(run: Run) -> pd.DataFrame:
-    """Mean [95% CI] of every final metric per task × method (level `method`) and × sweep arm (`arm`)."""
+    """Mean [95% CI] of every final metric per task × method (level `method`) and × sweep arm (`arm`): a
+    t-interval over the cells, except forgetting/* where the regression stage kept per-item records: the
+    paired seeds x items interval (study.stats.forgetting; the cells' values alone miss the shared item
+    sample, type-I 0.05-0.11 in python -m study.stats.calibrate)."""
     rows = []
+    forget = run.final[run.final["metric"].str.startswith("forgetting/")]
+    groups = {
+        (task, level, name): sorted(set(h["cell"]))
+        for level in ("method", "arm")
+        for (task, name), h in forget.groupby(["task", level])
+    }
+    paired = paired_forgetting_summary(run.root, groups) if groups else {}
     for (task, metric), g in run.final.groupby(["task", "metric"]):
         for level, key in (("method", "method"), ("arm", "arm")):
             for name, h in g.groupby(key):
                 m, lo, hi, n = summarise(h["value"], h["ci_low"], h["ci_high"], clip=bounds(metric))
+                if (task, level, name, metric) in paired and len(h) == len(groups[(task, level, name)]):
+                    m, lo, hi = paired[(task, level, name, metric)]  # per-item, seeds x items crossed
                 rows.append((task, metric, level, h["method"].iloc[0], name, m, lo, hi, n))
     for (task, metric), g in run.base.groupby(["task", "metric"]):
         rows.append(

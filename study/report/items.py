@@ -55,14 +55,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def item_table(root: Path) -> pd.DataFrame:
-    """One row per (cell, outcome, item) of the final adapters and the base: cell, method, seed, task,
-    outcome, item, y. A stage file measured under other settings than the run's protocol.yaml (stale, left
-    from before a protocol change) is skipped, as metrics.csv skips it."""
+def _stage_reader(root: Path):
+    """A reader of stage JSONs that skips one measured under other settings than the run's protocol.yaml
+    (stale, left from before a protocol change), as metrics.csv skips it."""
     import yaml
 
-    rows = []
-    root = Path(root)
     proto = (
         yaml.safe_load((root / "protocol.yaml").read_text()) if (root / "protocol.yaml").is_file() else None
     )
@@ -78,6 +75,38 @@ def item_table(root: Path) -> pd.DataFrame:
             return None
         return stage
 
+    return _read
+
+
+def paired_forgetting_summary(root: Path, groups: dict[tuple, list[str]]) -> dict[tuple, tuple]:
+    """The paired interval of forgetting over several cells (a method's or an arm's seeds) from the
+    regression stage's per-item records: {key: cells} -> {(*key, metric): (mean, low, high)} for every
+    forgetting/* metric study.metrics.paired_forgetting_rows gives (the crossed seeds x items interval of
+    study.stats.forgetting). Groups with a cell lacking per-item records, or with one cell, are left out."""
+    from study.metrics import paired_forgetting_rows
+
+    root = Path(root)
+    read = _stage_reader(root)
+    base = read(root / "base" / "model" / "regression.json")
+    if not base or not base.get("items"):
+        return {}
+    out = {}
+    for key, cells in groups.items():
+        regs = [read(root / "cells" / c / "regression.json") for c in cells]
+        if len(regs) < 2 or not all(r and r.get("items") for r in regs):
+            continue
+        for row in paired_forgetting_rows(base, regs, {}):
+            out[(*key, row["metric"])] = (row["value"], row["ci_low"], row["ci_high"])
+    return out
+
+
+def item_table(root: Path) -> pd.DataFrame:
+    """One row per (cell, outcome, item) of the final adapters and the base: cell, method, seed, task,
+    outcome, item, y. A stage file measured under other settings than the run's protocol.yaml (stale, left
+    from before a protocol change) is skipped, as metrics.csv skips it."""
+    rows = []
+    root = Path(root)
+    _read = _stage_reader(root)
     shared = {s: _read(root / "base" / "model" / f"{s}.json") for s in ("regression",)}
     for base in sorted((root / "base").glob("*")) if (root / "base").is_dir() else []:
         if base.name == "model":

@@ -40,9 +40,12 @@ def make_run(
     kl_scale: dict | None = None,
     seed: int = 0,
     items: int = 12,
+    regression_items: int = 0,
 ) -> RunPaths:
     """Write a synthetic run; `families` limits the metric families ("newtask", "kl", "lm_eval", "persona",
-    "emergence", "lora", or "all"); `sweep` e.g. {"learning_rate": [1e-5, 3e-5]} for every method."""
+    "emergence", "lora", or "all"); `sweep` e.g. {"learning_rate": [1e-5, 3e-5]} for every method.
+    `regression_items` > 0: the regression stage's per-item records (that many items per benchmark) for the
+    base and every final adapter, as regression.json keeps them (forgetting read item by item)."""
     rng = np.random.default_rng(seed)
     rp = RunPaths(Path(root))
     rp.root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,24 @@ def make_run(
             for ind in INDICATORS:
                 add(base, "base", None, 0, f"persona/{ind}", 0.1, task)
         item_base = rng.random(items) < 0.3
+        reg_cfg = {"suites": ["hellaswag"]}  # the protocol's regression settings below
+        reg_base = {b: rng.random(regression_items) < score for b, (_, score) in BENCHMARKS.items()}
+
+        def regression(correct: dict) -> dict:
+            return {
+                "config": reg_cfg,
+                "rows": [],
+                "items": {
+                    b: [
+                        {"doc_id": i, "correct": int(c), "p_gold": 0.25 + 0.5 * c, "chance": 0.25}
+                        for i, c in enumerate(v)
+                    ]
+                    for b, v in correct.items()
+                },
+            }
+
+        if regression_items:
+            io.write_json(rp.root / "base" / "model" / "regression.json", regression(reg_base))
         io.write_json(
             rp.base(task) / "newtask.json",
             {
@@ -232,6 +253,12 @@ def make_run(
                             for k in range(1, steps + 1)
                         ]
                         io.write_text(cp.train_log, "".join(json.dumps(r) + "\n" for r in log))
+                    if regression_items:  # the adapter loses a right answer with prob 0.1 + its forgetting
+                        lost = {
+                            b: v & (rng.random(regression_items) >= 0.1 + 0.02 * kl_final)
+                            for b, v in reg_base.items()
+                        }
+                        io.write_json(cp.stage("regression"), regression(lost))
                     p_item = 1 / (1 + math.exp(-(2.5 * kl_final - 1.0)))
                     io.write_json(
                         cp.stage("newtask"),

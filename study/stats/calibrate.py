@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from study.stats.core import ALPHA
+from study.stats.forgetting import floor_flag
 from study.stats.law import law_reported, within_law
 from study.stats.mixed import mixed_contrasts
 from study.stats.power import mde, power_paired_t
@@ -35,11 +36,15 @@ from study.stats.replicas import (  # noqa: F401  (re-exported: tests call them 
     forgetting_after,
     forgetting_before,
     forgetting_bootstrap,
+    forgetting_crossed_t,
+    forgetting_satterthwaite,
+    forgetting_truth,
     items_after,
     items_before,
     law_before,
     onset_after,
     onset_before,
+    simulate_floor,
     simulate_forgetting,
     simulate_item_data,
     simulate_law,
@@ -200,39 +205,91 @@ def sim_mixed(n_sims: int = 400, seed: int = 3, shift: float = 3.0) -> list[dict
 # --------------------------------------------------------------------------------- paired forgetting
 
 
-def sim_forgetting(n_sims: int = 1000, seed: int = 4, boot_sims: int = 300) -> list[dict]:
+# (label, simulate_forgetting arguments): the default study first (3 seeds, 3 suites of ~60 binary items)
+FORGETTING_REGIMES = [
+    ("3 seeds, 3 x 60 binary items, seed SD 0.03 (default study)", dict(suites=3, n_items=60)),
+    ("3 seeds, 3 x 60 binary items, seed SD 0 (items dominate)", dict(suites=3, n_items=60, seed_sd=0.0)),
+    ("3 seeds, 3 x 60 binary items, seed SD 0.1 (seeds dominate)", dict(suites=3, n_items=60, seed_sd=0.1)),
+    ("3 seeds, 100 binary items, seed SD 0.03", dict(n_items=100)),
+    ("3 seeds, 200 continuous items, seed SD 0.03", dict(n_items=200, continuous=True)),
+    ("5 seeds, 60 binary items, seed SD 0.03", dict(seeds=5, n_items=60)),
+    (
+        "5 seeds, 3 x 60 continuous items, seed SD 0.1",
+        dict(seeds=5, suites=3, n_items=60, seed_sd=0.1, continuous=True),
+    ),
+]
+FORGETTING_RULES = {
+    "before (t over cells)": forgetting_before,
+    "before (crossed, t on cells - 1)": forgetting_crossed_t,
+    "after": forgetting_after,
+    "rejected: Satterthwaite df": forgetting_satterthwaite,
+}
+
+
+def forgetting_type1(rule: str, regime: dict, n_sims: int, seed: int) -> float:
+    """Share of simulated studies whose mean-over-seeds interval excludes the true forgetting (no plant)."""
+    kw = dict(regime, flip=0.3) if regime.get("seed_sd", 0.03) >= 0.1 else regime  # flip probs unclipped
+    lo, hi = FORGETTING_RULES[rule](simulate_forgetting(n_sims, seed, **kw))
+    truth = forgetting_truth(**kw)
+    return float(((lo > truth) | (hi < truth)).mean())
+
+
+def forgetting_power(rule: str, regime: dict, n_sims: int, seed: int, plant: float) -> float:
+    lo, _ = FORGETTING_RULES[rule](simulate_forgetting(n_sims, seed, forgetting=plant, **regime))
+    return float((lo > 0).mean())
+
+
+def sim_forgetting(
+    n_sims: int = 2000, seed: int = 4, boot_sims: int = 300, plant: float = 0.15
+) -> list[dict]:
+    """Type-I of each rule in every regime of FORGETTING_REGIMES, the two-stage bootstrap in the default
+    regime, and the power on a planted forgetting of `plant` in the default regime."""
     rows = []
-    base, ad = simulate_forgetting(n_sims, seed)
-    for rule, fn, n in (
-        ("before", forgetting_before, n_sims),
-        ("after", forgetting_after, n_sims),
-        ("bootstrap (seeds, items)", forgetting_bootstrap, boot_sims),
-    ):
-        lo, hi = fn(base[:n], ad[:n])
-        rows.append(
-            _row(
-                "paired forgetting",
-                rule,
-                "type-I: mean-over-seeds CI excludes the true 0",
-                ((lo > 0) | (hi < 0)).mean(),
-                n,
-            )
+    for k, (label, regime) in enumerate(FORGETTING_REGIMES):
+        for rule in FORGETTING_RULES:
+            rate = forgetting_type1(rule, regime, n_sims, seed + 10 * k)
+            rows.append(_row("paired forgetting", rule, f"type-I: {label}", rate, n_sims))
+    base = FORGETTING_REGIMES[0][1]
+    lo, hi = forgetting_bootstrap(simulate_forgetting(boot_sims, seed, **base))
+    rate = float(((lo > 0) | (hi < 0)).mean())
+    rows.append(
+        _row(
+            "paired forgetting",
+            "bootstrap (seeds, items)",
+            f"type-I: {FORGETTING_REGIMES[0][0]}",
+            rate,
+            boot_sims,
         )
-    base, ad = simulate_forgetting(n_sims, seed + 1, forgetting=0.3)
-    for rule, fn in (("before", forgetting_before), ("after", forgetting_after)):
-        lo, _ = fn(base, ad)
-        rows.append(
-            _row(
-                "paired forgetting",
-                rule,
-                "power: true forgetting 0.3, CI above 0",
-                (lo > 0).mean(),
-                n_sims,
-                0.8,
-                "power",
-            )
-        )
+    )
+    for rule in FORGETTING_RULES:
+        rate = forgetting_power(rule, base, n_sims, seed + 1, plant)
+        q = f"power: forgetting {plant:g} planted, CI above 0 ({FORGETTING_REGIMES[0][0]})"
+        rows.append(_row("paired forgetting", rule, q, rate, n_sims, 0.8, "power"))
     return rows
+
+
+def sim_floor(n_sims: int = 2000, seed: int = 7, n_items: int = 60, chance: float = 0.25) -> list[dict]:
+    """floor_flag on a base at chance (flagged `floor`: should be >= 1 - alpha, the Wilson CI's coverage)
+    and on a base 0.2 above chance (not flagged: power)."""
+    at = simulate_floor(n_sims, seed, chance, n_items)
+    above = simulate_floor(n_sims, seed + 1, chance + 0.2, n_items)
+    rate_at = float(np.mean([floor_flag(x, chance) == "floor" for x in at]))
+    rate_above = float(np.mean([floor_flag(x, chance) != "floor" for x in above]))
+    q = f"{n_items} binary items, chance {chance:g}"
+    return [
+        _row(
+            "floor flag", "after", f"base at chance flagged floor ({q})", rate_at, n_sims, 1 - ALPHA, "power"
+        ),
+        _row(
+            "floor flag",
+            "after",
+            f"power: base at chance + 0.2 not flagged ({q})",
+            rate_above,
+            n_sims,
+            0.8,
+            "power",
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- law
@@ -310,6 +367,7 @@ SIMULATIONS = {
     "items": sim_items,
     "mixed": sim_mixed,
     "forgetting": sim_forgetting,
+    "floor": sim_floor,
     "law": sim_law,
     "power": sim_power,
 }
@@ -348,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in rows:
         print(
-            f"{'ok ' if r['ok'] else 'BAD'} {r['statistic']:<18} {r['rule']:<24} {r['rate']:.3f} "
+            f"{'ok ' if r['ok'] else 'BAD'} {r['statistic']:<18} {r['rule']:<33} {r['rate']:.3f} "
             f"(bound {r['bound']:.3f}, n={r['n_sims']})  {r['quantity']}"
         )
     print(f"written: {args.out} ({time.time() - t0:.0f} s)")

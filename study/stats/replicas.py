@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 
-from study.stats.core import ALPHA
+from study.stats.core import ALPHA, t_interval
 from study.stats.forgetting import hierarchical_means
-from study.stats.items import crossed_mean_t
+from study.stats.items import crossed_mean_t, crossed_parts
 from study.stats.onsets import first_significant
 
 
@@ -125,43 +125,103 @@ def simulate_forgetting(
     p: float = 0.6,
     flip: float = 0.15,
     seed_sd: float = 0.03,
+    continuous: bool = False,
+    suites: int = 0,
 ):
-    """0/1 items: the base right with prob p (a fresh item sample per study); each seed's adapter flips right
-    answers with prob flip + delta_s / p and wrong ones with prob flip p / (1 - p), so its expected forgetting
-    is delta_s ~ N(forgetting, seed_sd). Returns (base (S, n), adapters (S, seeds, n))."""
+    """Base and adapters on the same items, a seed's expected forgetting delta_s ~ N(forgetting, seed_sd).
+    Binary (0/1 items): the base right with prob p (a fresh item sample per study); each seed's adapter flips
+    right answers with prob flip + delta_s / p and wrong ones with prob flip p / (1 - p). Continuous (p_gold-
+    like): base b ~ Beta(3, 2); adapter (b + u) / 2, u ~ Beta(4 m, 4 (1 - m)), m = 0.6 - 2 delta_s. Returns
+    (base (S, n), adapters (S, seeds, n)); with `suites` = K > 0, a list of K such pairs sharing delta_s (the
+    mean over suites). `forgetting_truth` is the expected forgetting (clipping aside: `forgetting`)."""
     rng = np.random.default_rng(seed)
     S = n_sims
-    base = (rng.random((S, n_items)) < p).astype(float)
     delta = forgetting + seed_sd * rng.normal(size=(S, seeds, 1))
-    lose = np.clip(flip + delta / p, 0, 1)
-    gain = flip * p / (1 - p)
-    u = rng.random((S, seeds, n_items))
-    b = base[:, None, :]
-    adapters = np.where(b == 1, (u >= lose).astype(float), (u < gain).astype(float))
-    return base, adapters
+    out = []
+    for _ in range(max(suites, 1)):
+        if continuous:
+            b = rng.beta(3, 2, size=(S, n_items))
+            m = np.broadcast_to(np.clip(0.6 - 2 * delta, 0.02, 0.98), (S, seeds, n_items))
+            adapters = (b[:, None, :] + rng.beta(4 * m, 4 * (1 - m))) / 2
+        else:
+            b = (rng.random((S, n_items)) < p).astype(float)
+            lose = np.clip(flip + delta / p, 0, 1)
+            u = rng.random((S, seeds, n_items))
+            right = b[:, None, :] == 1
+            adapters = np.where(right, (u >= lose).astype(float), (u < flip * p / (1 - p)).astype(float))
+        out.append((b, adapters))
+    return out if suites else out[0]
 
 
-def forgetting_after(base, adapters):
-    _, lo, hi, _, _ = crossed_mean_t(base[:, None, :] - adapters)
+def forgetting_truth(
+    forgetting: float = 0.0,
+    p: float = 0.6,
+    flip: float = 0.15,
+    seed_sd: float = 0.03,
+    continuous: bool = False,
+    **_,
+) -> float:
+    """The expected forgetting of simulate_forgetting's seeds (Gauss-Hermite over delta_s; clipping of the
+    flip probabilities or of m makes it differ from `forgetting` by a little at large seed SDs)."""
+    x, w = np.polynomial.hermite_e.hermegauss(81)
+    d = forgetting + seed_sd * x
+    if continuous:
+        e = 0.5 * (0.6 - np.clip(0.6 - 2 * d, 0.02, 0.98))
+    else:
+        e = p * np.clip(flip + d / p, 0, 1) - flip * p
+    return float((w * e).sum() / w.sum())
+
+
+def _diffs(data) -> list[np.ndarray]:
+    """(S, seeds, n) base − adapter matrices of one suite or of a list of suites."""
+    pairs = data if isinstance(data, list) else [data]
+    return [b[:, None, :] - a for b, a in pairs]
+
+
+def forgetting_after(data):
+    """study.stats.items.crossed_mean_t (as study.stats.forgetting uses it): (low, high)."""
+    _, lo, hi, _, _ = crossed_mean_t(_diffs(data))
     return lo, hi
 
 
-def forgetting_before(base, adapters):
+def forgetting_crossed_t(data):
+    """Replica of crossed_mean_t up to this change: the same crossed variance, t on cells − 1 df for all of it
+    (the item part included)."""
+    est, v_cell, v_item, _, C = crossed_parts(_diffs(data))
+    lo, hi = t_interval(est, np.sqrt(v_cell + v_item), C - 1)
+    return lo, hi
+
+
+def forgetting_satterthwaite(data):
+    """The rejected alternative: the same variance, Satterthwaite df (at least cells − 1)."""
+    est, v_cell, v_item, den, C = crossed_parts(_diffs(data))
+    v = v_cell + v_item
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.maximum(v**2 / (v_cell**2 / (C - 1) + den), C - 1)
+    return t_interval(est, np.sqrt(v), np.nan_to_num(df, nan=C - 1))
+
+
+def forgetting_before(data):
     """Replica of report summarise over cells: a t-interval over the cells' forgetting values (df cells − 1);
     item sampling, shared by every cell, is not counted."""
     from scipy import stats as st
 
-    f = (base[:, None, :] - adapters).mean(-1)
+    f = sum(d.mean(-1) for d in _diffs(data)) / len(_diffs(data))
     k = f.shape[1]
     half = st.t.ppf(0.975, k - 1) * f.std(1, ddof=1) / math.sqrt(k)
     return f.mean(1) - half, f.mean(1) + half
 
 
-def forgetting_bootstrap(base, adapters, n_boot: int = 1000):
+def forgetting_bootstrap(data, n_boot: int = 1000):
     """The two-stage (seeds, then items) percentile bootstrap, for comparison."""
-    D = base[:, None, :] - adapters
-    reps = np.stack([hierarchical_means([d], n_boot, seed=i) for i, d in enumerate(D)])
+    Ds = _diffs(data)
+    reps = np.stack([hierarchical_means([d[s] for d in Ds], n_boot, seed=s) for s in range(len(Ds[0]))])
     return np.quantile(reps, 0.025, 1), np.quantile(reps, 0.975, 1)
+
+
+def simulate_floor(n_sims: int, seed: int = 0, score: float = 0.25, n_items: int = 60):
+    """(S, n) 0/1 answers of a base right with prob `score` on each item."""
+    return (np.random.default_rng(seed).random((n_sims, n_items)) < score).astype(float)
 
 
 def simulate_law(rng, slope: float = 0.0, methods: int = 4, cells: int = 9, looks: int = 4):
