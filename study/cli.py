@@ -66,9 +66,13 @@ def validate(protocol: Path) -> None:
     """Validate a protocol file: exit 0 if good, else one line per problem naming the field and the fix."""
     proto = _load(protocol)
     _problems(protocol, proto)
+    per_task = "; ".join(
+        f"{t.name}: {', '.join(m.value for m in proto.methods if t.methods is None or m in t.methods)}"
+        for t in proto.tasks
+    )
     console.print(
         f"[green]ok[/] {protocol}: {len(proto.cells())} cells "
-        f"({len(proto.tasks)} tasks x {len(proto.methods)} methods x sweeps x {len(proto.seeds)} seeds)"
+        f"(methods x sweeps x {len(proto.seeds)} seeds per task; {per_task})"
     )
     if proto.allow_unmatched:
         console.print("[yellow]allow_unmatched: the methods' budgets differ; the report says so[/]")

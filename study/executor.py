@@ -290,7 +290,7 @@ class SlurmExecutor:
         base_todo = any(
             not stage_done(base_stage_path(rp, n, t.name), stage_key(n, s))
             for t in proto.tasks
-            for n, s in final_stages(proto).items()
+            for n, s in final_stages(proto, t).items()
             if n != "kl"
         )
         cells = [

@@ -43,8 +43,9 @@ PERSONA_TRACKED = tuple(
 # --------------------------------------------------------------------------------------- which stages
 
 
-def final_stages(proto: Protocol) -> dict[str, object]:
-    """Stage name -> settings measured on the base and every final adapter, in the order they run."""
+def final_stages(proto: Protocol, task=None) -> dict[str, object]:
+    """Stage name -> settings measured on the base and every final adapter, in the order they run; with a
+    `task`, only the stages that task asks for (`tasks[].stages`, default all)."""
     ck = proto.checkpoints
     out = {
         "newtask": proto.newtask,
@@ -53,16 +54,17 @@ def final_stages(proto: Protocol) -> dict[str, object]:
         "persona": proto.persona,
         "probe": ck.probe if ck is not None else None,
     }
-    return {k: v for k, v in out.items() if v is not None}
+    keep = getattr(task, "stages", None)
+    return {k: v for k, v in out.items() if v is not None and (keep is None or k in keep)}
 
 
-def checkpoint_stages(proto: Protocol) -> dict[str, object]:
+def checkpoint_stages(proto: Protocol, task=None) -> dict[str, object]:
     """Stage name -> settings measured at intermediate checkpoints (the emergence trajectories)."""
     ck = proto.checkpoints
     if ck is None:
         return {}
     out = {}
-    for name, settings in final_stages(proto).items():
+    for name, settings in final_stages(proto, task).items():
         if name == "kl" and name in ck.stages:
             out[name] = settings.model_copy(update={"metrics": list(ck.kl_metrics)})
         elif name == "persona" and name in ck.stages:
@@ -107,9 +109,9 @@ def cell_complete(proto: Protocol, cell: Cell, cp: CellPaths) -> bool:
     """Trained, and every stage file of the final adapter and its checkpoints is current."""
     if not (cp.adapter / "adapter_model.safetensors").is_file():
         return False
-    if not all(stage_done(cp.stage(n), stage_key(n, s)) for n, s in final_stages(proto).items()):
+    if not all(stage_done(cp.stage(n), stage_key(n, s)) for n, s in final_stages(proto, cell.task).items()):
         return False
-    ck = checkpoint_stages(proto)
+    ck = checkpoint_stages(proto, cell.task)
     return all(
         stage_done(cp.checkpoint(step) / f"{n}.json", stage_key(n, s))
         for step, _ in intermediate_checkpoints(proto, cell, cp)
@@ -165,7 +167,7 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
     rows = []
     final = final_stages(proto)
     for task in proto.tasks:
-        for name, settings in final.items():
+        for name, settings in final_stages(proto, task).items():
             if name not in NOT_ON_BASE:
                 rows += [
                     {
@@ -178,7 +180,6 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                     }
                     for r in current_rows(base_stage_path(run, name, task.name), name, settings)
                 ]
-    ck = checkpoint_stages(proto)
     reg = final.get("regression")
     base_reg = current_result(run.base_model / "regression.json", "regression", reg) if reg else None
     paired = []
@@ -187,7 +188,8 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
         if cell_state(run, proto, cell)["state"] == "failed":  # a diverged or broken cell's stage files (NaN
             continue  # rows, half its stages) are not results; it reruns on the next `study run`
         keep = {"cell": cell.name, "method": cell.method.value, "seed": cell.seed, "task": cell.task.name}
-        for name, settings in final.items():
+        ck = checkpoint_stages(proto, cell.task)
+        for name, settings in final_stages(proto, cell.task).items():
             rows += [
                 {**keep, "checkpoint": cell.train.steps, **r}
                 for r in current_rows(cp.stage(name), name, settings)
@@ -199,7 +201,7 @@ def collect_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                     for r in current_rows(cp.checkpoint(step) / f"{name}.json", name, settings)
                 ]
         rows += lora_rows(proto, cell, cp, keep)
-        if base_reg and base_reg.get("items"):
+        if base_reg and base_reg.get("items") and "regression" in final_stages(proto, cell.task):
             done = [(cell.train.steps, current_result(cp.stage("regression"), "regression", reg))]
             if "regression" in ck:
                 done += [
@@ -416,9 +418,8 @@ def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
     from study.config import Method
     from study.stats.onsets import align_prompts, onsets
 
-    final, ck = final_stages(proto), checkpoint_stages(proto)
-
     def trajectory(cell: Cell) -> dict[str, dict[int, dict]]:
+        final, ck = final_stages(proto, cell.task), checkpoint_stages(proto, cell.task)
         cp = run.cell(cell.name)
         looks = [
             (s, lambda n, s=s: cp.checkpoint(s) / f"{n}.json", ck)
@@ -453,8 +454,9 @@ def paired_onset_rows(run: RunPaths, proto: Protocol) -> list[dict]:
                 continue  # no control cell: KL has no reference to test against
             else:
                 stage = PER_PROMPT[metric][0]
+                settings = final_stages(proto, cell.task)[stage]
                 ref = _per_prompt(
-                    current_result(run.base(cell.task.name) / f"{stage}.json", stage, final[stage]), metric
+                    current_result(run.base(cell.task.name) / f"{stage}.json", stage, settings), metric
                 )
                 if not ref:
                     continue

@@ -203,7 +203,12 @@ def _stage_work(proto: Protocol, task) -> dict[str, float]:
     probe = proto.checkpoints.probe if proto.checkpoints else None
     if probe is not None:
         work["probe"] = _regression_cpu_items(probe)
-    return work
+    keep = getattr(task, "stages", None)  # the stages this task's cells run (tasks[].stages)
+    return {
+        k: v
+        for k, v in work.items()
+        if (keep is None or k in keep) and (k != "persona" or task.name == "snark")
+    }
 
 
 def _regression_cpu_items(reg) -> float:

@@ -169,8 +169,8 @@ class Runner:
     def run(self, only: str | None = None, wait: bool = False) -> int:
         from rich.progress import (
             BarColumn,
-            MofNCompleteColumn,
             Progress,
+            TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
@@ -189,7 +189,7 @@ class Runner:
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TaskProgressColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -203,7 +203,10 @@ class Runner:
             log.error("pre-run check failed: %s", problem)
             return 2
         with Progress(*columns, console=self.console, transient=False) as progress:
-            overall = progress.add_task("cells", total=len(cells))
+            weight = _planned_seconds(self.proto, cells)
+            # one bar for the whole run, in planned seconds (study.plan) so that its ETA counts the base and
+            # every cell by its expected cost, not by its count; the per-cell bars show training steps
+            overall = progress.add_task("study", total=sum(weight.values()) or None)
             try:
                 for task in self.proto.tasks:
                     try:
@@ -212,6 +215,7 @@ class Runner:
                         raise
                     except Exception as e:  # the cells can still be trained and measured; the run will exit 1
                         failed.append((f"base/{task.name}", self._failed(None, e, progress)))
+                    progress.advance(overall, weight.get(f"base/{task.name}", 0.0))
                 for cell in cells:
                     try:
                         if not self.run_cell(cell, progress, wait=wait):
@@ -220,7 +224,7 @@ class Runner:
                         raise
                     except Exception as e:  # one failing cell never stops the others
                         failed.append((cell.name, self._failed(cell, e, progress)))
-                    progress.advance(overall)
+                    progress.advance(overall, weight.get(cell.name, 0.0))
             except ModelUnavailable as e:  # no cell can run without the model: stop now, not once per cell
                 failed.append(("model", self._failed(None, e, progress)))
         try:
@@ -307,7 +311,7 @@ class Runner:
         from study.tasks import build
 
         rp = self.run_paths
-        stages = final_stages(self.proto)
+        stages = final_stages(self.proto, task)
         if all(
             stage_done(base_stage_path(rp, n, task.name), stage_key(n, s))
             for n, s in stages.items()
@@ -379,14 +383,14 @@ class Runner:
                 model,
                 host.tokenizer,
                 data,
-                final_stages(self.proto),
+                final_stages(self.proto, cell.task),
                 cp.stage,
                 direction,
                 say=_say(progress, cell.name),
                 runtime=self.runtime,
                 vllm=self.vllm(cp.adapter),
             )
-        ck = checkpoint_stages(self.proto)
+        ck = checkpoint_stages(self.proto, cell.task)
         for n, folder in intermediate_checkpoints(self.proto, cell, cp) if ck else ():
             with host.attached(folder) as model:
                 measure_model(
@@ -412,6 +416,20 @@ class Runner:
             cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t}
         )
         log.info("cell %s done in %.0f s", cell.name, time.time() - t)
+
+
+def _planned_seconds(proto, cells) -> dict[str, float]:
+    """Planned CPU/GPU seconds per cell name and per `base/<task>` (study.plan); 1 each if the plan fails, so
+    the bar then counts cells."""
+    try:
+        from study.plan import base_seconds, estimate
+
+        out = {c.name: estimate(c, proto, None).seconds for c in cells}
+        base = base_seconds(proto, None) / max(1, len(proto.tasks))
+        return out | {f"base/{t.name}": base for t in proto.tasks}
+    except Exception as e:  # the plan is a guide for the ETA, never a reason for a run to fail
+        log.info("no planned times for the progress bar (%s): counting cells", e)
+        return {c.name: 1.0 for c in cells}
 
 
 def _say(progress, label: str):

@@ -171,3 +171,50 @@ def test_sweep_values_cannot_leave_the_run_folder(write_protocol):
             and not token.startswith(".")
             and len(token) <= 24
         )
+
+
+def test_tasks_choose_their_methods_and_stages(write_protocol):
+    """tasks[].methods trains only those arms on that task; tasks[].stages measures only those stages (final
+    and checkpoints); neither is part of a cell's key (they do not change the adapter)."""
+    from study.metrics import checkpoint_stages, final_stages
+
+    body = dict(TINY_PROTOCOL, seeds=[0])
+    body["methods"] = {"sft": {}, "grpo": {"num_generations": 2}, "control": {}}
+    body["tasks"] = [
+        {
+            "name": "arithmetic",
+            "n_train": 40,
+            "n_heldout": 10,
+            "methods": ["sft", "grpo"],
+            "stages": ["newtask"],
+        },
+        {"name": "snark"},
+    ]
+    body["checkpoints"] = {"stages": ["newtask", "kl"], "probe": None}
+    proto = load_protocol(write_protocol(body))
+    cells = proto.cells()
+    assert sorted((c.task.name, c.method.value) for c in cells) == [
+        ("arithmetic", "grpo"),
+        ("arithmetic", "sft"),
+        ("snark", "control"),
+        ("snark", "grpo"),
+        ("snark", "sft"),
+    ]
+    arith, snark = proto.tasks
+    assert list(final_stages(proto, arith)) == ["newtask"]
+    assert list(checkpoint_stages(proto, arith)) == ["newtask"]
+    assert {"newtask", "kl"} <= set(final_stages(proto, snark)) == set(final_stages(proto))
+    plain = dict(body, tasks=[{"name": "arithmetic", "n_train": 40, "n_heldout": 10}, {"name": "snark"}])
+    same = {c.key for c in load_protocol(write_protocol(plain, "plain")).cells()}
+    assert {c.key for c in cells} <= same
+
+
+def test_task_methods_and_primary_must_be_trained(write_protocol):
+    body = dict(TINY_PROTOCOL, methods={"sft": {}, "grpo": {"num_generations": 2}})
+    body["tasks"] = [{"name": "snark", "methods": ["dpo"]}]
+    with pytest.raises(ProtocolError, match=r"tasks\.0\.methods"):
+        load_protocol(write_protocol(body))
+    body["tasks"] = [{"name": "snark", "methods": ["sft"]}]
+    body["primary"] = [{"metric": "persona/probe", "task": "snark", "contrast": ["grpo", "sft"]}]
+    with pytest.raises(ProtocolError, match=r"primary\.0\.contrast.*not a method trained on snark"):
+        load_protocol(write_protocol(body))

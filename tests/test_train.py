@@ -73,3 +73,16 @@ def test_prompts_per_step_are_matched_and_trl_batches_follow(cells, tmp_path):
         rows = args.per_device_train_batch_size * args.gradient_accumulation_steps
         expect = {"kto": 2 * p, "grpo": p * cell.options.get("num_generations", 0)}.get(method.trainer, p)
         assert rows == expect, method
+
+
+def test_gradient_checkpointing_follows_the_protocol(cells, tmp_path):
+    """TRL's configs default gradient_checkpointing to True: the protocol's False must reach the config."""
+    from study.train import trl_config
+
+    runtime = resolve_runtime("cpu", "float32")
+    for cell in cells.values():
+        for on in (False, True):
+            c = cell.model_copy(
+                update={"train": cell.train.model_copy(update={"gradient_checkpointing": on})}
+            )
+            assert trl_config(c, tmp_path, runtime).gradient_checkpointing is on, cell.method

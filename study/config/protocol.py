@@ -89,6 +89,13 @@ class TaskSpec(Strict):
     """arithmetic only: inclusive range of both operands of `*`."""
     system_prompt: str | None = None
     """An optional system message put before every prompt, in training and evaluation alike."""
+    methods: list[Method] | None = None
+    """The protocol's methods trained on this task (default: all of them); e.g. no control arm on a track
+    whose question does not read against one. Not part of a cell's key (it does not change the adapter)."""
+    stages: list[Literal["newtask", "kl", "regression", "persona", "probe"]] | None = None
+    """The protocol's measurement stages run on this task's base and cells, at the final step and at
+    checkpoints (default: all of them). The default study measures forgetting (`regression`) on the
+    arithmetic track only, where RL's Razor asks its question. Not part of a cell's key."""
 
     @field_validator("data")
     @classmethod
@@ -401,6 +408,13 @@ class Protocol(Strict):
                 "humaneval from regression.suites"
             )
         names = {t.name for t in self.tasks}
+        for i, t in enumerate(self.tasks):
+            unknown = [m for m in t.methods or () if m not in self.methods]
+            if unknown:
+                raise ValueError(
+                    f"@tasks.{i}.methods: {unknown} not in this protocol's methods ({list(self.methods)}); "
+                    f"add them to methods or drop them here"
+                )
         if self.persona is not None and "snark" not in names:
             raise ValueError(
                 "@persona: the persona stage measures the snark task; add it to tasks or remove persona"
@@ -419,10 +433,12 @@ class Protocol(Strict):
                 raise ValueError(
                     f"@primary.{i}.task: {p.task!r} is not a task of this protocol ({sorted(names)})"
                 )
+            trained = next(t.methods for t in self.tasks if t.name == p.task) or list(self.methods)
             for side in p.contrast:
-                if side not in self.methods:
+                if side not in self.methods or side not in trained:
                     raise ValueError(
-                        f"@primary.{i}.contrast: {side!r} is not a method of this protocol; add it to methods"
+                        f"@primary.{i}.contrast: {side!r} is not a method trained on {p.task}; add it to "
+                        f"methods (and to that task's methods)"
                     )
         return self
 
@@ -431,6 +447,8 @@ class Protocol(Strict):
         out = []
         for task in self.tasks:
             for method, spec in self.methods.items():
+                if task.methods is not None and method not in task.methods:
+                    continue
                 keys = sorted(spec.sweep)
                 for point in itertools.product(*(spec.sweep[k] for k in keys)):
                     sweep = dict(zip(keys, point))
@@ -495,7 +513,10 @@ class Cell(Strict):
     @property
     def key(self) -> str:
         # the divergence guards decide whether a run is kept, not what it trains: not part of the key
-        blob = json.dumps(self.model_dump(mode="json", exclude={"train": set(GUARDS)}), sort_keys=True)
+        blob = json.dumps(
+            self.model_dump(mode="json", exclude={"train": set(GUARDS), "task": {"methods", "stages"}}),
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
