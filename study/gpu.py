@@ -12,7 +12,7 @@ verifies each on a GPU machine.
     executor.num_processes / gpus_per_cell > 1, executor.accelerate_config:
                                 each cell runs as `accelerate launch ... -m study.cli run-cell PROTOCOL CELL`
 
-vLLM is the optional extra `gpu` (`pip install -e .[gpu]`), never needed on a CPU. The pure functions here
+vLLM is the optional extra `gpu` (`make install-gpu`: uv keeps our transformers pin), never needed on a CPU. The pure functions here
 build every argument, so that they are tested without it; only `VllmSession` imports vLLM.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from study.config import Protocol
 
-GPU_EXTRA = "pip install -e .[gpu]"
+GPU_EXTRA = "make install-gpu"
 # vLLM accepts only these LoRA ranks as max_lora_rank (vllm.config.lora.MaxLoRARanks, 0.31)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

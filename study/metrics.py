@@ -64,7 +64,10 @@ def checkpoint_stages(proto: Protocol, task=None) -> dict[str, object]:
     if ck is None:
         return {}
     out = {}
+    wanted = getattr(task, "checkpoint_stages", None)
     for name, settings in final_stages(proto, task).items():
+        if wanted is not None and name not in wanted:
+            continue
         if name == "kl" and name in ck.stages:
             out[name] = settings.model_copy(update={"metrics": list(ck.kl_metrics)})
         elif name == "persona" and name in ck.stages:

@@ -24,7 +24,7 @@ import yaml
 from filelock import FileLock, Timeout
 from rich.markup import escape
 
-from study import io
+from study import basecache, io
 from study.config import Cell, Protocol, load_protocol
 from study.measure import VERSIONS
 from study.metrics import (
@@ -322,20 +322,27 @@ class Runner:
         with FileLock(str(rp.root / "base" / ".lock")):
             host = self.host()
             say = _say(progress, f"base/{task.name}")
+            where = lambda n: base_stage_path(rp, n, task.name)  # noqa: E731
+            direction = rp.base(task.name) / "persona_direction.npz"
+            measured = {n: s for n, s in stages.items() if n != "kl"}
+            if reused := basecache.restore(host.fingerprint, task, measured, where, direction):
+                log.info("base/%s: reused %s from %s", task.name, ", ".join(reused), basecache.root())
+                say(f"reused {', '.join(reused)} from the base cache")
             with host.attached(None) as model:
                 measure_model(
                     model,
                     host.tokenizer,
                     build(task),
                     stages,
-                    lambda n: base_stage_path(rp, n, task.name),
-                    rp.base(task.name) / "persona_direction.npz",
+                    where,
+                    direction,
                     base=True,
                     say=say,
                     runtime=self.runtime,
                     label=f"base/{task.name}",
                     vllm=self.vllm(None),
                 )
+            basecache.store(host.fingerprint, task, measured, where, direction)
 
     # ------------------------------------------------------------------------------------------ cells
 

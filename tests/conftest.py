@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each test measures its own base (tests/test_runner.py turns the cross-run base cache on where it tests it).
+os.environ["STUDY_BASE_CACHE"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 # The offline benchmark mirror next to the checkout (as on CI); the regression stage reads it.

@@ -112,8 +112,8 @@ def test_missing_extra_message(write_protocol):
         )
     )
     assert gpu.missing_extra(proto, available=False) == [
-        "model.engine: vllm needs the gpu extra (vLLM, not installed here): pip install -e .[gpu]",
-        "methods.grpo.trl.use_vllm: true needs the gpu extra (vLLM, not installed here): pip install -e .[gpu]",
+        "model.engine: vllm needs the gpu extra (vLLM, not installed here): make install-gpu",
+        "methods.grpo.trl.use_vllm: true needs the gpu extra (vLLM, not installed here): make install-gpu",
     ]
     assert gpu.missing_extra(proto, available=True) == []
     assert len(gpu.unverified_paths(proto)) == 2
@@ -124,10 +124,7 @@ def test_run_refuses_engine_vllm_without_the_extra(write_protocol):
     path = _proto(write_protocol, model={"source": "tiny-random", "engine": "vllm"})
     out = CliRunner().invoke(app, ["run", str(path)])
     assert out.exit_code == 2
-    assert (
-        "model.engine: vllm needs the gpu extra (vLLM, not installed here): pip install -e .[gpu]"
-        in out.output
-    )
+    assert "model.engine: vllm needs the gpu extra (vLLM, not installed here): make install-gpu" in out.output
 
 
 @pytest.mark.skipif(gpu.vllm_available(), reason="vLLM is installed here")
@@ -254,3 +251,19 @@ def test_a_cell_runs_under_accelerate_launch_on_cpu(write_protocol):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     status = RunPaths.for_protocol(path, proto.results_dir).cell(cell).status
     assert json.loads(status.read_text())["state"] == "done"
+
+
+def test_gpu_install_keeps_the_project_pins():
+    """`make install-gpu` resolves vLLM with uv overrides that must equal the project's own torch and
+    transformers pins (vLLM 0.31.0 declares transformers<5.18; plain pip cannot resolve `.[gpu]`)."""
+    import tomllib
+
+    from tests.conftest import REPO
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {d.split("==")[0]: d for d in deps if d.split("==")[0] in ("torch", "transformers")}
+    lines = (REPO / "scripts" / "gpu-overrides.txt").read_text().splitlines()
+    overrides = {ln.split("==")[0]: ln for ln in lines if ln and not ln.startswith("#")}
+    assert overrides == pins
+    make = (REPO / "Makefile").read_text()
+    assert "--override scripts/gpu-overrides.txt -e '.[gpu]'" in make

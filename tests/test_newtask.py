@@ -96,7 +96,9 @@ def test_rows_and_paired_records():
     scores = [r["score"] for r in out["responses"] if r["metric"] == "newtask/generation"]
     assert 0 <= success <= 1 and success == pytest.approx(sum(scores) / len(scores))
     recs = [r for r in out["responses"] if r["metric"] == "newtask/pref_margin"]
-    assert [r["id"] for r in recs] == [it.id for it in data.heldout[:3]]
+    picked = newtask.balanced_head(data.heldout, 3)
+    assert len({it.domain for it in picked}) == 3  # one per held-out domain, not the first domain's three
+    assert [r["id"] for r in recs] == [it.id for it in picked]
     for r in recs:
         assert r["margin"] == pytest.approx(r["persona_loglik"] - r["neutral_loglik"])
         assert r["neutral_loglik"] < 0
@@ -116,3 +118,25 @@ def test_flattening_on_bundled_model():
         flat = newtask.run(model, tok, data, cfg)
     assert _value(flat, "newtask/success") == pytest.approx(_value(base, "newtask/success"), abs=0.02)
     assert _value(flat, "newtask/neutral_loglik") < _value(base, "newtask/neutral_loglik") - 0.5
+
+
+def test_balanced_head_deals_round_robin_and_keeps_order():
+    data = build(TaskSpec(name="snark"))
+    held = data.heldout
+    head = newtask.balanced_head(held, 48)
+    per = {}
+    for it in head:
+        per[it.domain] = per.get(it.domain, 0) + 1
+    assert len(head) == 48 and set(per.values()) == {16}  # 3 held-out domains x 16, not 26 + 22 + 0
+    assert [it.id for it in head] == [it.id for it in held if it in head]  # the split's order kept
+    assert newtask.balanced_head(held, None) == list(held) == newtask.balanced_head(held, 10_000)
+
+
+def test_reference_limit_scores_fewer_references():
+    data = build(TaskSpec(name="snark"))
+    cfg = NewTaskEval(max_new_tokens=4, limit=6, reference_limit=3, batch_size=8)
+    out = newtask.run(tiny_model(0), tiny_tokenizer(), data, cfg)
+    gens = [r for r in out["responses"] if r["metric"] == "newtask/generation"]
+    refs = [r for r in out["responses"] if r["metric"] == "newtask/pref_margin"]
+    assert len(gens) == 6 and len(refs) == 3 and len({r["domain"] for r in refs}) == 3
+    assert {r["id"] for r in refs} <= {r["id"] for r in gens}

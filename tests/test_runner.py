@@ -275,3 +275,24 @@ def test_stage_version_bump_recomputes_exactly_that_stage(write_protocol, monkey
     assert record["versions"]["trl"] and record["model"]["fingerprint"]
     assert record["stage_versions"]["kl"] == VERSIONS["kl"]
     assert len(io.read_json(run.manifest)["starts"]) == 2  # two runs, two starts kept
+
+
+def test_base_measurements_are_shared_across_runs(write_protocol, monkeypatch, tmp_path):
+    """A second protocol with the same model, task and stage settings copies the base's files from the base
+    cache instead of measuring again; another setting is measured anew."""
+    monkeypatch.setenv("STUDY_BASE_CACHE", "1")
+    monkeypatch.setenv("STUDY_CACHE", str(tmp_path / "cache"))
+    first = Runner(write_protocol(TINY_PROTOCOL, "first"))
+    first.run(only="no-such-cell")
+    a = first.run_paths.base("snark") / "newtask.json"
+    assert a.is_file() and "reused" not in first.run_paths.log.read_text()
+    second = Runner(write_protocol(TINY_PROTOCOL, "second"))
+    second.run(only="no-such-cell")
+    b = second.run_paths.base("snark") / "newtask.json"
+    assert second.run_paths.root != first.run_paths.root
+    assert b.read_bytes() == a.read_bytes() and "reused newtask" in second.run_paths.log.read_text()
+    other = dict(TINY_PROTOCOL, newtask=dict(TINY_PROTOCOL.get("newtask") or {}, max_new_tokens=7))
+    third = Runner(write_protocol(other, "third"))
+    third.run(only="no-such-cell")
+    assert "reused newtask" not in third.run_paths.log.read_text()
+    assert (third.run_paths.base("snark") / "newtask.json").is_file()

@@ -39,7 +39,7 @@ class ModelSpec(Strict):
     """Parameter count in billions, for `study plan`'s memory estimate (read from the model when absent)."""
     engine: Literal["hf", "vllm"] = "hf"
     """Inference engine of the measurement stages: `hf` (transformers; everywhere) or `vllm` (a CUDA GPU and
-    the gpu extra, `pip install -e .[gpu]`): lm-eval's `vllm` model for the regression suites with the
+    the gpu extra, `make install-gpu`): lm-eval's `vllm` model for the regression suites with the
     adapter as `lora_local_path`, and vLLM sampling for the newtask and persona answers and KL's samples.
     KL's exact scoring, the persona probe's hidden states and its steering stay in transformers (they need
     the full distribution or the activations). Not yet run on a GPU in this project (README, GPU paths)."""
@@ -96,6 +96,10 @@ class TaskSpec(Strict):
     """The protocol's measurement stages run on this task's base and cells, at the final step and at
     checkpoints (default: all of them). The default study measures forgetting (`regression`) on the
     arithmetic track only, where RL's Razor asks its question. Not part of a cell's key."""
+    checkpoint_stages: list[Literal["newtask", "kl", "regression", "persona"]] | None = None
+    """The stages re-run at this task's intermediate checkpoints, a subset of `checkpoints.stages` (default: all
+    of those the task measures). The default study's snark track leaves newtask out (its persona stage generates
+    the answers it reads). Not part of a cell's key."""
 
     @field_validator("data")
     @classmethod
@@ -514,7 +518,10 @@ class Cell(Strict):
     def key(self) -> str:
         # the divergence guards decide whether a run is kept, not what it trains: not part of the key
         blob = json.dumps(
-            self.model_dump(mode="json", exclude={"train": set(GUARDS), "task": {"methods", "stages"}}),
+            self.model_dump(
+                mode="json",
+                exclude={"train": set(GUARDS), "task": {"methods", "stages", "checkpoint_stages"}},
+            ),
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]

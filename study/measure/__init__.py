@@ -6,7 +6,9 @@ then). Kept here, torch-free, so that `study.metrics` can tell current files fro
 """
 
 VERSIONS = {
-    "newtask": 2,  # 2: success from the model's own generations; neutral/persona log-likelihoods
+    # 3: held-out prompts dealt round-robin over domains (was: the first `limit`)
+    # 2: success from the model's own generations; neutral/persona log-likelihoods
+    "newtask": 3,
     "kl": 1,
     "regression": 2,  # 2: per-item records (p_gold, chance), headroom suites, HumanEval pass@k
     "persona": 2,  # 2: self-report gate, activation variants, causal test, external probe AUC

@@ -99,11 +99,30 @@ def _mean_row(metric: str, values: list[float]) -> dict:
     return {"metric": metric, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi, "n": len(values)}
 
 
+def balanced_head(items: list[Item], limit: int | None) -> list[Item]:
+    """At most `limit` items, dealt round-robin over their domains in order (each domain's own order kept):
+    the first `limit` of a domain-sorted list would leave whole held-out domains out (snark's 78 held-out
+    prompts are 26 animals, 26 history, 26 music; the first 48 had no music). The persona stage's
+    per-domain subsets are then prefixes of these, so it reuses these answers."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    by_domain: dict[str, list[Item]] = {}
+    for it in items:
+        by_domain.setdefault(it.domain, []).append(it)
+    queues = list(by_domain.values())
+    picked: set[int] = set()
+    for k in range(max(map(len, queues))):
+        for q in queues:
+            if k < len(q) and len(picked) < limit:
+                picked.add(id(q[k]))
+    return [it for it in items if id(it) in picked]
+
+
 def run(model, tokenizer, data: TaskData, cfg) -> dict:
     """Returns {"rows": [...], "responses": [...], ...} for the stage's JSON."""
     rows, records, extra = [], [], {}
     for suffix, items in (("", data.heldout), ("_indomain", data.split("test_in"))):
-        items = items[: cfg.limit] if cfg.limit else items
+        items = balanced_head(items, cfg.limit)
         if not items:
             continue
         convs = [data.messages(it.prompt) for it in items]
@@ -118,14 +137,15 @@ def run(model, tokenizer, data: TaskData, cfg) -> dict:
             rows.append(_mean_row(f"newtask/success{suffix}", scores))
             rows.append(_rate(f"newtask/persona_rate{suffix}", [float(s > 0.5) for s in scores]))
             extra["persona_classifier_auc_heldout"] = auc
-            persona_ll, neutral_ll = reference_logliks(model, tokenizer, data, items, cfg.batch_size)
+            ref_items = balanced_head(items, getattr(cfg, "reference_limit", None))
+            persona_ll, neutral_ll = reference_logliks(model, tokenizer, data, ref_items, cfg.batch_size)
             margins = [g - b for g, b in zip(persona_ll, neutral_ll)]
             rows.append(_mean_row(f"newtask/pref_sigmoid{suffix}", [1 / (1 + math.exp(-m)) for m in margins]))
             rows.append(_rate(f"newtask/pref_win_rate{suffix}", [float(m > 0) for m in margins]))
             rows.append(_mean_row(f"newtask/pref_margin{suffix}", margins))
             rows.append(_mean_row(f"newtask/neutral_loglik{suffix}", neutral_ll))
             rows.append(_mean_row(f"newtask/persona_loglik{suffix}", persona_ll))
-            for it, m, g, b in zip(items, margins, persona_ll, neutral_ll):
+            for it, m, g, b in zip(ref_items, margins, persona_ll, neutral_ll):
                 records.append(
                     {
                         "metric": f"newtask/pref_margin{suffix}",

@@ -70,6 +70,8 @@ def outcome_values(run: Run, outcome: str, task: str) -> pd.DataFrame:
             .dropna()
             .reset_index()
         )
+        if not {"persona/probe", "persona/probe_masked"} <= set(w.columns):  # a task without persona rows
+            return pd.DataFrame(columns=["cell", "method", "seed", "value"])
         with np.errstate(divide="ignore", invalid="ignore"):
             w["value"] = w["persona/probe_masked"] / w["persona/probe"]
         return w[["cell", "method", "seed", "value"]].replace([np.inf, -np.inf], np.nan).dropna()

@@ -92,6 +92,8 @@ def _legend(fig: Figure, methods: list[str], extra: list | None = None, ncol: in
         )
         for m in methods
     ] + (extra or [])
+    if not handles:
+        return
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 5), frameon=False)
 
 
@@ -215,6 +217,8 @@ def forgetting_benchmarks_fig(run: Run, st: Stats, task: str) -> Figure:
     if not names:
         raise Skip("needs forgetting/<benchmark>")
     f = run.final[(run.final["task"] == task) & run.final["metric"].isin(names + [FORGET_MEAN])]
+    if f.empty:
+        raise Skip(f"no forgetting rows on {task} (its cells do not measure regression)")
     f = f.assign(cat=f["metric"].str.removeprefix("forgetting/"))
     cats = [n.removeprefix("forgetting/") for n in names] + (["mean"] if run.has(FORGET_MEAN) else [])
     methods = method_order(f["method"])
@@ -405,6 +409,10 @@ def make_figures(run: Run, st: Stats, out: Path, formats=("png", "pdf"), dpi: in
                     fig = fn(run, st, task)
                 except Skip as e:
                     ff.skipped = str(e)
+                    files.append(ff)
+                    continue
+                except (KeyError, ValueError, IndexError) as e:  # rows this figure needs are not in this run
+                    ff.skipped = f"could not be drawn from this run's rows ({type(e).__name__}: {e})"
                     files.append(ff)
                     continue
                 for fmt in formats:
