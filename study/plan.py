@@ -10,10 +10,11 @@ Two models, each stating what it rests on (`Estimate.assumptions`, printed under
 CPU (measured here). Training: seconds per optimizer step per method, measured with SmolLM2-135M at batch 4
 and max length 128 (results/bench/train.json when `make bench` wrote it, else the figures in FIELD_NOTES),
 scaled by parameters x tokens per step (x completion length for methods that generate online).
-Measurement: each stage's seconds on the default protocol (final adapter: newtask 85, KL 28, regression
-67, persona 48, probe 8 s; ~150 s per intermediate checkpoint; ~6 min for the base), scaled by the stage's
-work (prompts x new tokens, items per suite) relative to the default protocol and by parameters. Scaling
-past the measured model (135M) is an assumption, and the output says so.
+Measurement: each stage's seconds per task on the default protocol, measured by `make study` on this machine
+(arithmetic: newtask 9, KL 16, regression 39 s per adapter; snark: newtask 36, KL 19, persona 31 s; a
+checkpoint: the task's checkpoint stages, e.g. 51 s arithmetic, 37 s snark; the base 143 s), scaled by the
+stage's work (prompts x new tokens, items per suite) relative to that protocol (study/plan_reference.yaml)
+and by parameters. Scaling past the measured model (135M) is an assumption, and the output says so.
 
 GPU (not measured here: there is no GPU on this machine). A roofline-style model per GPU type (`GPUS`,
 vendor datasheet peaks): training FLOPs 6 N per token (+2 N per token for a reference-model forward) at an
@@ -41,12 +42,23 @@ log = logging.getLogger("study")
 # ------------------------------------------------------------------------------------ measured on this CPU
 
 # s/step at batch 4, max_length 128, 135M params, fp32, 2 cores (FIELD_NOTES "TRL on CPU"; `make bench`).
-CPU_SECONDS_PER_STEP = {Method.sft: 2.1, Method.dpo: 3.0, Method.kto: 1.9, Method.grpo: 7.4}
+# GRPO: 7.4 with gradient checkpointing, which TRL had left on; 6.4 without it (the default's 16 GRPO steps:
+# 125-146 s measured by make study, 2026-11-29, with 2 prompts x 4 completions of <= 32 tokens).
+CPU_SECONDS_PER_STEP = {Method.sft: 2.1, Method.dpo: 3.0, Method.kto: 1.9, Method.grpo: 6.4}
 REF = {"params_b": 0.135, "tokens": 4 * 128, "completion": 48}
-# The default protocol's measurement on this CPU (FIELD_NOTES "Verified later"; README, results times).
-CPU_STAGE_SECONDS = {"newtask": 85.0, "kl": 28.0, "regression": 67.0, "persona": 48.0, "probe": 8.0}
-CPU_CHECKPOINT_SECONDS = 150.0
-CPU_BASE_SECONDS = 360.0
+# The default protocol's measurement on this CPU, per task and stage of one adapter, seconds (make study on an
+# idle 2-core machine, 2026-11-29, protocols/default.yaml as in study/plan_reference.yaml): the final adapter
+# (KL's base samples drawn once per process) and an intermediate checkpoint (KL forward only, no causal test;
+# snark: persona generates its own answers there).
+CPU_STAGE_SECONDS = {
+    "arithmetic": {"newtask": 9.0, "kl": 16.0, "regression": 39.0},
+    "snark": {"newtask": 36.0, "kl": 19.0, "persona": 31.0, "probe": 8.0},
+}
+CPU_CHECKPOINT_STAGE_SECONDS = {
+    "arithmetic": {"newtask": 8.5, "kl": 3.0, "regression": 39.0},
+    "snark": {"kl": 2.8, "persona": 34.0, "newtask": 36.0},
+}
+CPU_BASE_SECONDS = 143.0  # both tasks' base stages, the probe's pre-run check and the model load (measured)
 # Relative CPU cost of one item per suite (FIELD_NOTES stock timings: HellaSwag 0.39 s, MMLU 0.21 s,
 # TruthfulQA 2.66 s without / 0.72 s with the shared-prefix cache; HumanEval from the 67 s total at 128 tokens).
 CPU_ITEM_SECONDS = {"mmlu": 0.21, "hellaswag": 0.39, "truthfulqa_mc2": 0.72, "humaneval": 1.75}
@@ -185,8 +197,9 @@ def _default_protocol() -> Protocol | None:
         return None
 
 
-def _stage_work(proto: Protocol, task) -> dict[str, float]:
-    """Per stage, a work measure whose ratio to the default protocol's scales the measured CPU seconds."""
+def _stage_work(proto: Protocol, task, every: bool = False) -> dict[str, float]:
+    """Per stage, a work measure whose ratio to the default protocol's scales the measured CPU seconds; the
+    stages `task` measures (`every`: all the protocol has, for the reference)."""
     n = min(proto.newtask.limit or 10**9, _heldout_prompts(task))
     kl = proto.kl
     work = {
@@ -203,6 +216,8 @@ def _stage_work(proto: Protocol, task) -> dict[str, float]:
     probe = proto.checkpoints.probe if proto.checkpoints else None
     if probe is not None:
         work["probe"] = _regression_cpu_items(probe)
+    if every:
+        return work
     keep = getattr(task, "stages", None)  # the stages this task's cells run (tasks[].stages)
     return {
         k: v
@@ -228,10 +243,22 @@ def _cpu_measure(proto: Protocol, cell: Cell, arch: dict, n_checkpoints: int) ->
     if abs(scale - 1) > 0.05:
         notes.add(f"CPU measurement time scaled from SmolLM2-135M by parameters (x{scale:.2g}): not measured")
     work = _stage_work(proto, cell.task)
-    ref_work = _stage_work(ref, ref.tasks[0]) if ref else work
-    final = sum(CPU_STAGE_SECONDS[s] * w / max(ref_work.get(s, w), 1e-9) for s, w in work.items())
-    # a checkpoint: the default's ~150 s for ~235 s of final-adapter stages, in proportion
-    per_ck = CPU_CHECKPOINT_SECONDS / sum(CPU_STAGE_SECONDS.values()) * final
+    ref_task = next((t for t in ref.tasks if t.name == cell.task.name), ref.tasks[0]) if ref else cell.task
+    ref_work = _stage_work(ref, ref_task, every=True) if ref else work
+
+    def seconds(table: dict, stages) -> float:
+        own = table.get(cell.task.name, {})
+        other = {k: v for t in table.values() for k, v in t.items()}  # a stage the task's figures lack
+        return sum(
+            own.get(s, other.get(s, 30.0)) * work[s] / max(ref_work.get(s, work[s]), 1e-9)
+            for s in stages
+            if s in work
+        )
+
+    from study.metrics import checkpoint_stages
+
+    final = seconds(CPU_STAGE_SECONDS, work)
+    per_ck = seconds(CPU_CHECKPOINT_STAGE_SECONDS, checkpoint_stages(proto, cell.task))
     return (final + n_checkpoints * per_ck) * scale, notes
 
 
@@ -366,7 +393,11 @@ def base_seconds(proto: Protocol, gpu: GPU | None, generation: str = "hf") -> fl
     arch, _ = _arch(proto)
     if gpu is None:
         final = sum(_cpu_measure(proto, c, arch, 0)[0] for c in per_task.values())
-        return final * CPU_BASE_SECONDS / sum(CPU_STAGE_SECONDS.values())  # measured: ~6 min vs 235 s
+        ref = _default_protocol()
+        ref_cells = {c.task.name: c for c in ref.cells()} if ref else {}
+        ref_final = sum(_cpu_measure(ref, c, arch, 0)[0] for c in ref_cells.values()) or final
+        # the base's stages cost what an adapter's do (no KL), plus the model load and the pre-run check
+        return final / ref_final * CPU_BASE_SECONDS
     return sum(_gpu_measure(proto, c, arch, gpu, generation, 0) for c in per_task.values())
 
 
