@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from study import io
 from study.metrics import MODEL_LEVEL, stage_done, stage_key
 from study.models import cache_root
 
@@ -53,13 +53,6 @@ def entry(fingerprint: str, task, name: str, settings) -> Path:
     return root() / f"{name}-{digest}"
 
 
-def _copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-
-
 def restore(
     fingerprint: str, task, stages: dict[str, object], where: Callable[[str], Path], direction: Path
 ) -> list[str]:
@@ -73,8 +66,8 @@ def restore(
         if stage_done(dest, key) or not stage_done(src / f"{name}.json", key):
             continue
         if name == "persona" and (src / DIRECTION).is_file():
-            _copy(src / DIRECTION, direction)
-        _copy(src / f"{name}.json", dest)
+            io.copy_file(src / DIRECTION, direction)
+        io.copy_file(src / f"{name}.json", dest)
         out.append(name)
     return out
 
@@ -94,8 +87,8 @@ def store(
             continue
         try:
             if name == "persona" and direction.is_file():
-                _copy(direction, dest / DIRECTION)
-            _copy(src, dest / f"{name}.json")
+                io.copy_file(direction, dest / DIRECTION)
+            io.copy_file(src, dest / f"{name}.json")
         except OSError:
             continue
         out.append(name)

@@ -57,3 +57,31 @@ def test_planted_difference_is_found():
         for _ in range(n)
     )
     assert found / n >= 0.8  # GRPO forgetting less at matched success is detected
+
+
+def test_primary_line_says_not_estimable_when_frontiers_meet_only_at_the_base():
+    """GRPO that never rises above the base's success: the matched target lands on the base, where both
+    forgettings are 0 by construction; the report must say 'not estimable', not 'no difference detected'."""
+    from types import SimpleNamespace
+
+    from study.report.markdown import primary_lines
+
+    run = SimpleNamespace(
+        protocol={
+            "primary": [
+                {"metric": "forgetting/mean@matched", "task": "arithmetic", "contrast": ["grpo", "sft"]}
+            ]
+        },
+        tasks=["arithmetic"],
+    )
+    row = {"task": "arithmetic", "target": 0.167, "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 3}
+    row |= {"diff": 0.0, "diff_low": 0.0, "diff_high": 0.0, "p": 1.0, "base_success": 0.167}
+    matched = pd.DataFrame(
+        [row | {"method": "grpo", "reach": 0.167}, row | {"method": "sft", "reach": 0.354}]
+    )
+    st = SimpleNamespace(matched=matched, mde=pd.DataFrame(columns=["metric", "task", "mde"]))
+    text = "\n".join(primary_lines(run, st))
+    assert "not estimable" in text and "no difference detected" not in text
+    ok = matched.assign(target=0.25, diff=-0.1, diff_low=-0.15, diff_high=-0.05, p=0.01)
+    text = "\n".join(primary_lines(run, SimpleNamespace(matched=ok, mde=st.mde)))
+    assert "grpo forgets less than sft" in text

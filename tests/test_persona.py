@@ -635,6 +635,7 @@ def test_bundled_base_direction_separates_its_own_answers(smol, data):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~90 s; the smoke protocol (tests/test_integration.py) runs the same stage on this model
 def test_bundled_cell_time_split(smol, data):
     """One small cell on the bundled model (6 held-out + 18 in-domain prompts): rows present, timing printed."""
     model, tok = smol

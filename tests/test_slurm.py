@@ -140,7 +140,15 @@ def _more_cells(slurm_run, name: str, methods: dict, seed: int) -> Path:
     for seconds after SIGTERM, which submitit ignores, until SLURM kills it)."""
     folder = slurm_run["root"] / name
     folder.mkdir()
-    path = _protocol(folder / "study.yaml", slurm_run["root"] / "slurm", steps=400, checkpoint_every=40)
+    # gradient checkpointing on: it slows the tiny model's steps to what they were when TRL silently enabled it,
+    # so that 400 steps outlast the seconds between the first checkpoint and SLURM's kill
+    path = _protocol(
+        folder / "study.yaml",
+        slurm_run["root"] / "slurm",
+        steps=400,
+        checkpoint_every=40,
+        gradient_checkpointing=True,
+    )
     body = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**body, "methods": methods, "seeds": [seed]}, sort_keys=False))
     return path

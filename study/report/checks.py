@@ -166,9 +166,14 @@ def check_base(run: Run) -> tuple[bool, str]:
 
 def check_metrics(run: Run) -> tuple[bool, str]:
     missing = [m for m in missing_metrics(run) if m not in OPTIONAL]
+    # an instrument that reported itself invalid for this model (a `<metric>_valid` = 0 row) is not missing
+    df = run.metrics
+    invalid = [m for m in missing if ((df["metric"] == f"{m}_valid") & (df["value"] == 0)).any()]
+    missing = [m for m in missing if m not in invalid]
+    note = f"; invalid for this model (gated, no value rows): {', '.join(invalid)}" if invalid else ""
     if missing:
-        return False, "not measured: " + ", ".join(missing)
-    return True, "every expected metric family present"
+        return False, "not measured: " + ", ".join(missing) + note
+    return True, "every expected metric family present" + note
 
 
 def calibration_table(path=None) -> pd.DataFrame:
@@ -177,7 +182,11 @@ def calibration_table(path=None) -> pd.DataFrame:
     from study.paths import RESULTS
     from study.stats.calibrate import source_hash
 
-    path = path or RESULTS / "calibration" / "calibration.json"
+    if path is None:
+        from study.stats.calibrate import SHIPPED
+
+        path = RESULTS / "calibration" / "calibration.json"
+        path = path if path.is_file() else SHIPPED  # the run shipped with the package (same hash key)
     cols = ["statistic", "rule", "quantity", "rate", "bound", "ok", "n_sims", "stale"]
     try:
         data = json.loads(path.read_text())

@@ -5,6 +5,8 @@ at matched new-task success, and the power tables. Split from study.report.analy
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -243,7 +245,15 @@ def matched_table(run: Run) -> pd.DataFrame:
             points = pd.concat([origin, points], ignore_index=True)
         out = matched_comparison(points, reference="sft")
         if len(out):
-            frames.append(out.assign(task=task))
+            # how far each method's seeds got (median of their best success) and the base's own success: a
+            # target at the base's success compares two zeros by construction (matched_degenerate)
+            reach = points.groupby(["method", "seed"]).success.max().groupby("method").median()
+            out = out.assign(
+                task=task,
+                base_success=float(b.iloc[0]) if len(b) else math.nan,
+                reach=out["method"].map(reach),
+            )
+            frames.append(out)
     return (
         pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["task", *MATCHED_COLUMNS])
     )

@@ -82,6 +82,18 @@ def primary_lines(run: Run, st: Stats) -> list[str]:
                 out.append(head + f"not available (needs the matched-success table against sft){mde_txt}.")
                 continue
             r = m.iloc[0]
+            base_s = r.get("base_success", float("nan"))
+            if base_s == base_s and r["target"] <= base_s + 1e-9:  # not NaN, and no success above the base
+                reach = m.get("reach", pd.Series([float("nan")])).iloc[0]
+                ref = st.matched[(st.matched["task"] == task) & (st.matched["method"] == b)]
+                ref_reach = ref["reach"].iloc[0] if len(ref) and "reach" in ref else float("nan")
+                out.append(
+                    head + f"**not estimable**: the methods' success frontiers meet only at the base's own "
+                    f"success ({_num(base_s)}), where forgetting is 0 by construction — {a}'s seeds reached a "
+                    f"median best success of {_num(reach)}, {b}'s {_num(ref_reach)}; a matched comparison needs "
+                    f"{a} to raise new-task success above the base (a learning-rate sweep, more steps){mde_txt}."
+                )
+                continue
             seen = "less" if r["diff_high"] < 0 else "more" if r["diff_low"] > 0 else "no difference detected"
             verdict = f"{a} forgets {seen} than {b}" if seen != "no difference detected" else seen
             out.append(
