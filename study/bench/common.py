@@ -41,3 +41,9 @@ def adapter_dirs(run_root: Path, n: int | None = None) -> list[Path]:
     weights = Path(run_root).glob("cells/*/adapter/adapter_model.safetensors")
     found = sorted(p.parent.resolve() for p in weights)
     return found[:n] if n else found
+
+
+def bench_task(proto):
+    """The task a stage benchmark measures on: snark where the protocol has it (every stage applies to it,
+    the persona stage only to it), else the first."""
+    return next((t for t in proto.tasks if t.name == "snark"), proto.tasks[0])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from study import io
-from study.bench.common import adapter_dirs, small_limits
+from study.bench.common import adapter_dirs, bench_task, small_limits
 from study.config import Protocol
 from study.paths import CellPaths
 
@@ -33,12 +33,12 @@ def bench_kl(proto: Protocol, model, tokenizer) -> dict:
     from study.measure import kl
     from study.tasks import build
 
-    t = kl.throughput(model, tokenizer, build(proto.tasks[0]), proto.kl)
+    t = kl.throughput(model, tokenizer, build(bench_task(proto)), proto.kl)
     print(
         f"kl          {t['seconds']:7.1f} s  sampling {t['sample_tokens_per_s']:7.1f} tokens/s  "
         f"scoring {t['score_tokens_per_s']:8.1f} tokens/s"
     )
-    return {"task": proto.tasks[0].name, "config": proto.kl.model_dump(mode="json"), **t}
+    return {"task": bench_task(proto).name, "config": proto.kl.model_dump(mode="json"), **t}
 
 
 def bench_regression(proto: Protocol, model, tokenizer, limit: int) -> dict:
@@ -70,7 +70,7 @@ def bench_persona(proto: Protocol, runtime: Runtime, run_root: Path) -> dict:
     if not adapters:
         raise SystemExit(f"bench persona: no trained adapter under {run_root}/cells (run `make study` first)")
     cp = CellPaths(adapters[0].parent)
-    data = build(proto.tasks[0])
+    data = build(bench_task(proto))
     previous = {"newtask": io.read_json(cp.stage("newtask"))} if cp.stage("newtask").is_file() else {}
     cache = run_root / "base" / data.name / "persona_direction.npz"
     host = AdapterHost(proto.model.source, runtime)

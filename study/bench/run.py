@@ -10,7 +10,7 @@ from pathlib import Path
 from study import io
 from study.bench import bf16 as b16
 from study.bench import roofline as rl
-from study.bench.common import BENCH, environment
+from study.bench.common import BENCH, bench_task, environment
 
 # What a LoRA training step costs in forwards: forward + backward through the activations (the frozen base's
 # weight gradients are skipped), about 2 forward-equivalents. An approximation, stated as one.
@@ -78,7 +78,7 @@ def run(
         out["roofline"] = rl.sweep(model, runtime, True, **(grids or {}), say=say)
         out["roofline_seconds"] = time.perf_counter() - t
         io.write_json(folder / "roofline.json", out)  # kept if a stage below fails
-    data = build(proto.tasks[0])
+    data = build(bench_task(proto))  # snark where there is one: every stage, persona too, applies to it
     stages = b16.small_stages(proto, lm_eval_limit, items)
     model = perturbed_adapter(model, lora_config(proto.cells()[0]))
     if "persona" in stages:  # the direction is the base's, computed once per protocol (memoised): not timed
