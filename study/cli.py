@@ -118,9 +118,17 @@ def budget_table(proto) -> Table:
             str(steps * t.prompts_per_step),
             str(t.max_length),
             str(t.lora.r),
-            ", ".join(f"{x:g}" for x in lrs),
+            ", ".join(f"{x:g}" for x in lrs) + _unswept(proto, method, spec, t),
         )
     return table
+
+
+def _unswept(proto, method, spec, t) -> str:
+    """' (snark: 0.002)' for the tasks that train this method without its sweep (`tasks[].sweeps: false`)."""
+    if not spec.sweep:
+        return ""
+    tasks = [x.name for x in proto.tasks if not x.sweeps and (x.methods is None or method in x.methods)]
+    return f" ({', '.join(tasks)}: {spec.learning_rate or t.learning_rate:g})" if tasks else ""
 
 
 @app.command()
@@ -243,6 +251,14 @@ def run(
         help="local: wait for cells another process holds (default: skip "
         "them and exit non-zero); slurm: block until every job ends",
     ),
+    workers: int = typer.Option(
+        None,
+        min=1,
+        max=64,
+        help="local, CPU: processes sharing the cells and the CPU threads (default: the protocol's "
+        "executor.workers, else 1)",
+    ),
+    worker: bool = typer.Option(False, "--worker", hidden=True, help="a worker of a shared local run"),
 ) -> None:
     """Run (or resume) a study: train every cell, measure it, write results/<protocol>/metrics.csv."""
     from study.executor import LocalExecutor
@@ -253,8 +269,14 @@ def run(
     if missing := missing_extra(proto):
         _say_problems(protocol, missing)
     executor = executor or proto.executor.kind
+    if worker:  # started by a shared run's first process (study.runner.Workers)
+        from study.runner import Runner
+
+        raise typer.Exit(Runner(protocol).work(only=only))
     if executor == "local":
-        raise typer.Exit(LocalExecutor().run(protocol, only=only, console=console, wait=wait))
+        raise typer.Exit(
+            LocalExecutor().run(protocol, only=only, console=console, wait=wait, workers=workers)
+        )
     if executor != "slurm":
         err.print(f"[red]--executor {executor}[/]: use local or slurm")
         raise typer.Exit(2)
@@ -270,7 +292,7 @@ def run(
         "cpus_per_cell": cpus_per_cell,
         "mem": mem,
     }
-    spec = proto.executor.model_dump(mode="json", exclude={"kind"})
+    spec = proto.executor.model_dump(mode="json", exclude={"kind", "workers"})
     opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
     try:
         rec = SlurmExecutor(opts).submit(protocol, only=only)

@@ -155,15 +155,21 @@ def _track(rp: RunPaths, proto) -> None:
 
 
 class LocalExecutor:
-    """Today's behaviour: every stage in this process, in order."""
+    """This machine: every stage in this process, in order, or in `executor.workers` processes sharing the
+    cells (study.runner.Workers)."""
 
     def run(
-        self, protocol_path: str | Path, only: str | None = None, console=None, wait: bool = False
+        self,
+        protocol_path: str | Path,
+        only: str | None = None,
+        console=None,
+        wait: bool = False,
+        workers: int | None = None,
     ) -> int:
         from study.runner import Runner
 
         runner = Runner(protocol_path, console=console)
-        code = runner.run(only=only, wait=wait)
+        code = runner.run(only=only, wait=wait, workers=workers)
         _track(runner.run_paths, runner.proto)
         return code
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -137,8 +138,10 @@ class Runner:
             self._vllm = VllmSession(self.proto, local_path(self.proto.model.source), self.runtime.dtype)
         return self._vllm.use(adapter)
 
-    def start(self) -> None:
-        """Resolve the runtime and record this start (manifest.json keeps every start, not only the last)."""
+    def start(self, worker: bool = False) -> None:
+        """Resolve the runtime and record this start (manifest.json keeps every start, not only the last). A
+        `worker` of a shared run only resolves the runtime and logs: the process that started the run
+        cleaned up and recorded it (removing temporary files now could remove one being written)."""
         from study.gpu import missing_extra
         from study.models import quiet_libraries, resolve_runtime
 
@@ -147,6 +150,10 @@ class Runner:
         rp = self.run_paths
         quiet_libraries()
         _setup_logging(rp.log)
+        if worker:
+            self.runtime = resolve_runtime(self.proto.model.device, self.proto.model.dtype)
+            self.env = environment(self.runtime)
+            return
         removed = io.remove_orphans(rp.root)
         if removed:
             log.info(
@@ -166,7 +173,49 @@ class Runner:
         )
         io.write_json(rp.manifest, {"starts": starts})
 
-    def run(self, only: str | None = None, wait: bool = False) -> int:
+    def run(self, only: str | None = None, wait: bool = False, workers: int | None = None) -> int:
+        """Every cell of the protocol (those whose name contains `only`), then metrics.csv and the report.
+        `workers` (default: the protocol's executor.workers): above 1, that many processes on this machine
+        share the cells by their locks, each with its share of the CPU threads (study.runner.Workers)."""
+        from study.models import resolve_runtime
+
+        workers = workers or self.proto.executor.workers
+        if workers > 1 and resolve_runtime(self.proto.model.device, self.proto.model.dtype).device == "cpu":
+            return self._run_shared(only, wait, workers)
+        return self._run(only, wait)
+
+    def _run_shared(self, only: str | None, wait: bool, workers: int) -> int:
+        import torch
+
+        threads = torch.get_num_threads()
+        pool = Workers(self.path, self.run_paths.root, workers - 1, max(1, threads // workers), only)
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            code = self._run(only, wait, pool=pool)  # starts the pool once the pre-run checks pass
+        finally:
+            pool.stop()
+            torch.set_num_threads(threads)
+        return code
+
+    def work(self, only: str | None = None) -> int:
+        """A worker process of a shared run (`study run --worker`): the cells nobody holds, no report. A task's
+        base is measured (or waited for, under its lock) before its first cell only where a cell reads it
+        (the persona direction); the process that started the run measures every base."""
+        self.start(worker=True)
+        cells = [c for c in self.proto.cells() if not only or only in c.name]
+        log.info("worker %d: %d cells", os.getpid(), len(cells))
+        ready: set[str] = set()
+        for cell in cells:
+            try:
+                if "persona" in final_stages(self.proto, cell.task) and cell.task.name not in ready:
+                    self.measure_base(cell.task)
+                    ready.add(cell.task.name)
+                self.run_cell(cell, None, wait=False)
+            except Exception as e:  # recorded in the cell's status.json; the parent reports it
+                self._failed(cell, e, _NullProgress())
+        return 0
+
+    def _run(self, only: str | None = None, wait: bool = False, pool: Workers | None = None) -> int:
         from rich.progress import (
             BarColumn,
             Progress,
@@ -202,6 +251,9 @@ class Runner:
             self.console.print(f"[red]pre-run check failed[/]: {problem}")
             log.error("pre-run check failed: %s", problem)
             return 2
+        if pool is not None:
+            pool.start()
+            log.info("run %s: %d processes share the cells, %d threads each", self.path, pool.n + 1, pool.threads)
         with Progress(*columns, console=self.console, transient=False) as progress:
             weight = _planned_seconds(self.proto, cells)
             # one bar for the whole run, in planned seconds (study.plan) so that its ETA counts the base and
@@ -217,8 +269,8 @@ class Runner:
                         failed.append((f"base/{task.name}", self._failed(None, e, progress)))
                     progress.advance(overall, weight.get(f"base/{task.name}", 0.0))
                 for cell in cells:
-                    try:
-                        if not self.run_cell(cell, progress, wait=wait):
+                    try:  # beside workers, skip what they hold (waiting would run the cells one by one)
+                        if not self.run_cell(cell, progress, wait=wait and pool is None):
                             elsewhere.append(cell.name)
                     except ModelUnavailable:
                         raise
@@ -227,6 +279,16 @@ class Runner:
                     progress.advance(overall, weight.get(cell.name, 0.0))
             except ModelUnavailable as e:  # no cell can run without the model: stop now, not once per cell
                 failed.append(("model", self._failed(None, e, progress)))
+            if pool is not None:  # the cells the workers held: wait for them, then take any they left
+                pool.join()
+                left, elsewhere = elsewhere, []
+                for name in left:
+                    cell = next(c for c in cells if c.name == name)
+                    st = io.read_json(rp.cell(name).status) if rp.cell(name).status.is_file() else {}
+                    if st.get("state") == "failed":
+                        failed.append((name, st.get("error", "failed in a worker process")))
+                    elif not self.run_cell(cell, progress, wait=wait):
+                        elsewhere.append(name)
         try:
             collect_metrics(rp, self.proto)
         except OSError as e:  # a full disk: the stage files are intact, `study report RUN` rebuilds the table
@@ -422,7 +484,50 @@ class Runner:
         io.write_json(
             cp.status, {"state": "done", "train_seconds": train_s, "total_seconds": time.time() - t}
         )
-        log.info("cell %s done in %.0f s", cell.name, time.time() - t)
+        log.info("cell %s done in %.0f s (process %d)", cell.name, time.time() - t, os.getpid())
+
+
+class _NullProgress:
+    class console:  # noqa: N801 - stands in for rich's Progress.console
+        @staticmethod
+        def print(*a, **k) -> None:
+            pass
+
+
+class Workers:
+    """The other processes of a shared local run (`executor.workers` > 1): each runs `study run --worker`,
+    which takes the cells nobody holds (the cell locks decide) with `threads` CPU threads, and writes its
+    console to `<run>/workers/worker-<i>.log`. On this 2-core CPU, two GRPO trainings side by side with one
+    thread each took 60.9 s for 2 x 5 steps where one after the other with two threads took 2 x 40.9 s
+    (small-batch generation is bound by per-operation overhead, not by the cores' arithmetic)."""
+
+    def __init__(self, protocol: Path, root: Path, n: int, threads: int, only: str | None = None):
+        self.protocol, self.root, self.n, self.threads, self.only = protocol, root, n, threads, only
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        env = os.environ | {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        (self.root / "workers").mkdir(parents=True, exist_ok=True)
+        for i in range(1, self.n + 1):
+            cmd = [sys.executable, "-m", "study.cli", "run", str(self.protocol), "--worker"]
+            cmd += ["--only", self.only] if self.only else []
+            with open(self.root / "workers" / f"worker-{i}.log", "ab") as out:
+                self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+    def join(self) -> None:
+        for p in self.procs:
+            p.wait()
+
+    def stop(self) -> None:
+        """The parent is leaving (done, failed or interrupted): no worker outlives it."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _planned_seconds(proto, cells) -> dict[str, float]:

@@ -296,3 +296,39 @@ def test_base_measurements_are_shared_across_runs(write_protocol, monkeypatch, t
     third.run(only="no-such-cell")
     assert "reused newtask" not in third.run_paths.log.read_text()
     assert (third.run_paths.base("snark") / "newtask.json").is_file()
+
+
+def test_shared_run_splits_the_cells_between_processes(write_protocol):
+    """executor.workers: 2 processes take the cells by their locks; one report, every cell done once."""
+    body = TINY_PROTOCOL | {
+        "methods": {"sft": {}, "grpo": {"num_generations": 4}},
+        "seeds": [0, 1, 2],
+        "executor": {"workers": 2},
+    }
+    path = write_protocol(body)
+    runner = Runner(path)
+    assert runner.run() == 0
+    run = runner.run_paths
+    done = [line for line in run.log.read_text().splitlines() if " done in " in line and "cell " in line]
+    cells = load_protocol(path).cells()
+    assert sorted(line.split("cell ")[1].split()[0] for line in done) == sorted(c.name for c in cells)
+    assert len({line.rsplit("process ", 1)[1] for line in done}) == 2  # both processes trained cells
+    assert (run.root / "workers" / "worker-1.log").is_file() and (run.root / "report.md").is_file()
+    df = pd.read_csv(run.metrics)
+    assert set(df.cell) >= {c.name for c in cells}
+
+
+def test_a_task_without_sweeps_trains_one_point_per_method(write_protocol):
+    body = TINY_PROTOCOL | {
+        "tasks": [{"name": "arithmetic", "n_train": 40, "n_heldout": 8}, {"name": "snark", "sweeps": False}],
+        "methods": {"sft": {"sweep": {"learning_rate": [1e-4, 1e-3]}}, "grpo": {"num_generations": 4}},
+    }
+    cells = load_protocol(write_protocol(body)).cells()
+    by_task = {t: sorted(c.name.rsplit("-", 1)[0] for c in cells if c.task.name == t) for t in ("arithmetic", "snark")}
+    assert by_task["arithmetic"] == [
+        "arithmetic-grpo-s0",
+        "arithmetic-sft-learning_rate0.0001-s0",
+        "arithmetic-sft-learning_rate0.001-s0",
+    ]
+    snark_sft = next(c for c in cells if c.task.name == "snark" and c.method == "sft")
+    assert by_task["snark"] == ["snark-grpo-s0", "snark-sft-s0"] and snark_sft.train.learning_rate == 1e-3

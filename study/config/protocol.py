@@ -96,6 +96,11 @@ class TaskSpec(Strict):
     """The protocol's measurement stages run on this task's base and cells, at the final step and at
     checkpoints (default: all of them). The default study measures forgetting (`regression`) on the
     arithmetic track only, where RL's Razor asks its question. Not part of a cell's key."""
+    sweeps: bool = True
+    """Train the methods' sweeps (`methods.<m>.sweep`) on this task; `false`: one point per method, at its own
+    `learning_rate` (else `train.learning_rate`). The default study sweeps the arithmetic track, whose
+    matched-success comparison needs each method's frontier, and not the snark track, whose contrast (GRPO vs
+    the control) is read at the shared budget. Not part of a cell's key."""
     checkpoint_stages: list[Literal["newtask", "kl", "regression", "persona"]] | None = None
     """The stages re-run at this task's intermediate checkpoints, a subset of `checkpoints.stages` (default: all
     of those the task measures). The default study's snark track leaves newtask out (its persona stage generates
@@ -242,7 +247,12 @@ class ExecutorSpec(Strict):
     """Where `study run` runs the cells (study.executor); `study run --executor/--partition/...` override it."""
 
     kind: Literal["local", "slurm"] = "local"
-    """`local`: this process; `slurm`: a base job, a job array over the cells, a report job (submitit)."""
+    """`local`: this machine; `slurm`: a base job, a job array over the cells, a report job (submitit)."""
+    workers: int = Field(1, ge=1, le=64)
+    """local, CPU: processes running cells at once, sharing the CPU threads (each gets threads / workers) and
+    the cells (by their locks); the one started measures the bases and writes the report. The default study
+    runs 2 on 2 cores: small-batch generation is bound by per-operation overhead, so two one-thread processes
+    do more than one two-thread process (study.runner.Workers). `study run --workers N` overrides it."""
     partition: str | None = None
     """SLURM partition of every job (None: the cluster's default)."""
     gpus_per_cell: int = Field(0, ge=0, le=64)
@@ -453,8 +463,9 @@ class Protocol(Strict):
             for method, spec in self.methods.items():
                 if task.methods is not None and method not in task.methods:
                     continue
-                keys = sorted(spec.sweep)
-                for point in itertools.product(*(spec.sweep[k] for k in keys)):
+                grid = spec.sweep if task.sweeps else {}
+                keys = sorted(grid)
+                for point in itertools.product(*(grid[k] for k in keys)):
                     sweep = dict(zip(keys, point))
                     for seed in self.seeds:
                         out.append(Cell.resolve(self, task, method, spec, sweep, seed))
@@ -520,7 +531,7 @@ class Cell(Strict):
         blob = json.dumps(
             self.model_dump(
                 mode="json",
-                exclude={"train": set(GUARDS), "task": {"methods", "stages", "checkpoint_stages"}},
+                exclude={"train": set(GUARDS), "task": {"methods", "stages", "checkpoint_stages", "sweeps"}},
             ),
             sort_keys=True,
         )
