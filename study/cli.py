@@ -195,6 +195,12 @@ def plan(
         f"{'GPU' if on_gpu else 'CPU'} time in one process; peak memory {s['peak_memory_gb']:.1f} GB",
         highlight=False,
     )
+    if not on_gpu and proto.executor.workers > 1:
+        console.print(
+            f"with executor.workers {proto.executor.workers} (processes sharing the cells and the cores): "
+            f"about {_dur(s['local_wall_seconds'])} of wall time here (study.plan.CPU_WORKER_SPEEDUP)",
+            highlight=False,
+        )
     if on_gpu:
         cost = (
             f", ${s['usd']:,.0f} at ${usd_per_gpu_hour}/GPU-hour"

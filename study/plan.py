@@ -58,6 +58,11 @@ CPU_CHECKPOINT_STAGE_SECONDS = {
     "arithmetic": {"newtask": 8.5, "kl": 3.0, "regression": 39.0},
     "snark": {"kl": 2.8, "persona": 34.0, "newtask": 36.0},
 }
+# Local runs with executor.workers processes on this 2-core CPU: the wall time is the one-process figure over
+# this speed-up, measured on the default study (2026-11-30, 18 cells): its one-process plan, 3028 s, over the
+# 2320 s `make study` took with 2 workers of one thread each. Per cell, one thread made the compute-bound
+# stages ~1.8x slower (lm-eval 72 s against 39 s) and GRPO training ~1.5x slower, run two at a time.
+CPU_WORKER_SPEEDUP = {1: 1.0, 2: 1.31}
 CPU_BASE_SECONDS = 143.0  # both tasks' base stages, the probe's pre-run check and the model load (measured)
 # Relative CPU cost of one item per suite (FIELD_NOTES stock timings: HellaSwag 0.39 s, MMLU 0.21 s,
 # TruthfulQA 2.66 s without / 0.72 s with the shared-prefix cache; HumanEval from the 67 s total at 128 tokens).
@@ -473,6 +478,10 @@ def summary(
         "sequential_seconds": device_s,
         "slurm_wall_seconds": wall,
         "array_parallelism": array_parallelism,
+        "workers": proto.executor.workers,
+        # local CPU wall time: more workers than measured are counted at the largest measured speed-up
+        "local_wall_seconds": device_s
+        / CPU_WORKER_SPEEDUP[min(proto.executor.workers, max(CPU_WORKER_SPEEDUP))],
         "peak_memory_gb": max((r["peak_memory_gb"] for r in rows), default=0.0),
     }
     if spec:

@@ -253,7 +253,9 @@ class Runner:
             return 2
         if pool is not None:
             pool.start()
-            log.info("run %s: %d processes share the cells, %d threads each", self.path, pool.n + 1, pool.threads)
+            log.info(
+                "run %s: %d processes share the cells, %d threads each", self.path, pool.n + 1, pool.threads
+            )
         with Progress(*columns, console=self.console, transient=False) as progress:
             weight = _planned_seconds(self.proto, cells)
             # one bar for the whole run, in planned seconds (study.plan) so that its ETA counts the base and

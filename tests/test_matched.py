@@ -85,3 +85,36 @@ def test_primary_line_says_not_estimable_when_frontiers_meet_only_at_the_base():
     ok = matched.assign(target=0.25, diff=-0.1, diff_low=-0.15, diff_high=-0.05, p=0.01)
     text = "\n".join(primary_lines(run, SimpleNamespace(matched=ok, mde=st.mde)))
     assert "grpo forgets less than sft" in text
+
+
+def test_primaries_are_one_holm_family_with_the_matched_p():
+    """The matched-success p (Welch over seeds) and a comparison's p are Holm-adjusted together: two raw p of
+    0.03 and 0.04 are both significant alone, but not as a family of two (Holm: 0.06 and 0.06)."""
+    from types import SimpleNamespace
+
+    from study.report.markdown import primary_lines
+
+    run = SimpleNamespace(
+        protocol={
+            "primary": [
+                {"metric": "forgetting/mean@matched", "task": "arithmetic", "contrast": ["grpo", "sft"]},
+                {"metric": "persona/probe_masked", "task": "snark", "contrast": ["grpo", "control"]},
+            ]
+        },
+        tasks=["arithmetic", "snark"],
+    )
+    row = {"task": "arithmetic", "target": 0.25, "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 3}
+    row |= {"diff": -0.1, "diff_low": -0.15, "diff_high": -0.05, "base_success": 0.167}
+    comp = {"task": "snark", "outcome": "persona/probe_masked", "family": "primary", "a": "grpo", "b": "control"}
+    comp |= {"est": 0.4, "ci_low": 0.1, "ci_high": 0.7, "underpowered": ""}
+    mde = pd.DataFrame(columns=["metric", "task", "mde"])
+
+    def text(p_matched: float, p_comp: float) -> str:
+        matched = pd.DataFrame([row | {"method": "grpo", "p": p_matched}, row | {"method": "sft", "p": math.nan}])
+        st = SimpleNamespace(matched=matched, mde=mde, comparisons=pd.DataFrame([comp | {"p": p_comp}]))
+        return "\n".join(primary_lines(run, st))
+
+    both = text(0.04, 0.03)
+    assert "Holm p = 0.06" in both and "no difference detected" in both and "**noise**" in both
+    one = text(0.03, 0.02)  # Holm: 0.04 and 0.03
+    assert "grpo forgets less than sft" in one and "**difference**" in one

@@ -122,3 +122,14 @@ def test_plan_cli_states_its_assumptions():
     assert "assumption" in text and "not measured" in text and "GRPO generation counted" in text
     bad = CliRunner().invoke(app, ["plan", str(REPO / "protocols" / "qwen2.5-3b.yaml"), "--gpu", "TPU"])
     assert bad.exit_code == 2
+
+
+def test_local_wall_time_with_workers_reproduces_the_measured_default(no_bench):
+    """protocols/default.yaml with executor.workers 2: `make study` took 2320 s here (2026-11-30); the plan's
+    one-process figure over the measured speed-up gives it back."""
+    proto = load_protocol(REPO / "protocols" / "default.yaml")
+    s = P.summary(proto, list(P.plan_rows(proto)), None)
+    assert s["workers"] == 2
+    assert s["local_wall_seconds"] == pytest.approx(2320, rel=0.05)
+    one = proto.model_copy(update={"executor": proto.executor.model_copy(update={"workers": 1})})
+    assert P.summary(one, list(P.plan_rows(one)), None)["local_wall_seconds"] == s["sequential_seconds"]

@@ -324,7 +324,10 @@ def test_a_task_without_sweeps_trains_one_point_per_method(write_protocol):
         "methods": {"sft": {"sweep": {"learning_rate": [1e-4, 1e-3]}}, "grpo": {"num_generations": 4}},
     }
     cells = load_protocol(write_protocol(body)).cells()
-    by_task = {t: sorted(c.name.rsplit("-", 1)[0] for c in cells if c.task.name == t) for t in ("arithmetic", "snark")}
+    by_task = {
+        t: sorted(c.name.rsplit("-", 1)[0] for c in cells if c.task.name == t)
+        for t in ("arithmetic", "snark")
+    }
     assert by_task["arithmetic"] == [
         "arithmetic-grpo-s0",
         "arithmetic-sft-learning_rate0.0001-s0",

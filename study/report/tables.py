@@ -713,13 +713,13 @@ def matched_fmt(run: Run, st: Stats, task: str) -> Table:
         "matched",
         task,
         "Forgetting at matched new-task success (RL's Razor's comparison): mean forgetting "
-        "read off each seed's frontier (checkpoints and the base) at one success level; difference from SFT "
-        "with a Welch 95% CI over seeds",
+        "read off each seed's frontier (its sweep points, checkpoints and the base) at one success level; "
+        "difference from SFT with a Welch 95% CI over seeds (unadjusted; the primary outcomes above are Holm-adjusted)",
         pd.DataFrame(),
     )
     m = st.matched[st.matched["task"] == task] if len(st.matched) else st.matched
     if m.empty:
-        t.note = "needs newtask/success and forgetting/mean at several steps, and an sft arm"
+        t.note = "needs newtask/success and forgetting/mean at several points (sweep or checkpoints), and an sft arm"
         return t
     rows = [
         [
