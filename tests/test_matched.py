@@ -105,12 +105,20 @@ def test_primaries_are_one_holm_family_with_the_matched_p():
     )
     row = {"task": "arithmetic", "target": 0.25, "value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 3}
     row |= {"diff": -0.1, "diff_low": -0.15, "diff_high": -0.05, "base_success": 0.167}
-    comp = {"task": "snark", "outcome": "persona/probe_masked", "family": "primary", "a": "grpo", "b": "control"}
+    comp = {
+        "task": "snark",
+        "outcome": "persona/probe_masked",
+        "family": "primary",
+        "a": "grpo",
+        "b": "control",
+    }
     comp |= {"est": 0.4, "ci_low": 0.1, "ci_high": 0.7, "underpowered": ""}
     mde = pd.DataFrame(columns=["metric", "task", "mde"])
 
     def text(p_matched: float, p_comp: float) -> str:
-        matched = pd.DataFrame([row | {"method": "grpo", "p": p_matched}, row | {"method": "sft", "p": math.nan}])
+        matched = pd.DataFrame(
+            [row | {"method": "grpo", "p": p_matched}, row | {"method": "sft", "p": math.nan}]
+        )
         st = SimpleNamespace(matched=matched, mde=mde, comparisons=pd.DataFrame([comp | {"p": p_comp}]))
         return "\n".join(primary_lines(run, st))
 
