@@ -298,8 +298,7 @@ def run(
         "cpus_per_cell": cpus_per_cell,
         "mem": mem,
     }
-    spec = proto.executor.model_dump(mode="json", exclude={"kind", "workers"})
-    opts = SlurmOptions(**(spec | {k: v for k, v in given.items() if v is not None}))
+    opts = SlurmOptions.from_protocol(proto.executor, **given)
     try:
         rec = SlurmExecutor(opts).submit(protocol, only=only)
     except (RuntimeError, ValueError) as e:

@@ -193,6 +193,13 @@ class SlurmOptions:
     accelerate_config: str | None = None
     """An `accelerate config` YAML for multi-process cells."""
 
+    @classmethod
+    def from_protocol(cls, executor, **overrides) -> SlurmOptions:
+        """From a protocol's `executor:` block (its SLURM fields; `kind` and the local `workers` are not job
+        options), with the non-None `overrides` (`study run --partition ...`) on top."""
+        spec = executor.model_dump(mode="json", exclude={"kind", "workers"})
+        return cls(**(spec | {k: v for k, v in overrides.items() if v is not None}))
+
     @property
     def processes(self) -> int:
         return self.num_processes or max(self.gpus_per_cell, 1)

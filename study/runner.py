@@ -496,6 +496,16 @@ class _NullProgress:
             pass
 
 
+def _die_with_parent() -> None:
+    """In a worker, before it execs (Linux): the kernel sends it SIGTERM when the process that started it
+    dies, however it dies (SIGKILL included), so no worker trains on alone; its cell resumes on a rerun."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
 class Workers:
     """The other processes of a shared local run (`executor.workers` > 1): each runs `study run --worker`,
     which takes the cells nobody holds (the cell locks decide) with `threads` CPU threads, and writes its
@@ -514,7 +524,11 @@ class Workers:
             cmd = [sys.executable, "-m", "study.cli", "run", str(self.protocol), "--worker"]
             cmd += ["--only", self.only] if self.only else []
             with open(self.root / "workers" / f"worker-{i}.log", "ab") as out:
-                self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+                self.procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                    )
+                )
 
     def join(self) -> None:
         for p in self.procs:

@@ -182,7 +182,7 @@ def test_slurm_cells_use_accelerate_above_one_process(write_protocol, tmp_path):
         write_protocol, executor={"kind": "slurm", "gpus_per_cell": 2, "accelerate_config": str(cfg)}
     )
     proto = load_protocol(path)
-    opts = SlurmOptions(**proto.executor.model_dump(mode="json", exclude={"kind"}))
+    opts = SlurmOptions.from_protocol(proto.executor)
     assert opts.processes == 2 and opts.accelerate_config == str(cfg)
     job = CellJob(str(path), opts.processes, opts.accelerate_config)
     assert job.command("c", python="py") == [

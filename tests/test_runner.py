@@ -335,3 +335,43 @@ def test_a_task_without_sweeps_trains_one_point_per_method(write_protocol):
     ]
     snark_sft = next(c for c in cells if c.task.name == "snark" and c.method == "sft")
     assert by_task["snark"] == ["snark-grpo-s0", "snark-sft-s0"] and snark_sft.train.learning_rate == 1e-3
+
+
+def test_workers_die_with_the_process_that_started_them(write_protocol):
+    """A shared run's parent killed with SIGKILL (no `finally` runs) takes its workers with it (the kernel's
+    parent-death signal); a rerun then finishes the study."""
+    body = TINY_PROTOCOL | {
+        "methods": {"sft": {}, "grpo": {"num_generations": 4}},
+        "seeds": [0, 1, 2],
+        "executor": {"workers": 2},
+    }
+    path = write_protocol(body)
+    run = Runner(path).run_paths
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "study.cli", "run", str(path)], stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        worker = None
+        while time.time() < deadline and worker is None:
+            time.sleep(0.5)
+            out = subprocess.run(
+                ["pgrep", "-f", f"study.cli run {path} --worker"], capture_output=True, text=True
+            )
+            worker = int(out.stdout.split()[0]) if out.stdout.strip() else None
+        assert worker is not None, "no worker process started"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(60):
+            state = subprocess.run(["ps", "-o", "stat=", "-p", str(worker)], capture_output=True, text=True)
+            if not state.stdout.strip() or state.stdout.strip().startswith("Z"):  # gone, or dead and unreaped
+                break
+            time.sleep(0.5)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its parent by 30 s")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert Runner(path).run(workers=1) == 0
+    assert all(cell_state(run, c)["state"] == "done" for c in load_protocol(path).cells())
