@@ -204,14 +204,31 @@ class Runner:
         self.start(worker=True)
         cells = [c for c in self.proto.cells() if not only or only in c.name]
         log.info("worker %d: %d cells", os.getpid(), len(cells))
-        ready: set[str] = set()
+        from study.models import ModelUnavailable
+
+        ready: set[str] = set()  # tasks whose base this worker has seen measured
+        broken: set[str] = set()  # tasks whose base failed here: their cells are left to the parent
         for cell in cells:
-            try:
-                if "persona" in final_stages(self.proto, cell.task) and cell.task.name not in ready:
+            task = cell.task.name
+            if task in broken:
+                continue
+            if "persona" in final_stages(self.proto, cell.task) and task not in ready:
+                try:
                     self.measure_base(cell.task)
-                    ready.add(cell.task.name)
+                    ready.add(task)
+                except ModelUnavailable:
+                    raise
+                except Exception as e:  # no cell's status is touched: the parent may hold one of them
+                    log.error("worker %d: base/%s failed (%s); its cells are left", os.getpid(), task, e)
+                    broken.add(task)
+                    continue
+            try:
                 self.run_cell(cell, None, wait=False)
-            except Exception as e:  # recorded in the cell's status.json; the parent reports it
+            except ModelUnavailable:
+                raise  # no cell can run: stop this worker (exit 1), the parent reports the model
+            except (
+                Exception
+            ) as e:  # recorded in the cell's status.json (under its lock); the parent reports it
                 self._failed(cell, e, _NullProgress())
         return 0
 
@@ -282,15 +299,23 @@ class Runner:
             except ModelUnavailable as e:  # no cell can run without the model: stop now, not once per cell
                 failed.append(("model", self._failed(None, e, progress)))
             if pool is not None:  # the cells the workers held: wait for them, then take any they left
-                pool.join()
+                for problem in pool.join():
+                    log.error("%s", problem)
+                    progress.console.print(f"[red]{escape(problem)}[/]", highlight=False)
                 left, elsewhere = elsewhere, []
                 for name in left:
                     cell = next(c for c in cells if c.name == name)
-                    st = io.read_json(rp.cell(name).status) if rp.cell(name).status.is_file() else {}
-                    if st.get("state") == "failed":
-                        failed.append((name, st.get("error", "failed in a worker process")))
-                    elif not self.run_cell(cell, progress, wait=wait):
-                        elsewhere.append(name)
+                    try:
+                        st = io.read_json(rp.cell(name).status) if rp.cell(name).status.is_file() else {}
+                        if st.get("state") == "failed":
+                            failed.append((name, st.get("error", "failed in a worker process")))
+                        elif not self.run_cell(cell, progress, wait=wait):
+                            elsewhere.append(name)
+                    except ModelUnavailable as e:
+                        failed.append(("model", self._failed(None, e, progress)))
+                        break
+                    except Exception as e:  # as in the main loop: one failing cell never stops the others
+                        failed.append((name, self._failed(cell, e, progress)))
         try:
             collect_metrics(rp, self.proto)
         except OSError as e:  # a full disk: the stage files are intact, `study report RUN` rebuilds the table
@@ -518,7 +543,7 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        env = os.environ | {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        env = os.environ | {f"{lib}_NUM_THREADS": str(self.threads) for lib in ("OMP", "MKL", "OPENBLAS")}
         (self.root / "workers").mkdir(parents=True, exist_ok=True)
         for i in range(1, self.n + 1):
             cmd = [sys.executable, "-m", "study.cli", "run", str(self.protocol), "--worker"]
@@ -530,9 +555,14 @@ class Workers:
                     )
                 )
 
-    def join(self) -> None:
-        for p in self.procs:
-            p.wait()
+    def join(self) -> list[str]:
+        """Wait for every worker; one line per worker that did not exit 0 (its cells are redone or reported
+        by the parent's final pass; its console is in workers/worker-<i>.log)."""
+        return [
+            f"worker {i} exited with status {code}: see {self.root / 'workers' / f'worker-{i}.log'}"
+            for i, code in enumerate((p.wait() for p in self.procs), start=1)
+            if code != 0
+        ]
 
     def stop(self) -> None:
         """The parent is leaving (done, failed or interrupted): no worker outlives it."""

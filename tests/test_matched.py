@@ -92,6 +92,7 @@ def test_primaries_are_one_holm_family_with_the_matched_p():
     0.03 and 0.04 are both significant alone, but not as a family of two (Holm: 0.06 and 0.06)."""
     from types import SimpleNamespace
 
+    from study.report.comparisons import holm_primaries
     from study.report.markdown import primary_lines
 
     run = SimpleNamespace(
@@ -115,14 +116,17 @@ def test_primaries_are_one_holm_family_with_the_matched_p():
     comp |= {"est": 0.4, "ci_low": 0.1, "ci_high": 0.7, "underpowered": ""}
     mde = pd.DataFrame(columns=["metric", "task", "mde"])
 
-    def text(p_matched: float, p_comp: float) -> str:
+    def text(p_matched: float, p_comp: float) -> tuple[str, pd.DataFrame]:
         matched = pd.DataFrame(
             [row | {"method": "grpo", "p": p_matched}, row | {"method": "sft", "p": math.nan}]
         )
-        st = SimpleNamespace(matched=matched, mde=mde, comparisons=pd.DataFrame([comp | {"p": p_comp}]))
-        return "\n".join(primary_lines(run, st))
+        comparisons = pd.DataFrame([comp | {"p": p_comp, "p_holm": p_comp, "verdict": "difference"}])
+        holm_primaries(run, comparisons, matched)  # as run_stats does, before the tables and the paper
+        st = SimpleNamespace(matched=matched, mde=mde, comparisons=comparisons)
+        return "\n".join(primary_lines(run, st)), comparisons
 
-    both = text(0.04, 0.03)
+    both, comparisons = text(0.04, 0.03)
     assert "Holm p = 0.06" in both and "no difference detected" in both and "**noise**" in both
-    one = text(0.03, 0.02)  # Holm: 0.04 and 0.03
+    assert comparisons.p_holm.iloc[0] == pytest.approx(0.06) and comparisons.verdict.iloc[0] == "noise"
+    one, _ = text(0.03, 0.02)  # Holm: 0.04 and 0.03
     assert "grpo forgets less than sft" in one and "**difference**" in one

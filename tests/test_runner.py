@@ -299,10 +299,11 @@ def test_base_measurements_are_shared_across_runs(write_protocol, monkeypatch, t
 
 
 def test_shared_run_splits_the_cells_between_processes(write_protocol):
-    """executor.workers: 2 processes take the cells by their locks; one report, every cell done once."""
+    """executor.workers: 2 processes take the cells by their locks; one report, every cell done once. 12
+    cells of ~1-2 s each: the parent alone needs ~20 s, well past a worker's start (~2 s here, idle)."""
     body = TINY_PROTOCOL | {
         "methods": {"sft": {}, "grpo": {"num_generations": 4}},
-        "seeds": [0, 1, 2],
+        "seeds": [0, 1, 2, 3, 4, 5],
         "executor": {"workers": 2},
     }
     path = write_protocol(body)

@@ -47,6 +47,7 @@ from study.report.comparisons import (  # noqa: F401  (re-exported: tests and ta
     comparison_outcomes,
     comparisons,
     forgetting_benchmarks,
+    holm_primaries,
     matched_table,
     mde_table,
     outcome_values,
@@ -504,6 +505,7 @@ def run_stats(run: Run, n_boot: int = 1000, n_perm: int = 5000, write: bool = Tr
         mde=mde_table(run),
         matched=matched_table(run),
     )
+    holm_primaries(run, st.comparisons, st.matched)  # the declared primaries: one Holm family
     if write:
         out = run.root / "stats"
         out.mkdir(parents=True, exist_ok=True)

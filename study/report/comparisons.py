@@ -157,10 +157,14 @@ def primaries(run: Run) -> list[dict]:
 
 def _label_families(out: pd.DataFrame, declared: list[dict], alpha: float = S.ALPHA) -> pd.DataFrame:
     """Mark the comparisons that are declared primaries and Holm-correct them as one family (primaries x
-    comparisons); the rest keep their per-outcome Holm and are `exploratory`."""
+    comparisons); the rest keep their per-outcome Holm and are `exploratory`. A primary read elsewhere than
+    at the final adapters (`forgetting/mean@matched`: the matched-success table) is not a comparison row:
+    `holm_primaries` adds its p to the family once both tables exist."""
     out = out.assign(family="exploratory", primary="")
     for p in declared:
         metric = str(p["metric"])
+        if "@" in metric:
+            continue
         pair = {str(c) for c in p.get("contrast", [])}
         hit = (
             (out["task"] == p["task"])
@@ -168,7 +172,7 @@ def _label_families(out: pd.DataFrame, declared: list[dict], alpha: float = S.AL
             & np.array([{a, b} == pair for a, b in zip(out["a"], out["b"], strict=True)], bool)
         )
         out.loc[hit, "family"] = "primary"
-        out.loc[hit, "primary"] = metric + (" (at the final adapters)" if "@" in metric else "")
+        out.loc[hit, "primary"] = metric
     prim = out["family"] == "primary"
     if prim.any():
         out.loc[prim, "p_holm"] = S.holm(out.loc[prim, "p"].where(out.loc[prim, "underpowered"] == ""))
@@ -208,6 +212,43 @@ def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0)
     out = _label_families(pd.concat(frames, ignore_index=True), primaries(run))
     first = ["task", "outcome", "a", "b", "family"]
     return out[first + [c for c in out.columns if c not in first]]
+
+
+def holm_primaries(run: Run, comp: pd.DataFrame, matched: pd.DataFrame, alpha: float = S.ALPHA) -> None:
+    """The declared primaries as one Holm family, in place: each comparison row of family `primary` (its own
+    p) and each estimable matched-success primary (its Welch p over seeds, `p_holm` added to the method's row
+    of `matched`); verdicts follow the adjusted p. The report's primary lines, its tables and the paper all
+    read these. A matched primary is estimable when its target success lies above the base's."""
+    entries: list[tuple[str, object, float]] = []
+    for p in primaries(run):
+        metric, task = str(p["metric"]), p.get("task")
+        a, b = (str(c) for c in p.get("contrast", ["grpo", "sft"]))
+        if "@matched" in metric:
+            if b != "sft" or not len(matched):
+                continue
+            m = matched[(matched["task"] == task) & (matched["method"] == a)]
+            base_s = m["base_success"].iloc[0] if len(m) and "base_success" in m else float("nan")
+            if len(m) and not (base_s == base_s and m["target"].iloc[0] <= base_s + 1e-9):
+                entries.append(("matched", m.index[0], float(m["p"].iloc[0])))
+            continue
+        if not len(comp):
+            continue
+        hit = comp[(comp["task"] == task) & (comp["outcome"] == metric) & (comp["family"] == "primary")]
+        hit = hit[[{x, y} == {a, b} for x, y in zip(hit["a"], hit["b"], strict=True)]]
+        for i, r in hit.iterrows():
+            entries.append(("comparison", i, float(r["p"]) if r.get("underpowered", "") == "" else math.nan))
+    if not entries:
+        return
+    adjusted = S.holm([p for _, _, p in entries])
+    if len(matched):
+        matched["p_holm"] = math.nan
+    for (kind, i, _), q in zip(entries, adjusted, strict=True):
+        if kind == "matched":
+            matched.loc[i, "p_holm"] = q
+        else:
+            comp.loc[i, "p_holm"] = q
+            r = comp.loc[i]
+            comp.loc[i, "verdict"] = S.verdict(r.ci_low, r.ci_high, q, r.get("underpowered", ""), alpha)
 
 
 def matched_table(run: Run) -> pd.DataFrame:

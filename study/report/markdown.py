@@ -6,7 +6,6 @@ study report results/smoke && less results/smoke/report.md
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -63,13 +62,12 @@ def _num(v, digits: int = 3) -> str:
 def primary_lines(run: Run, st: Stats) -> list[str]:
     """The pre-declared primary outcomes, stated plainly with their intervals and the minimum detectable effect
     `study power` predicted before the run; 'not detected' is read against that MDE, never as 'no effect'.
-    The primaries are one Holm family: the matched-success p (Welch over seeds) and each comparison's own p
-    (mixed model) are adjusted together here, and the verdicts read the adjusted p."""
+    The primaries are one Holm family (comparisons.holm_primaries: the matched-success Welch p and each
+    comparison's own p adjusted together); each verdict reads the adjusted p."""
     from study.report import stats as S
     from study.report.comparisons import primaries
 
-    lines: list[str | None] = []  # None: a primary whose line waits for the family's Holm p
-    pending: list[tuple[int, float, Callable[[float], str]]] = []
+    out = ["## Primary outcomes", ""]
     for p in primaries(run):
         metric, task = str(p["metric"]), p.get("task")
         a, b = (str(c) for c in p.get("contrast", ["grpo", "sft"]))
@@ -84,7 +82,7 @@ def primary_lines(run: Run, st: Stats) -> list[str]:
             m = st.matched
             m = m[(m["task"] == task) & (m["method"] == a)] if len(m) else m
             if not len(m) or b != "sft":
-                lines.append(head + f"not available (needs the matched-success table against sft){mde_txt}.")
+                out.append(head + f"not available (needs the matched-success table against sft){mde_txt}.")
                 continue
             r = m.iloc[0]
             base_s = r.get("base_success", float("nan"))
@@ -92,54 +90,36 @@ def primary_lines(run: Run, st: Stats) -> list[str]:
                 reach = m.get("reach", pd.Series([float("nan")])).iloc[0]
                 ref = st.matched[(st.matched["task"] == task) & (st.matched["method"] == b)]
                 ref_reach = ref["reach"].iloc[0] if len(ref) and "reach" in ref else float("nan")
-                lines.append(
+                out.append(
                     head + f"**not estimable**: the methods' success frontiers meet only at the base's own "
                     f"success ({_num(base_s)}), where forgetting is 0 by construction — {a}'s seeds reached a "
                     f"median best success of {_num(reach)}, {b}'s {_num(ref_reach)}; a matched comparison needs "
                     f"{a} to raise new-task success above the base (a learning-rate sweep, more steps){mde_txt}."
                 )
                 continue
-
-            def matched_line(p_holm: float, r=r, head=head, a=a, b=b, mde_txt=mde_txt) -> str:
-                significant = p_holm == p_holm and p_holm < S.ALPHA
-                seen = "less" if r["diff"] < 0 else "more"
-                verdict = f"{a} forgets {seen} than {b}" if significant else "no difference detected"
-                return (
-                    head + f"at new-task success {_num(r['target'])}, {_num(r['diff'])} "
-                    f"[{_num(r['diff_low'])}, {_num(r['diff_high'])}] (Welch over seeds; p = {_num(r['p'])}, "
-                    f"Holm p = {_num(p_holm)}; {int(r['n'])} seeds reached it): **{verdict}**{mde_txt}."
-                )
-
-            pending.append((len(lines), float(r["p"]), matched_line))
-            lines.append(None)
+            p_holm = float(r.get("p_holm", r["p"]))
+            significant = p_holm == p_holm and p_holm < S.ALPHA
+            seen = "less" if r["diff"] < 0 else "more"
+            verdict = f"{a} forgets {seen} than {b}" if significant else "no difference detected"
+            out.append(
+                head + f"at new-task success {_num(r['target'])}, {_num(r['diff'])} "
+                f"[{_num(r['diff_low'])}, {_num(r['diff_high'])}] (Welch over seeds; p = {_num(r['p'])}, "
+                f"Holm p = {_num(p_holm)}; {int(r['n'])} seeds reached it): **{verdict}**{mde_txt}."
+            )
             continue
         c = st.comparisons
         hit = c[(c["task"] == task) & (c["outcome"] == metric) & (c["family"] == "primary")] if len(c) else c
         if not len(hit):
-            lines.append(head + f"not measured in this run{mde_txt}.")
+            out.append(head + f"not measured in this run{mde_txt}.")
             continue
         r = hit.iloc[0]
         sign = 1 if (r["a"], r["b"]) == (a, b) else -1
         lo, hi = sorted((sign * r["ci_low"], sign * r["ci_high"]))
-
-        def comparison_line(p_holm: float, r=r, head=head, sign=sign, lo=lo, hi=hi, mde_txt=mde_txt) -> str:
-            verdict = S.verdict(r["ci_low"], r["ci_high"], p_holm, r.get("underpowered", ""), S.ALPHA)
-            return (
-                head
-                + f"{_num(sign * r['est'])} [{_num(lo)}, {_num(hi)}], Holm p = {_num(p_holm)}: **{verdict}**{mde_txt}."
-            )
-
-        raw = r["p"] if r.get("underpowered", "") == "" else float("nan")
-        pending.append((len(lines), float(raw), comparison_line))
-        lines.append(None)
-    adjusted = S.holm([p for _, p, _ in pending]) if pending else []
-    for (i, _, line), p_holm in zip(pending, adjusted, strict=True):
-        lines[i] = line(float(p_holm))
-    return ["## Primary outcomes", "", *[x for x in lines if x is not None]] + [
-        "",
-        "Everything after this section is exploratory.",
-        "",
-    ]
+        out.append(
+            head + f"{_num(sign * r['est'])} [{_num(lo)}, {_num(hi)}], Holm p = {_num(r['p_holm'])}: "
+            f"**{r['verdict']}**{mde_txt}."
+        )
+    return out + ["", "Everything after this section is exploratory.", ""]
 
 
 def _table(t: Table, multi_task: bool) -> list[str]:
