@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,16 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under the usual um
 ORPHAN_AGE = 60.0  # seconds: a temporary file this old belongs to no live write (writes take milliseconds)
 
 
-def write_text(path: Path, text: str) -> None:
+@contextmanager
+def _atomic(path: Path, mode: str):
+    """An open file beside `path` that replaces it on success (fsync, then rename) and vanishes on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,21 +45,15 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    with _atomic(path, "w") as f:
+        f.write(text)
+
+
 def copy_file(src: Path, dest: Path) -> None:
     """Copy `src` to `dest` atomically (a unique temporary file beside `dest`, then a rename)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as g:
-            shutil.copyfileobj(g, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic(dest, "wb") as f, open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -201,10 +201,11 @@ class Runner:
         """A worker process of a shared run (`study run --worker`): the cells nobody holds, no report. A task's
         base is measured (or waited for, under its lock) before its first cell only where a cell reads it
         (the persona direction); the process that started the run measures every base."""
+        from study.models import ModelUnavailable
+
         self.start(worker=True)
         cells = [c for c in self.proto.cells() if not only or only in c.name]
         log.info("worker %d: %d cells", os.getpid(), len(cells))
-        from study.models import ModelUnavailable
 
         ready: set[str] = set()  # tasks whose base this worker has seen measured
         broken: set[str] = set()  # tasks whose base failed here: their cells are left to the parent
@@ -226,9 +227,7 @@ class Runner:
                 self.run_cell(cell, None, wait=False)
             except ModelUnavailable:
                 raise  # no cell can run: stop this worker (exit 1), the parent reports the model
-            except (
-                Exception
-            ) as e:  # recorded in the cell's status.json (under its lock); the parent reports it
+            except Exception as e:  # recorded in its status.json (under its lock); the parent reports it
                 self._failed(cell, e, _NullProgress())
         return 0
 

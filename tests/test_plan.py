@@ -23,7 +23,7 @@ def no_bench(monkeypatch, tmp_path):
 
 
 def test_cpu_estimate_reproduces_the_measured_default_protocol(no_bench):
-    # the protocol the CPU figures were measured with (`make study`, 2026-11-29: 42 min on 2 idle cores)
+    # the protocol the CPU figures were measured with (`make study`, 2026-11-29: 39 min 51 s on 2 idle cores)
     proto = load_protocol(P.REFERENCE)
     rows = {(r["task"], r["method"]): r for r in P.plan_rows(proto)}
     sft = rows[("arithmetic", "sft")]

@@ -214,6 +214,13 @@ def comparisons(run: Run, n_perm: int = 5000, n_boot: int = 2000, seed: int = 0)
     return out[first + [c for c in out.columns if c not in first]]
 
 
+def matched_estimable(row) -> bool:
+    """A matched-success row compares something: its target success lies above the base's own (at the base's
+    success both forgettings are 0 by construction). Unknown base success: estimable."""
+    base = row.get("base_success", math.nan)
+    return not (base == base and row["target"] <= base + 1e-9)
+
+
 def holm_primaries(run: Run, comp: pd.DataFrame, matched: pd.DataFrame, alpha: float = S.ALPHA) -> None:
     """The declared primaries as one Holm family, in place: each comparison row of family `primary` (its own
     p) and each estimable matched-success primary (its Welch p over seeds, `p_holm` added to the method's row
@@ -227,8 +234,7 @@ def holm_primaries(run: Run, comp: pd.DataFrame, matched: pd.DataFrame, alpha: f
             if b != "sft" or not len(matched):
                 continue
             m = matched[(matched["task"] == task) & (matched["method"] == a)]
-            base_s = m["base_success"].iloc[0] if len(m) and "base_success" in m else float("nan")
-            if len(m) and not (base_s == base_s and m["target"].iloc[0] <= base_s + 1e-9):
+            if len(m) and matched_estimable(m.iloc[0]):
                 entries.append(("matched", m.index[0], float(m["p"].iloc[0])))
             continue
         if not len(comp):

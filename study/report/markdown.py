@@ -65,7 +65,7 @@ def primary_lines(run: Run, st: Stats) -> list[str]:
     The primaries are one Holm family (comparisons.holm_primaries: the matched-success Welch p and each
     comparison's own p adjusted together); each verdict reads the adjusted p."""
     from study.report import stats as S
-    from study.report.comparisons import primaries
+    from study.report.comparisons import matched_estimable, primaries
 
     out = ["## Primary outcomes", ""]
     for p in primaries(run):
@@ -85,8 +85,8 @@ def primary_lines(run: Run, st: Stats) -> list[str]:
                 out.append(head + f"not available (needs the matched-success table against sft){mde_txt}.")
                 continue
             r = m.iloc[0]
-            base_s = r.get("base_success", float("nan"))
-            if base_s == base_s and r["target"] <= base_s + 1e-9:  # not NaN, and no success above the base
+            if not matched_estimable(r):
+                base_s = r["base_success"]
                 reach = m.get("reach", pd.Series([float("nan")])).iloc[0]
                 ref = st.matched[(st.matched["task"] == task) & (st.matched["method"] == b)]
                 ref_reach = ref["reach"].iloc[0] if len(ref) and "reach" in ref else float("nan")
